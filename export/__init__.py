@@ -1,0 +1,1 @@
+"""Export: registered MLflow version -> ONNX artifacts -> parity-checked -> Triton repository version."""

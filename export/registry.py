@@ -1,0 +1,97 @@
+"""Read a registered model version and its artifacts from MLflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import xgboost as xgb
+
+from export.errors import ExportError, ModelNotFoundError
+from training.tracking import FEATURES_ARTIFACT, HOLDOUT_ARTIFACT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelVersionRef:
+    """One registered version: `version` is the MLflow version number, `aliases` those it carries."""
+
+    name: str
+    version: int
+    run_id: str
+    source: str
+    aliases: tuple[str, ...]
+
+
+@dataclass
+class ModelBundle:
+    """Everything export needs from one version: the booster, its features and holdout rows."""
+
+    ref: ModelVersionRef
+    booster: xgb.Booster
+    features: dict[str, Any]
+    holdout: pl.DataFrame
+
+
+def resolve(model_name: str, alias: str | None = None, version: int | None = None) -> ModelVersionRef:
+    """Find `model_name@alias` (or a numbered version); errors list what does exist."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        model = client.get_registered_model(model_name)
+    except MlflowException as exc:
+        names = [m.name for m in client.search_registered_models()]
+        raise ModelNotFoundError(
+            f"no registered model {model_name!r}; registered models: {names or 'none (run `treeops train` first)'}"
+        ) from exc
+    aliases = dict(model.aliases)
+    if version is None:
+        alias = alias or "champion"
+        if alias not in aliases:
+            raise ModelNotFoundError(
+                f"model {model_name!r} has no alias {alias!r}; aliases: {aliases or 'none'} "
+                "(pass --version N or set the alias)"
+            )
+        version = int(aliases[alias])
+    try:
+        mv = client.get_model_version(model_name, str(version))
+    except MlflowException as exc:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{model_name}'"))
+        raise ModelNotFoundError(f"model {model_name!r} has no version {version}; versions: {versions}") from exc
+    carried = tuple(sorted(a for a, v in aliases.items() if int(v) == version))
+    return ModelVersionRef(model_name, version, mv.run_id, mv.source, carried)
+
+
+def load_bundle(ref: ModelVersionRef, scratch: Path) -> ModelBundle:
+    """Download the booster, feature spec and holdout of `ref` into `scratch` and load them."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        booster = mlflow.xgboost.load_model(f"models:/{ref.name}/{ref.version}")
+        feat_path = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=FEATURES_ARTIFACT, dst_path=str(scratch))
+        hold_path = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=HOLDOUT_ARTIFACT, dst_path=str(scratch))
+        features = json.loads(Path(feat_path).read_text())
+        holdout = pl.read_parquet(hold_path)
+    except (MlflowException, OSError, ValueError, xgb.core.XGBoostError, pl.exceptions.PolarsError) as exc:
+        raise ExportError(
+            f"model {ref.name!r} version {ref.version} (run {ref.run_id}) has missing or corrupt artifacts: {exc}; "
+            "retrain it or delete the version from the registry"
+        ) from exc
+    if not isinstance(booster, xgb.Booster):
+        booster = booster.get_booster()
+    n_model = booster.num_features()
+    n_spec = len(features["features"])
+    if n_model != n_spec:
+        raise ExportError(
+            f"model {ref.name!r} version {ref.version}: the booster takes {n_model} features but its feature spec "
+            f"lists {n_spec}; the version was registered with the wrong spec"
+        )
+    return ModelBundle(ref, booster, features, holdout)

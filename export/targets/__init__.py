@@ -1,0 +1,19 @@
+"""Export targets, one module each, chosen by name from `TARGETS`."""
+
+from __future__ import annotations
+
+from export.errors import ExportError
+from export.targets.base import ExportTarget
+from export.targets.python_onnx import PythonOnnxTarget
+
+TARGETS: dict[str, type[ExportTarget]] = {
+    PythonOnnxTarget.name: PythonOnnxTarget,
+}
+
+
+def get_target(name: str) -> ExportTarget:
+    """Instantiate the target called `name`; unknown names list the valid ones."""
+    try:
+        return TARGETS[name]()
+    except KeyError:
+        raise ExportError(f"unknown export target {name!r}; choose one of {sorted(TARGETS)}") from None

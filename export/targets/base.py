@@ -1,0 +1,39 @@
+"""The one interface every export target implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import xgboost as xgb
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.parity import Scorer
+from export.triton_config import ServingSettings
+
+
+class ExportTarget(ABC):
+    """Writes a version's artifacts, scores them in-process for parity, and describes the Triton config."""
+
+    name: str
+
+    @abstractmethod
+    def write_artifacts(self, booster: xgb.Booster, n_features: int, version_dir: Path) -> None:
+        """Write the files Triton loads into `version_dir` (a staging folder)."""
+
+    @abstractmethod
+    def scorer(self, version_dir: Path) -> Scorer | None:
+        """An in-process scorer of the written artifacts, or None where this machine cannot run them."""
+
+    @abstractmethod
+    def model_config(
+        self,
+        model_name: str,
+        n_features: int,
+        n_outputs: int,
+        serving: ServingSettings,
+        versions: Sequence[int],
+        parameters: Mapping[str, str],
+    ) -> mc.ModelConfig:
+        """The model's config, serving `versions`."""

@@ -1,0 +1,60 @@
+"""ONNX run by ONNX Runtime inside Triton's Python backend (runs on the pip wheel's Triton)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import xgboost as xgb
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.onnx_convert import INPUT_NAME, PROBABILITIES, to_onnx
+from export.parity import Scorer
+from export.targets.base import ExportTarget
+from export.triton_config import ServingSettings, TensorSpec, model_config
+
+ONNX_FILE = "model.onnx"
+#: Runs inside Triton (imports triton_python_backend_utils), so it is copied, never imported.
+TRITON_MODEL_SOURCE = Path(__file__).resolve().parents[1] / "triton_python_model.py"
+
+
+class PythonOnnxTarget(ExportTarget):
+    """`model.onnx` plus the `model.py` that serves it; `backend: "python"`."""
+
+    name = "python-onnx"
+
+    def write_artifacts(self, booster: xgb.Booster, n_features: int, version_dir: Path) -> None:
+        onnx.save_model(to_onnx(booster, n_features), version_dir / ONNX_FILE)
+        shutil.copyfile(TRITON_MODEL_SOURCE, version_dir / "model.py")
+
+    def scorer(self, version_dir: Path) -> Scorer:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(version_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
+
+        def score(x: np.ndarray) -> np.ndarray:
+            return session.run([PROBABILITIES], {INPUT_NAME: x})[0]
+
+        return score
+
+    def model_config(
+        self,
+        model_name: str,
+        n_features: int,
+        n_outputs: int,
+        serving: ServingSettings,
+        versions: Sequence[int],
+        parameters: Mapping[str, str],
+    ) -> mc.ModelConfig:
+        return model_config(
+            model_name,
+            backend="python",
+            inputs=[TensorSpec(INPUT_NAME, (n_features,))],
+            outputs=[TensorSpec(PROBABILITIES, (n_outputs,))],
+            serving=serving,
+            versions=versions,
+            parameters={"ort_intra_op_threads": "1", **parameters},
+        )

@@ -1,0 +1,92 @@
+"""Typed settings -> Triton `config.pbtxt`, built as `model_config.proto` messages and re-parsed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.errors import RepositoryError
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """How Triton batches and places one model.
+
+    max_batch_size: largest batch Triton assembles (and largest request it accepts);
+    max_queue_delay_us: how long the dynamic batcher waits to fill a batch;
+    preferred_batch_sizes: batch sizes the batcher forms at once when it can;
+    instance_count / instance_kind: model instances and where they run.
+    """
+
+    max_batch_size: int = 1024
+    max_queue_delay_us: int = 100
+    preferred_batch_sizes: tuple[int, ...] = ()
+    instance_count: int = 1
+    instance_kind: Literal["cpu", "gpu"] = "cpu"
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor, per row (the batch dimension is implicit)."""
+
+    name: str
+    dims: tuple[int, ...]
+    data_type: str = "TYPE_FP32"
+
+
+def model_config(
+    name: str,
+    *,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    serving: ServingSettings,
+    versions: Iterable[int],
+    backend: str | None = None,
+    platform: str | None = None,
+    parameters: Mapping[str, str] | None = None,
+) -> mc.ModelConfig:
+    """Assemble a ModelConfig; `versions` become a `specific` version policy."""
+    cfg = mc.ModelConfig(name=name, max_batch_size=serving.max_batch_size)
+    if backend:
+        cfg.backend = backend
+    if platform:
+        cfg.platform = platform
+    for t in inputs:
+        cfg.input.add(name=t.name, data_type=mc.DataType.Value(t.data_type), dims=list(t.dims))
+    for t in outputs:
+        cfg.output.add(name=t.name, data_type=mc.DataType.Value(t.data_type), dims=list(t.dims))
+    kind = mc.ModelInstanceGroup.KIND_GPU if serving.instance_kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+    cfg.instance_group.add(count=serving.instance_count, kind=kind)
+    cfg.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
+    cfg.dynamic_batching.preferred_batch_size.extend(serving.preferred_batch_sizes)
+    cfg.version_policy.specific.versions.extend(sorted(set(versions)))
+    for key, value in (parameters or {}).items():
+        cfg.parameters[key].string_value = value
+    if serving.warmup:
+        for batch in sorted({1, min(serving.max_batch_size, 64)}):
+            warm = cfg.model_warmup.add(name=f"warmup_batch_{batch}", batch_size=batch)
+            for t in inputs:
+                warm.inputs[t.name].data_type = mc.DataType.Value(t.data_type)
+                warm.inputs[t.name].dims.extend(t.dims)
+                warm.inputs[t.name].zero_data = True
+    return cfg
+
+
+def render(cfg: mc.ModelConfig) -> str:
+    """The `config.pbtxt` text of `cfg`, checked by parsing it back with Triton's schema."""
+    text = text_format.MessageToString(cfg)
+    parse(text, source=f"generated config of {cfg.name!r}")
+    return text
+
+
+def parse(text: str, source: str = "config.pbtxt") -> mc.ModelConfig:
+    """Parse `text` against `model_config.proto`; unknown fields raise RepositoryError naming `source`."""
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise RepositoryError(f"{source} is not a valid Triton model config: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Training: synthetic data, lazy ingest, the feature spec, XGBoost training and MLflow tracking."""

@@ -1,0 +1,178 @@
+"""The one feature definition: raw transaction columns -> model features.
+
+Training, export (parity rows) and the scoring client all compute features through a
+`FeatureSpec`; a `FittedFeatures` adds the category vocabularies learned at training
+time and is stored as JSON with every model version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from training.errors import DataError
+
+#: Unseen or missing categories encode to NaN, which XGBoost and the ONNX graph treat as missing.
+UNKNOWN_CATEGORY_CODE = float("nan")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One model input: `expr` is evaluated on raw columns; categorical exprs yield strings."""
+
+    name: str
+    expr: pl.Expr
+    description: str
+    categorical: bool = False
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Raw schema plus the ordered features computed from it.
+
+    History features use window expressions ordered by `order_by`, whose last column must
+    be unique so that timestamp ties give the same answer on every run and engine.
+    """
+
+    name: str
+    raw_schema: Mapping[str, pl.DataType]
+    features: tuple[Feature, ...]
+    order_by: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def categorical(self) -> list[str]:
+        return [f.name for f in self.features if f.categorical]
+
+    def compute(self, raw: pl.LazyFrame) -> pl.LazyFrame:
+        """Feature columns (categoricals still as strings), in input row order."""
+        return raw.select(f.expr.alias(f.name) for f in self.features)
+
+    def fit(self, raw: pl.LazyFrame) -> FittedFeatures:
+        """Learn the sorted vocabulary of every categorical feature from `raw`."""
+        cats = self.categorical
+        vocab: dict[str, tuple[str, ...]] = {}
+        if cats:
+            uniques = self.compute(raw).select(pl.col(c).drop_nulls().unique().implode() for c in cats).collect()
+            vocab = {c: tuple(sorted(uniques[c][0].to_list())) for c in cats}
+        return FittedFeatures(self, vocab)
+
+    def fingerprint(self) -> str:
+        """Hash of the feature definitions (names, expressions, order); changes when code changes."""
+        text = json.dumps(
+            {"features": [[f.name, str(f.expr), f.categorical] for f in self.features], "order_by": self.order_by},
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class FittedFeatures:
+    """A `FeatureSpec` with its category vocabularies: turns raw rows into the float32 matrix."""
+
+    spec: FeatureSpec
+    vocabularies: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    def encode(self, raw: pl.LazyFrame) -> pl.LazyFrame:
+        """All features as Float32 in spec order; unknown categories become NaN."""
+        cols = []
+        for f in self.spec.features:
+            if f.categorical:
+                vocab = list(self.vocabularies[f.name])
+                col = pl.col(f.name).replace_strict(vocab, list(range(len(vocab))), default=None, return_dtype=pl.Float32)
+            else:
+                col = pl.col(f.name).cast(pl.Float32)
+            cols.append(col.fill_nan(None).fill_null(float("nan")).alias(f.name))
+        return self.spec.compute(raw).select(cols)
+
+    def matrix(self, raw: pl.LazyFrame | pl.DataFrame) -> np.ndarray:
+        """Encoded features as a C-contiguous float32 array (rows x features)."""
+        frame = self.encode(raw.lazy()).collect()
+        return np.ascontiguousarray(frame.to_numpy(), dtype=np.float32)
+
+    def spec_hash(self) -> str:
+        """Hash of the definitions plus vocabularies: identical hashes score identically."""
+        text = json.dumps({"spec": self.spec.fingerprint(), "vocab": {k: list(v) for k, v in self.vocabularies.items()}})
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description stored with every model version."""
+        return {
+            "spec": self.spec.name,
+            "spec_fingerprint": self.spec.fingerprint(),
+            "spec_hash": self.spec_hash(),
+            "features": [
+                {"name": f.name, "dtype": "float32", "categorical": f.categorical, "description": f.description}
+                for f in self.spec.features
+            ],
+            "vocabularies": {k: list(v) for k, v in self.vocabularies.items()},
+            "unknown_category": "NaN (treated as missing by the trees)",
+            "raw_schema": {k: str(v) for k, v in self.spec.raw_schema.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, spec: FeatureSpec, data: Mapping[str, Any]) -> FittedFeatures:
+        """Rebuild from `to_dict` output; refuses JSON written by different feature code."""
+        if data.get("spec_fingerprint") != spec.fingerprint():
+            raise DataError(
+                f"feature spec {data.get('spec')!r} stored with the model has fingerprint "
+                f"{data.get('spec_fingerprint')}, but the code's spec {spec.name!r} has {spec.fingerprint()}: "
+                "the feature definitions changed since training; retrain or use the matching treeops version"
+            )
+        return cls(spec, {k: tuple(v) for k, v in data.get("vocabularies", {}).items()})
+
+
+_ORDER = ["timestamp", "transaction_id"]
+
+
+def _per_card(expr: pl.Expr) -> pl.Expr:
+    return expr.over("card_id", order_by=_ORDER)
+
+
+RAW_SCHEMA: dict[str, pl.DataType] = {
+    "transaction_id": pl.Int64(),
+    "card_id": pl.Int64(),
+    "timestamp": pl.Datetime("us"),
+    "amount": pl.Float64(),
+    "merchant_category": pl.String(),
+    "country": pl.String(),
+    "channel": pl.String(),
+}
+
+FRAUD_FEATURES = FeatureSpec(
+    name="card_transactions_v1",
+    raw_schema=RAW_SCHEMA,
+    order_by=tuple(_ORDER),
+    features=(
+        Feature("log_amount", pl.col("amount").clip(lower_bound=0).log1p(), "log(1 + amount)"),
+        Feature("hour_of_day", pl.col("timestamp").dt.hour(), "hour of the transaction, 0-23"),
+        Feature("day_of_week", pl.col("timestamp").dt.weekday(), "ISO weekday, 1 = Monday"),
+        Feature("is_weekend", (pl.col("timestamp").dt.weekday() >= 6).cast(pl.Int8), "1 on Saturday and Sunday"),
+        Feature("merchant_category", pl.col("merchant_category"), "merchant category code", categorical=True),
+        Feature("country", pl.col("country"), "country of the merchant", categorical=True),
+        Feature("channel", pl.col("channel"), "pos, online or atm", categorical=True),
+        Feature(
+            "card_txn_index",
+            _per_card(pl.int_range(pl.len())),
+            "number of earlier transactions of the card in the data",
+        ),
+        Feature(
+            "seconds_since_prev_card_txn",
+            _per_card(pl.col("timestamp").diff().dt.total_seconds()),
+            "seconds since the card's previous transaction (missing for its first)",
+        ),
+        Feature(
+            "amount_to_card_mean",
+            pl.col("amount") / _per_card(pl.col("amount").cum_sum().shift(1) / pl.int_range(pl.len())),
+            "amount divided by the mean of the card's earlier amounts (missing for its first)",
+        ),
+    ),
+)

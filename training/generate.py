@@ -1,0 +1,123 @@
+"""Seeded generator of card transactions whose fraud label depends on the engineered features."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from training.features import FRAUD_FEATURES, RAW_SCHEMA
+
+log = logging.getLogger(__name__)
+
+MERCHANT_CATEGORIES = (
+    "grocery", "fuel", "restaurant", "travel", "electronics", "fashion",
+    "pharmacy", "entertainment", "digital_goods", "utilities", "gambling", "jewelry",
+)
+COUNTRIES = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "BR", "NG", "RU")
+CHANNELS = ("pos", "online", "atm")
+START = dt.datetime(2026, 1, 1)
+SPAN_DAYS = 90
+_START_US = int((START - dt.datetime(1970, 1, 1)).total_seconds()) * 1_000_000
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """What to generate.
+
+    rows: number of transactions; seed: RNG seed (same seed, same file);
+    drift: 0 for the training distribution, up to 1 for a strongly shifted batch
+    (larger amounts, more online and foreign traffic); fraud_rate: target base rate.
+    """
+
+    rows: int
+    seed: int = 7
+    drift: float = 0.0
+    fraud_rate: float = 0.015
+
+
+def generate_transactions(spec: GenerateSpec) -> pl.DataFrame:
+    """Return `spec.rows` transactions with an `is_fraud` label near `spec.fraud_rate`."""
+    if spec.rows < 1:
+        raise ValueError(f"rows must be >= 1, got {spec.rows}")
+    rng = np.random.default_rng(spec.seed)
+    n = spec.rows
+    n_cards = max(1, n // 40)
+    card = rng.integers(0, n_cards, n)
+    home = rng.integers(0, 5, n_cards)[card]  # most cards live in the first five countries
+    foreign = rng.random(n) < 0.05 + 0.25 * spec.drift
+    country = np.where(foreign, rng.integers(0, len(COUNTRIES), n), home)
+    channel_p = np.array([0.6 - 0.3 * spec.drift, 0.3 + 0.3 * spec.drift, 0.1])
+    channel = rng.choice(len(CHANNELS), n, p=channel_p / channel_p.sum())
+    merchant = rng.choice(len(MERCHANT_CATEGORIES), n, p=_zipf_weights(len(MERCHANT_CATEGORIES)))
+    amount = np.round(np.exp(rng.normal(3.3 + 0.8 * spec.drift, 1.1, n)), 2)
+    # Seconds-resolution timestamps give real ties; the feature spec must break them by id.
+    seconds = np.sort(rng.integers(0, SPAN_DAYS * 86_400, n))
+    raw = pl.DataFrame(
+        {
+            "transaction_id": np.arange(1, n + 1, dtype=np.int64),
+            "card_id": card.astype(np.int64),
+            "timestamp": pl.Series((_START_US + seconds * 1_000_000).astype(np.int64)).cast(pl.Datetime("us")),
+            "amount": amount,
+            "merchant_category": np.asarray(MERCHANT_CATEGORIES)[merchant],
+            "country": np.asarray(COUNTRIES)[country],
+            "channel": np.asarray(CHANNELS)[channel],
+        },
+        schema=RAW_SCHEMA,
+    )
+    label = _draw_labels(raw, rng, spec.fraud_rate)
+    return raw.with_columns(is_fraud=pl.Series(label, dtype=pl.Int8))
+
+
+def write_transactions(frame: pl.DataFrame, out: Path) -> Path:
+    """Write `frame` to `out` (.parquet or .csv) through a temp file renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix == ".parquet":
+        frame.write_parquet(tmp)
+    elif out.suffix == ".csv":
+        frame.write_csv(tmp)
+    else:
+        raise ValueError(f"{out}: unsupported extension {out.suffix!r}; use .parquet or .csv")
+    tmp.replace(out)
+    log.info("wrote %d rows to %s", frame.height, out)
+    return out
+
+
+def _zipf_weights(k: int) -> np.ndarray:
+    w = 1.0 / np.arange(1, k + 1)
+    return w / w.sum()
+
+
+def _draw_labels(raw: pl.DataFrame, rng: np.random.Generator, rate: float) -> np.ndarray:
+    """Fraud probability is a logistic function of the engineered features (one definition)."""
+    f = FRAUD_FEATURES.compute(raw.lazy()).collect()
+    risky = {"electronics": 1.0, "digital_goods": 1.2, "jewelry": 1.1, "gambling": 0.9}
+    gap = f["seconds_since_prev_card_txn"].fill_null(86_400 * 7).to_numpy()
+    ratio = f["amount_to_card_mean"].fill_null(1.0).to_numpy()
+    hour = f["hour_of_day"].to_numpy()
+    score = (
+        0.9 * (f["log_amount"].to_numpy() - 3.3)
+        + 1.3 * ((hour <= 5) | (hour >= 23))
+        + 0.9 * np.log1p(np.clip(ratio, 0, 50))
+        + 1.2 * (gap < 600)
+        + 0.8 * (raw["channel"] == "online").to_numpy()
+        + 1.0 * (raw["country"].is_in(COUNTRIES[5:])).to_numpy()
+        + raw["merchant_category"].replace_strict(risky, default=0.0, return_dtype=pl.Float64).to_numpy()
+        + 0.3 * f["is_weekend"].to_numpy()
+    )
+    score = score + rng.normal(0, 0.5, len(score))
+    # Pick the intercept so the mean probability lands on the target base rate.
+    lo, hi = -30.0, 10.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if np.mean(1 / (1 + np.exp(-(score + mid)))) > rate:
+            hi = mid
+        else:
+            lo = mid
+    p = 1 / (1 + np.exp(-(score + lo)))
+    return (rng.random(len(p)) < p).astype(np.int8)

@@ -1,0 +1,86 @@
+"""MLflow tracking and registry: log a training run, register the model, set aliases."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.errors import TrackingError
+from training.train import TrainParams, TrainResult
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "treeops"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+FEATURES_ARTIFACT = "features/feature_spec.json"
+HOLDOUT_ARTIFACT = "holdout/holdout.parquet"
+MODEL_ARTIFACT = "model"
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """Where a training run ended up in the registry."""
+
+    name: str
+    version: int
+    alias: str
+    run_id: str
+    model_uri: str
+
+
+def configure(tracking_uri: str, artifact_root: Path | None) -> str:
+    """Point MLflow at `tracking_uri` and make sure the experiment exists; returns its id.
+
+    With an embedded store the experiment gets `artifact_root` as artifact location, so artifacts
+    land in the workspace instead of `./mlruns` of whatever directory the process ran in.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+    if artifact_root is not None:
+        artifact_root.mkdir(parents=True, exist_ok=True)
+    return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def log_and_register(result: TrainResult, params: TrainParams, model_name: str, data_source: str) -> RegisteredModel:
+    """Log params, metrics, feature spec, holdout and model in one run; register and alias it.
+
+    The first version of a model becomes `champion`; later ones become `challenger`. A failure
+    inside the run marks the run FAILED, and registration only happens after every artifact
+    is logged, so the registry never points at a run with missing files.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name(EXPERIMENT).experiment_id) as run:
+        mlflow.log_params({**params.booster_params(), "num_boost_round": params.num_boost_round,
+                           "early_stopping_rounds": params.early_stopping_rounds, "data_source": data_source})
+        mlflow.log_params({f"rows_{k}": v for k, v in result.rows.items()})
+        mlflow.log_metrics(result.metrics)
+        mlflow.set_tags({"feature_spec": result.features.spec.name, "feature_spec_hash": result.features.spec_hash()})
+        mlflow.log_dict(result.features.to_dict(), FEATURES_ARTIFACT)
+        with tempfile.TemporaryDirectory() as tmp:
+            holdout = Path(tmp) / Path(HOLDOUT_ARTIFACT).name
+            result.holdout.write_parquet(holdout)
+            mlflow.log_artifact(str(holdout), Path(HOLDOUT_ARTIFACT).parent.as_posix())
+        info = mlflow.xgboost.log_model(result.booster, name=MODEL_ARTIFACT, model_format="json")
+        run_id = run.info.run_id
+    try:
+        mv = mlflow.register_model(info.model_uri, model_name, tags={"run_id": run_id})
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"registering model {model_name!r} from run {run_id} failed: {exc}") from exc
+    version = int(mv.version)
+    aliases = client.get_registered_model(model_name).aliases
+    alias = CHALLENGER if CHAMPION in aliases else CHAMPION
+    client.set_registered_model_alias(model_name, alias, str(version))
+    log.info("registered %s version %d as %s (run %s)", model_name, version, alias, run_id)
+    return RegisteredModel(model_name, version, alias, run_id, f"models:/{model_name}/{version}")
+
