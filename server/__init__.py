@@ -1,0 +1,1 @@
+"""Server: launch and configure Triton, and the gRPC scoring client."""

@@ -1,0 +1,71 @@
+"""A real Triton serves the exported champion over gRPC and HTTP, scoring exactly like xgboost."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import tritonclient.http as httpclient
+import xgboost as xgb
+
+from server.client import ScoringClient, load_features, score_raw
+from server.errors import ScoringError
+from training.ingest import load_raw
+from training.features import RAW_SCHEMA
+
+pytestmark = [pytest.mark.triton]
+
+
+@pytest.fixture(scope="module")
+def champion(trained):
+    import mlflow
+
+    booster = mlflow.xgboost.load_model("models:/fraud@champion")
+    features = load_features(trained.repository.version_dir("fraud", trained.outcome.registered.version))
+    raw = load_raw(trained.data, RAW_SCHEMA).collect().tail(500)
+    return booster, features, raw
+
+
+def _expected(booster: xgb.Booster, x: np.ndarray) -> np.ndarray:
+    return booster.inplace_predict(x)
+
+
+def test_grpc_scores_match_xgboost(triton, trained, champion):
+    booster, features, raw = champion
+    with ScoringClient(triton.settings.grpc_url) as client:
+        scores = score_raw(client, features, raw)
+    x = features.matrix(raw)
+    np.testing.assert_allclose(scores.positive, _expected(booster, x), atol=1e-5)
+    assert scores.model_version == str(trained.outcome.registered.version)
+
+
+def test_http_scores_match_xgboost(triton, champion):
+    booster, features, raw = champion
+    x = features.matrix(raw.head(64))
+    client = httpclient.InferenceServerClient(triton.settings.http_url)
+    inp = httpclient.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=False)
+    result = client.infer("fraud", [inp])
+    np.testing.assert_allclose(result.as_numpy("probabilities")[:, 1], _expected(booster, x), atol=1e-5)
+
+
+def test_missing_values_and_single_rows(triton, champion):
+    booster, _, _ = champion
+    x = np.full((1, booster.num_features()), np.nan, dtype=np.float32)
+    with ScoringClient(triton.settings.grpc_url) as client:
+        got = client.score(x).positive
+    np.testing.assert_allclose(got, _expected(booster, x), atol=1e-5)
+
+
+def test_wrong_shape_is_rejected_and_server_keeps_serving(triton, champion):
+    booster, features, raw = champion
+    with ScoringClient(triton.settings.grpc_url, retries=0) as client:
+        with pytest.raises(ScoringError, match="features"):
+            client.score(np.zeros((2, booster.num_features() + 1), dtype=np.float32))
+        assert client.score(features.matrix(raw.head(3))).probabilities.shape == (3, 2)
+
+
+def test_unknown_model_names_the_model(triton):
+    with ScoringClient(triton.settings.grpc_url, model_name="nope", retries=0) as client:
+        with pytest.raises(ScoringError, match="nope"):
+            client.score(np.zeros((1, 10), dtype=np.float32))

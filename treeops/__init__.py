@@ -1,0 +1,1 @@
+"""treeops command line: wires training, export, server, loadtest and monitoring together."""

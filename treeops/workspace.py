@@ -1,0 +1,61 @@
+"""The workspace: one directory holding all state (data, MLflow, model repository, reports)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkspaceSettings(BaseSettings):
+    """Where state lives. Env: `TREEOPS_WORKSPACE`; `MLFLOW_TRACKING_URI` overrides the embedded store."""
+
+    model_config = SettingsConfigDict(env_prefix="TREEOPS_", extra="ignore")
+
+    workspace: Path = Field(Path("."), description="root of all treeops state")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths inside one workspace root."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, explicit: Path | None) -> Workspace:
+        """`explicit` (from --workspace) beats TREEOPS_WORKSPACE, which beats the current directory."""
+        root = explicit if explicit is not None else WorkspaceSettings().workspace
+        return cls(root.expanduser().resolve())
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def model_repository(self) -> Path:
+        return self.root / "model_repository"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def triton_dir(self) -> Path:
+        return self.root / ".triton"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLFLOW_TRACKING_URI when set (a real MLflow server), else SQLite in the workspace."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path | None:
+        """Local artifact store for the embedded default; a configured server decides its own."""
+        return None if os.environ.get("MLFLOW_TRACKING_URI") else self.mlflow_artifacts
