@@ -31,7 +31,8 @@ class GenerateSpec:
 
     rows: number of transactions; seed: RNG seed (same seed, same file);
     drift: 0 for the training distribution, up to 1 for a strongly shifted batch
-    (larger amounts, more online and foreign traffic); fraud_rate: target base rate.
+    (larger amounts, more night-time, online, foreign and rare-merchant traffic);
+    fraud_rate: target base rate.
     """
 
     rows: int
@@ -53,10 +54,14 @@ def generate_transactions(spec: GenerateSpec) -> pl.DataFrame:
     country = np.where(foreign, rng.integers(0, len(COUNTRIES), n), home)
     channel_p = np.array([0.6 - 0.3 * spec.drift, 0.3 + 0.3 * spec.drift, 0.1])
     channel = rng.choice(len(CHANNELS), n, p=channel_p / channel_p.sum())
-    merchant = rng.choice(len(MERCHANT_CATEGORIES), n, p=_zipf_weights(len(MERCHANT_CATEGORIES)))
+    k = len(MERCHANT_CATEGORIES)
+    merchant = rng.choice(k, n, p=(1 - spec.drift) * _zipf_weights(k) + spec.drift / k)
     amount = np.round(np.exp(rng.normal(3.3 + 0.8 * spec.drift, 1.1, n)), 2)
     # Seconds-resolution timestamps give real ties; the feature spec must break them by id.
-    seconds = np.sort(rng.integers(0, SPAN_DAYS * 86_400, n))
+    second_of_day = rng.integers(0, 86_400, n)
+    night = rng.random(n) < 0.4 * spec.drift
+    second_of_day[night] = rng.integers(0, 6 * 3_600, int(night.sum()))
+    seconds = np.sort(rng.integers(0, SPAN_DAYS, n) * 86_400 + second_of_day)
     raw = pl.DataFrame(
         {
             "transaction_id": np.arange(1, n + 1, dtype=np.int64),

@@ -1,0 +1,1 @@
+"""Data-drift monitoring: compare production features with a reference set using Evidently."""

@@ -1,0 +1,267 @@
+"""`treeops`: the command line over training, export, server, loadtest and monitoring."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from export.errors import ExportError
+from monitoring.errors import MonitoringError
+from server.errors import ServerError
+from training.errors import TrainingError
+from treeops.workspace import Workspace
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+log = logging.getLogger("treeops")
+
+EXPECTED_ERRORS = (TrainingError, ExportError, ServerError, MonitoringError)
+EXIT_ERROR = 1
+EXIT_DRIFT = 3
+
+WorkspaceOpt = Annotated[
+    Path | None, typer.Option("--workspace", envvar="TREEOPS_WORKSPACE", help="root of all state (default: current dir)")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of a human summary")]
+ModelOpt = Annotated[str, typer.Option("--model-name", help="registered model name")]
+GrpcPort = Annotated[int, typer.Option("--grpc-port", help="Triton gRPC port")]
+HttpPort = Annotated[int, typer.Option("--http-port", help="Triton HTTP port")]
+MetricsPort = Annotated[int, typer.Option("--metrics-port", help="Triton metrics port")]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    """Polars features -> XGBoost in MLflow -> ONNX -> Triton over gRPC, with load tests and drift checks."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("mlflow", "alembic", "urllib3", "evidently", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _emit(as_json: bool, payload: dict[str, Any], lines: list[str]) -> None:
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2, default=str))
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+@app.command()
+def generate(
+    rows: Annotated[int, typer.Option(help="number of transactions", min=1)] = 200_000,
+    out: Annotated[Path | None, typer.Option(help="output .parquet or .csv (default: <workspace>/data/transactions.parquet)")] = None,
+    seed: Annotated[int, typer.Option(help="RNG seed")] = 7,
+    drift: Annotated[float, typer.Option(help="0 = training distribution, 1 = strongly shifted", min=0, max=1)] = 0.0,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate seeded card transactions with an `is_fraud` label."""
+    from training.generate import GenerateSpec, generate_transactions, write_transactions
+
+    ws = Workspace.resolve(workspace)
+    path = out or ws.data_dir / "transactions.parquet"
+    frame = generate_transactions(GenerateSpec(rows=rows, seed=seed, drift=drift))
+    write_transactions(frame, path)
+    rate = float(frame["is_fraud"].mean())
+    _emit(as_json, {"path": str(path), "rows": rows, "fraud_rate": rate},
+          [f"wrote {rows} transactions to {path} (fraud rate {rate:.2%})"])
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="CSV or Parquet file of transactions")],
+    target: Annotated[str, typer.Option(help="label column")] = "is_fraud",
+    model_name: ModelOpt = "fraud",
+    seed: Annotated[int, typer.Option(help="training seed")] = 7,
+    max_rounds: Annotated[int, typer.Option(help="maximum boosting rounds (early stopping may use fewer)")] = 200,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train an XGBoost classifier, track it in MLflow and register it (first version: champion)."""
+    from training.pipeline import train_and_register
+    from training.train import TrainParams
+
+    ws = Workspace.resolve(workspace)
+    outcome = train_and_register(data, target, model_name, params=TrainParams(seed=seed, num_boost_round=max_rounds),
+                                 tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
+    m = outcome.metrics
+    _emit(as_json, outcome.to_dict(), [
+        f"registered {model_name} version {outcome.registered.version} as @{outcome.registered.alias} "
+        f"(run {outcome.registered.run_id})",
+        f"test ROC AUC {m['roc_auc']:.4f}  PR AUC {m['pr_auc']:.4f}  log loss {m['log_loss']:.4f}  "
+        f"({int(m['best_iteration']) + 1} trees)",
+    ])
+
+
+@app.command("export")
+def export_cmd(
+    model_name: ModelOpt = "fraud",
+    alias: Annotated[str, typer.Option(help="registry alias to export")] = "champion",
+    version: Annotated[int | None, typer.Option(help="export this version number instead of the alias")] = None,
+    target: Annotated[str, typer.Option(help="export target")] = "python-onnx",
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert a registered version to ONNX, check parity and write it into the Triton repository."""
+    import mlflow
+
+    from export.pipeline import ExportSettings, export_model
+    from export.repository import ModelRepository
+
+    ws = Workspace.resolve(workspace)
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    result = export_model(model_name, ModelRepository(ws.model_repository), alias=None if version else alias,
+                          version=version, settings=ExportSettings(target=target))
+    parity = result.parity
+    lines = [f"{'kept' if result.already_present else 'wrote'} {result.version_dir} "
+             f"(serving versions {list(result.served_versions)})"]
+    if parity:
+        lines.append(f"parity: max |diff| {parity.max_abs_diff:.2e} over {parity.rows} rows, "
+                     f"{parity.flipped_decisions} flipped decisions")
+    _emit(as_json, result.to_dict(), lines)
+
+
+def _triton(ws: Workspace, grpc_port: int, http_port: int, metrics_port: int, binary: Path | None = None):
+    from server.installation import find_triton
+    from server.launcher import TritonServer
+    from server.settings import TritonSettings
+
+    settings = TritonSettings(model_repository=ws.model_repository, grpc_port=grpc_port, http_port=http_port,
+                              metrics_port=metrics_port)
+    return TritonServer(settings, find_triton(binary, ws.triton_dir), ws.reports_dir / "triton.log")
+
+
+@app.command()
+def serve(
+    grpc_port: GrpcPort = 8001,
+    http_port: HttpPort = 8000,
+    metrics_port: MetricsPort = 8002,
+    triton_binary: Annotated[Path | None, typer.Option(help="tritonserver binary (default: TRITONSERVER_PATH, NGC, wheel)")] = None,
+    timeout_s: Annotated[float, typer.Option(help="seconds to wait for readiness")] = 120,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Run Triton on the workspace's model repository in the foreground until SIGINT/SIGTERM."""
+    ws = Workspace.resolve(workspace)
+    server = _triton(ws, grpc_port, http_port, metrics_port, triton_binary)
+    _stop_on_sigterm()
+    try:
+        server.start(timeout_s=timeout_s)
+        typer.echo(f"serving {ws.model_repository}: gRPC {server.settings.grpc_url}, HTTP {server.settings.http_url}, "
+                   f"metrics {server.settings.metrics_url} (Ctrl-C to stop)")
+        code = server.wait()
+        if code:
+            raise typer.Exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        typer.echo("stopping Triton")
+    finally:
+        server.stop()
+
+
+@app.command()
+def score(
+    data: Annotated[Path | None, typer.Option(help="raw transactions (default: <workspace>/data/current.parquet)")] = None,
+    rows: Annotated[int, typer.Option(help="score the first N rows", min=1)] = 5,
+    model_name: ModelOpt = "fraud",
+    grpc_url: Annotated[str, typer.Option(help="Triton gRPC address")] = "127.0.0.1:8001",
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compute features for raw transactions with the served model's spec and score them over gRPC."""
+    from server.client import ScoringClient, score_raw
+    from server.repository_view import served_features
+    from training.ingest import load_raw
+
+    ws = Workspace.resolve(workspace)
+    path = data or ws.data_dir / "current.parquet"
+    version, features = served_features(ws.model_repository, model_name)
+    raw = load_raw(path, features.spec.raw_schema).head(rows).collect()
+    with ScoringClient(grpc_url, model_name) as client:
+        scores = score_raw(client, features, raw)
+    ids = raw["transaction_id"].to_list()
+    probs = scores.positive.tolist()
+    _emit(as_json, {"model_version": scores.model_version, "transaction_id": ids, "probability": probs},
+          [f"model {model_name} version {scores.model_version} answered:"]
+          + [f"  transaction {i}: p(fraud) = {p:.5f}" for i, p in zip(ids, probs)])
+
+
+@app.command()
+def drift(
+    current: Annotated[Path | None, typer.Option(help="batch to check (default: <workspace>/data/current.parquet)")] = None,
+    reference: Annotated[Path | None, typer.Option(help="training reference (default: <workspace>/data/train.parquet)")] = None,
+    name: Annotated[str, typer.Option(help="report file name (without extension)")] = "drift",
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evidently drift report of a batch's features against the training reference; exit 3 on drift."""
+    from monitoring.drift import run_drift_report
+    from training.features import FRAUD_FEATURES
+    from training.ingest import load_raw
+
+    ws = Workspace.resolve(workspace)
+    spec = FRAUD_FEATURES
+    frames = [spec.compute(load_raw(p, spec.raw_schema)).collect()
+              for p in (reference or ws.data_dir / "train.parquet", current or ws.data_dir / "current.parquet")]
+    result = run_drift_report(frames[0], frames[1], spec.names, ws.reports_dir, name=name, categorical=spec.categorical)
+    verdict = "DRIFT DETECTED" if result.drift_detected else "no drift"
+    _emit(as_json, result.to_dict(), [
+        f"{verdict}: {result.drifted_columns} of {result.total_columns} features drifted",
+        f"report: {result.html_path}",
+    ])
+    if result.drift_detected:
+        raise typer.Exit(EXIT_DRIFT)
+
+
+@app.command()
+def demo(
+    rows: Annotated[int, typer.Option(help="training rows to generate", min=1000)] = 200_000,
+    grpc_port: GrpcPort = 8001,
+    http_port: HttpPort = 8000,
+    metrics_port: MetricsPort = 8002,
+    loadtest_s: Annotated[int, typer.Option(help="seconds of Locust load", min=1)] = 10,
+    keep_serving: Annotated[bool, typer.Option(help="leave Triton serving in the foreground at the end")] = False,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate, train, register, export, serve, score, load-test and check drift, end to end."""
+    from treeops.demo import DemoSettings, run_demo
+
+    ws = Workspace.resolve(workspace)
+    settings = DemoSettings(rows=rows, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
+                            loadtest_s=loadtest_s, keep_serving=keep_serving)
+    if keep_serving:
+        _stop_on_sigterm()
+    summary = run_demo(ws, settings, _triton(ws, grpc_port, http_port, metrics_port))
+    _emit(as_json, summary.to_dict(), summary.lines())
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run() -> None:
+    """Console entry point: expected errors print one line and exit 1, without a traceback."""
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except EXPECTED_ERRORS as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
