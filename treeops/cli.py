@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import pydantic
 import typer
 
 from export.errors import ExportError
@@ -18,11 +19,12 @@ from server.errors import ServerError
 from training.errors import TrainingError
 from treeops.workspace import Workspace
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 log = logging.getLogger("treeops")
 
 EXPECTED_ERRORS = (TrainingError, ExportError, ServerError, MonitoringError)
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_DRIFT = 3
 
 WorkspaceOpt = Annotated[
@@ -252,16 +254,12 @@ def _stop_on_sigterm() -> None:
 
 def run() -> None:
     """Console entry point: expected errors print one line and exit 1, without a traceback."""
-    import click
-
     try:
-        code = app(standalone_mode=False)
+        app()
     except EXPECTED_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.Abort, KeyboardInterrupt):
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"error: invalid setting: {problems}", err=True)
+        sys.exit(EXIT_USAGE)
