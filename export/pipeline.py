@@ -84,7 +84,7 @@ def export_model(
             )
         log.info("version %d of %s is already in the repository", ref.version, model_name)
     else:
-        holdout = bundle.holdout.select(names).to_numpy().astype(np.float32)
+        holdout = bundle.fitted.matrix(bundle.holdout)
         rows = np.vstack([holdout, edge_rows(n_features, np.nanmedian(holdout, axis=0) if len(holdout) else np.zeros(0))])
         with repository.stage_version(model_name, ref.version) as staging:
             target.write_artifacts(bundle.booster, n_features, staging)

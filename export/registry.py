@@ -12,6 +12,8 @@ import polars as pl
 import xgboost as xgb
 
 from export.errors import ExportError, ModelNotFoundError
+from training.errors import DataError
+from training.features import FittedFeatures, load_fitted
 from training.tracking import FEATURES_ARTIFACT, HOLDOUT_ARTIFACT
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ class ModelBundle:
     ref: ModelVersionRef
     booster: xgb.Booster
     features: dict[str, Any]
-    holdout: pl.DataFrame
+    fitted: FittedFeatures
+    holdout: pl.DataFrame  # computed features of the held-out rows + target
 
 
 def resolve(model_name: str, alias: str | None = None, version: int | None = None) -> ModelVersionRef:
@@ -79,8 +82,9 @@ def load_bundle(ref: ModelVersionRef, scratch: Path) -> ModelBundle:
         feat_path = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=FEATURES_ARTIFACT, dst_path=str(scratch))
         hold_path = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=HOLDOUT_ARTIFACT, dst_path=str(scratch))
         features = json.loads(Path(feat_path).read_text())
+        fitted = load_fitted(features)
         holdout = pl.read_parquet(hold_path)
-    except (MlflowException, OSError, ValueError, xgb.core.XGBoostError, pl.exceptions.PolarsError) as exc:
+    except (MlflowException, OSError, ValueError, xgb.core.XGBoostError, pl.exceptions.PolarsError, DataError) as exc:
         raise ExportError(
             f"model {ref.name!r} version {ref.version} (run {ref.run_id}) has missing or corrupt artifacts: {exc}; "
             "retrain it or delete the version from the registry"
@@ -94,4 +98,4 @@ def load_bundle(ref: ModelVersionRef, scratch: Path) -> ModelBundle:
             f"model {ref.name!r} version {ref.version}: the booster takes {n_model} features but its feature spec "
             f"lists {n_spec}; the version was registered with the wrong spec"
         )
-    return ModelBundle(ref, booster, features, holdout)
+    return ModelBundle(ref, booster, features, fitted, holdout)

@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from server.errors import ScoringError
-from training.features import FRAUD_FEATURES, FeatureSpec, FittedFeatures
+from training.features import FittedFeatures, load_fitted
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +109,16 @@ class ScoringClient:
         self.close()
 
 
-def load_features(version_dir: Path, spec: FeatureSpec = FRAUD_FEATURES) -> FittedFeatures:
+def load_features(version_dir: Path) -> FittedFeatures:
     """The fitted feature spec stored in a repository version folder."""
     path = Path(version_dir) / "feature_spec.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ScoringError(f"cannot read the feature spec {path}: {exc}; export the model first") from exc
-    return FittedFeatures.from_dict(spec, data)
+    return load_fitted(data)
 
 
 def score_raw(client: ScoringClient, features: FittedFeatures, raw: pl.DataFrame) -> Scores:
     """Compute features from raw transaction rows with the model's spec, then score them."""
-    return client.score(features.matrix(raw))
+    return client.score(features.matrix_raw(raw))

@@ -34,14 +34,14 @@ def test_grpc_scores_match_xgboost(triton, trained, champion):
     booster, features, raw = champion
     with ScoringClient(triton.settings.grpc_url) as client:
         scores = score_raw(client, features, raw)
-    x = features.matrix(raw)
+    x = features.matrix_raw(raw)
     np.testing.assert_allclose(scores.positive, _expected(booster, x), atol=1e-5)
     assert scores.model_version == str(trained.outcome.registered.version)
 
 
 def test_http_scores_match_xgboost(triton, champion):
     booster, features, raw = champion
-    x = features.matrix(raw.head(64))
+    x = features.matrix_raw(raw.head(64))
     client = httpclient.InferenceServerClient(triton.settings.http_url)
     inp = httpclient.InferInput("features", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=False)
@@ -62,7 +62,7 @@ def test_wrong_shape_is_rejected_and_server_keeps_serving(triton, champion):
     with ScoringClient(triton.settings.grpc_url, retries=0) as client:
         with pytest.raises(ScoringError, match="features"):
             client.score(np.zeros((2, booster.num_features() + 1), dtype=np.float32))
-        assert client.score(features.matrix(raw.head(3))).probabilities.shape == (3, 2)
+        assert client.score(features.matrix_raw(raw.head(3))).probabilities.shape == (3, 2)
 
 
 def test_unknown_model_names_the_model(triton):

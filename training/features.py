@@ -57,12 +57,12 @@ class FeatureSpec:
         """Feature columns (categoricals still as strings), in input row order."""
         return raw.select(f.expr.alias(f.name) for f in self.features)
 
-    def fit(self, raw: pl.LazyFrame) -> FittedFeatures:
-        """Learn the sorted vocabulary of every categorical feature from `raw`."""
+    def fit(self, computed: pl.LazyFrame | pl.DataFrame) -> FittedFeatures:
+        """Learn the sorted vocabulary of every categorical feature from computed features."""
         cats = self.categorical
         vocab: dict[str, tuple[str, ...]] = {}
         if cats:
-            uniques = self.compute(raw).select(pl.col(c).drop_nulls().unique().implode() for c in cats).collect()
+            uniques = computed.lazy().select(pl.col(c).drop_nulls().unique().implode() for c in cats).collect()
             vocab = {c: tuple(sorted(uniques[c][0].to_list())) for c in cats}
         return FittedFeatures(self, vocab)
 
@@ -81,8 +81,8 @@ class FittedFeatures:
     spec: FeatureSpec
     vocabularies: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
-    def encode(self, raw: pl.LazyFrame) -> pl.LazyFrame:
-        """All features as Float32 in spec order; unknown categories become NaN."""
+    def encode(self, computed: pl.LazyFrame) -> pl.LazyFrame:
+        """Computed features as Float32 in spec order; unknown categories become NaN."""
         cols = []
         for f in self.spec.features:
             if f.categorical:
@@ -91,12 +91,16 @@ class FittedFeatures:
             else:
                 col = pl.col(f.name).cast(pl.Float32)
             cols.append(col.fill_nan(None).fill_null(float("nan")).alias(f.name))
-        return self.spec.compute(raw).select(cols)
+        return computed.select(cols)
 
-    def matrix(self, raw: pl.LazyFrame | pl.DataFrame) -> np.ndarray:
-        """Encoded features as a C-contiguous float32 array (rows x features)."""
-        frame = self.encode(raw.lazy()).collect()
+    def matrix(self, computed: pl.LazyFrame | pl.DataFrame) -> np.ndarray:
+        """Encoded computed features as a C-contiguous float32 array (rows x features)."""
+        frame = self.encode(computed.lazy()).collect()
         return np.ascontiguousarray(frame.to_numpy(), dtype=np.float32)
+
+    def matrix_raw(self, raw: pl.LazyFrame | pl.DataFrame) -> np.ndarray:
+        """Raw rows -> features -> float32 matrix: what a client sends to the served model."""
+        return self.matrix(self.spec.compute(raw.lazy()))
 
     def spec_hash(self) -> str:
         """Hash of the definitions plus vocabularies: identical hashes score identically."""
@@ -176,3 +180,14 @@ FRAUD_FEATURES = FeatureSpec(
         ),
     ),
 )
+
+#: Feature specs by name, as stored in each model version's `feature_spec.json`.
+SPECS: dict[str, FeatureSpec] = {FRAUD_FEATURES.name: FRAUD_FEATURES}
+
+
+def load_fitted(data: Mapping[str, Any]) -> FittedFeatures:
+    """Rebuild the fitted features stored with a model version (see `FittedFeatures.to_dict`)."""
+    spec = SPECS.get(str(data.get("spec")))
+    if spec is None:
+        raise DataError(f"unknown feature spec {data.get('spec')!r}; this treeops knows {sorted(SPECS)}")
+    return FittedFeatures.from_dict(spec, data)

@@ -56,7 +56,7 @@ class TrainResult:
     booster: xgb.Booster
     features: FittedFeatures
     metrics: dict[str, float]
-    holdout: pl.DataFrame  # encoded test rows (feature columns + target), for export parity
+    holdout: pl.DataFrame  # computed (not yet encoded) features of the test rows + target
     rows: dict[str, int] = field(default_factory=dict)
 
 
@@ -71,9 +71,10 @@ def train_classifier(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: 
     n_train = n - n_test - n_valid
     if min(n_train, n_valid, n_test) < 10:
         raise DataError(f"{n} rows is too few to split into train/valid/test; provide at least 100 rows")
+    computed = spec.compute(frame.lazy()).collect()
     # Vocabularies come from the training slice only, so valid/test see unknowns as production would.
-    fitted = spec.fit(frame.head(n_train).lazy())
-    x = fitted.matrix(frame)
+    fitted = spec.fit(computed.head(n_train))
+    x = fitted.matrix(computed)
     y = frame[target].cast(pl.Float32).to_numpy()
     if np.isnan(x).all(axis=0).any():
         empty = [spec.names[i] for i in np.where(np.isnan(x).all(axis=0))[0]]
@@ -95,7 +96,7 @@ def train_classifier(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: 
     p_test = booster.predict(xgb.DMatrix(x[sl_test], feature_names=spec.names))
     result_metrics = classification_metrics(y[sl_test], p_test, params.threshold)
     result_metrics["best_iteration"] = float(best)
-    holdout = pl.DataFrame(x[sl_test], schema=spec.names).with_columns(pl.Series(target, y[sl_test]))
+    holdout = computed.slice(n_train + n_valid).with_columns(pl.Series(target, y[sl_test]))
     log.info("trained %d trees; test ROC AUC %.4f", best + 1, result_metrics["roc_auc"])
     return TrainResult(booster, fitted, result_metrics, holdout, {"train": n_train, "valid": n_valid, "test": n_test})
 

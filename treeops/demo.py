@@ -130,7 +130,7 @@ def _score_and_measure(server: TritonServer, repo: ModelRepository, version: int
     features = load_features(repo.version_dir(MODEL, version))
     raw = load_raw(batch, features.spec.raw_schema).collect()
     booster = mlflow.xgboost.load_model(f"models:/{MODEL}/{version}")
-    x = features.matrix(raw)
+    x = features.matrix_raw(raw)
     with ScoringClient(server.settings.grpc_url, MODEL) as client:
         scores = score_raw(client, features, raw)
         served_diff = float(np.max(np.abs(scores.positive - booster.inplace_predict(x))))
