@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 import logging
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +57,7 @@ class ExportResult:
         }
 
 
-def export_model(
+def export_version(
     model_name: str,
     repository: ModelRepository,
     *,
@@ -62,17 +65,13 @@ def export_model(
     version: int | None = None,
     settings: ExportSettings = ExportSettings(),
 ) -> ExportResult:
-    """Export `model_name@alias` (or `version`) into `repository` after the parity gate passes.
+    """Write `model_name@alias` (or `version`) as a repository version after the parity gate passes.
 
-    The version folder appears complete or not at all; `config.pbtxt` is rewritten to serve the
-    champion. A version already exported from the same MLflow run is left as it is.
+    The version folder appears complete or not at all. A version already exported from the
+    same MLflow run is left as it is. The model's `config.pbtxt` is not touched.
     """
     ref = registry.resolve(model_name, alias=alias, version=version)
     target = get_target(settings.target)
-    with tempfile.TemporaryDirectory(prefix="treeops-export-") as scratch:
-        bundle = registry.load_bundle(ref, Path(scratch))
-    names = [f["name"] for f in bundle.features["features"]]
-    n_features = len(names)
     report: ParityReport | None = None
     present = ref.version in repository.versions(model_name)
     if present:
@@ -83,55 +82,87 @@ def export_model(
                 f"{ref.version} is run {ref.run_id}: the repository belongs to another registry; use another --workspace"
             )
         log.info("version %d of %s is already in the repository", ref.version, model_name)
-    else:
-        holdout = bundle.fitted.matrix(bundle.holdout)
-        rows = np.vstack([holdout, edge_rows(n_features, np.nanmedian(holdout, axis=0) if len(holdout) else np.zeros(0))])
-        with repository.stage_version(model_name, ref.version) as staging:
-            target.write_artifacts(bundle.booster, n_features, staging)
-            scorer = target.scorer(staging)
-            if scorer is not None:
-                report = check_parity(bundle.booster, scorer, rows, tolerance=settings.tolerance, threshold=settings.threshold)
-                write_json(staging / PARITY_FILE, report.to_dict())
-                require(report, f"{settings.target} export of {model_name} version {ref.version}")
-            write_json(staging / FEATURES_FILE, bundle.features)
-            write_json(staging / METADATA_FILE, {
-                "model_name": model_name,
-                "version": ref.version,
-                "run_id": ref.run_id,
-                "target": settings.target,
-                "aliases_at_export": list(ref.aliases),
-                "feature_spec_hash": bundle.features.get("spec_hash"),
-                "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            })
-        if report is not None:
-            _log_parity(ref.run_id, report)
-    served = _served_versions(model_name, repository, ref)
-    n_outputs = 2 if _objective(bundle) == "binary:logistic" else 1
-    champion = served[-1]
-    cfg = target.model_config(
-        model_name, n_features, n_outputs, settings.serving, served,
-        {"champion_version": str(champion), "feature_spec_hash": str(bundle.features.get("spec_hash"))},
-    )
-    repository.write_config(cfg)
+        return ExportResult(model_name, ref.version, ref.aliases, repository.version_dir(model_name, ref.version),
+                            (), None, True)
+    with tempfile.TemporaryDirectory(prefix="treeops-export-") as scratch:
+        bundle = registry.load_bundle(ref, Path(scratch))
+    n_features = len(bundle.fitted.spec.names)
+    holdout = bundle.fitted.matrix(bundle.holdout)
+    rows = np.vstack([holdout, edge_rows(n_features, np.nanmedian(holdout, axis=0) if len(holdout) else np.zeros(0))])
+    with repository.stage_version(model_name, ref.version) as staging:
+        target.write_artifacts(bundle.booster, n_features, staging)
+        scorer = target.scorer(staging)
+        if scorer is not None:
+            report = check_parity(bundle.booster, scorer, rows, tolerance=settings.tolerance, threshold=settings.threshold)
+            write_json(staging / PARITY_FILE, report.to_dict())
+            require(report, f"{settings.target} export of {model_name} version {ref.version}")
+        write_json(staging / FEATURES_FILE, bundle.features)
+        write_json(staging / METADATA_FILE, {
+            "model_name": model_name,
+            "version": ref.version,
+            "run_id": ref.run_id,
+            "target": settings.target,
+            "n_features": n_features,
+            "n_outputs": _n_outputs(bundle),
+            "aliases_at_export": list(ref.aliases),
+            "feature_spec_hash": bundle.features.get("spec_hash"),
+            "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        })
+    if report is not None:
+        _log_parity(ref.run_id, report)
     return ExportResult(model_name, ref.version, ref.aliases, repository.version_dir(model_name, ref.version),
-                        tuple(served), report, present)
+                        (), report, False)
 
 
-def _served_versions(model_name: str, repository: ModelRepository, exported: registry.ModelVersionRef) -> list[int]:
-    """Serve the champion when its folder exists; otherwise the version just exported."""
-    if "champion" in exported.aliases:
-        return [exported.version]
-    try:
-        champion = registry.resolve(model_name, alias="champion")
-    except ExportError:
-        return [exported.version]
-    return [champion.version] if champion.version in repository.versions(model_name) else [exported.version]
+def write_served_config(
+    model_name: str,
+    repository: ModelRepository,
+    served: Sequence[int],
+    aliases: Mapping[str, int],
+    serving: ServingSettings,
+) -> str:
+    """Rewrite `<model>/config.pbtxt` to serve `served` (first = champion); returns the previous text.
+
+    Tensor shapes and the backend come from the champion's folder metadata; the config's
+    parameters name each alias's version so clients can see which model answers.
+    """
+    champion = served[0]
+    meta = repository.metadata(model_name, champion)
+    target = get_target(meta["target"])
+    parameters = {f"{alias}_version": str(v) for alias, v in sorted(aliases.items())}
+    parameters["feature_spec_hash"] = str(meta.get("feature_spec_hash"))
+    cfg = target.model_config(model_name, int(meta["n_features"]), int(meta["n_outputs"]), serving, served, parameters)
+    previous = repository.read_config(model_name) or ""
+    repository.write_config(cfg)
+    return previous
 
 
-def _objective(bundle: registry.ModelBundle) -> str:
-    from export.onnx_convert import objective_of
+def export_model(
+    model_name: str,
+    repository: ModelRepository,
+    *,
+    alias: str | None = "champion",
+    version: int | None = None,
+    settings: ExportSettings = ExportSettings(),
+) -> ExportResult:
+    """`export_version`, then serve the champion (or this version while there is no exported champion)."""
+    result = export_version(model_name, repository, alias=alias, version=version, settings=settings)
+    aliases = registry.aliases(model_name)
+    champion = aliases.get("champion")
+    served = [champion] if champion in repository.versions(model_name) else [result.version]
+    write_served_config(model_name, repository, served, aliases, settings.serving)
+    return dataclasses.replace(result, served_versions=tuple(served))
 
-    return objective_of(bundle.booster)
+
+def _n_outputs(bundle: registry.ModelBundle) -> int:
+    """Output width: 2 probabilities for binary, one per class for multi-class, 1 for regression."""
+    config = json.loads(bundle.booster.save_config())["learner"]
+    objective = config["objective"]["name"]
+    if objective.startswith("binary:"):
+        return 2
+    if objective.startswith("multi:"):
+        return int(config["learner_model_param"]["num_class"])
+    return 1
 
 
 def _log_parity(run_id: str, report: ParityReport) -> None:

@@ -39,6 +39,7 @@ class ModelBundle:
     features: dict[str, Any]
     fitted: FittedFeatures
     holdout: pl.DataFrame  # computed features of the held-out rows + target
+    target: str
 
 
 def resolve(model_name: str, alias: str | None = None, version: int | None = None) -> ModelVersionRef:
@@ -72,6 +73,13 @@ def resolve(model_name: str, alias: str | None = None, version: int | None = Non
     return ModelVersionRef(model_name, version, mv.run_id, mv.source, carried)
 
 
+def aliases(model_name: str) -> dict[str, int]:
+    """Alias -> version of a registered model (read from the model, as version searches omit them)."""
+    from mlflow.tracking import MlflowClient
+
+    return {a: int(v) for a, v in MlflowClient().get_registered_model(model_name).aliases.items()}
+
+
 def load_bundle(ref: ModelVersionRef, scratch: Path) -> ModelBundle:
     """Download the booster, feature spec and holdout of `ref` into `scratch` and load them."""
     import mlflow
@@ -98,4 +106,5 @@ def load_bundle(ref: ModelVersionRef, scratch: Path) -> ModelBundle:
             f"model {ref.name!r} version {ref.version}: the booster takes {n_model} features but its feature spec "
             f"lists {n_spec}; the version was registered with the wrong spec"
         )
-    return ModelBundle(ref, booster, features, fitted, holdout)
+    target = mlflow.get_run(ref.run_id).data.tags.get("target") or holdout.columns[-1]
+    return ModelBundle(ref, booster, features, fitted, holdout, target)

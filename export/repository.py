@@ -81,6 +81,14 @@ class ModelRepository:
         _atomic_write(path, render(cfg))
         return path
 
+    def restore_config(self, name: str, text: str) -> None:
+        """Put back a config text saved earlier (after a failed rollout); empty text removes the config."""
+        path = self.model_dir(name) / CONFIG_FILE
+        if text:
+            _atomic_write(path, text)
+        else:
+            path.unlink(missing_ok=True)
+
     def read_config(self, name: str) -> str | None:
         path = self.model_dir(name) / CONFIG_FILE
         return path.read_text() if path.exists() else None

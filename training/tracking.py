@@ -65,7 +65,8 @@ def log_and_register(result: TrainResult, params: TrainParams, model_name: str, 
                            "early_stopping_rounds": params.early_stopping_rounds, "data_source": data_source})
         mlflow.log_params({f"rows_{k}": v for k, v in result.rows.items()})
         mlflow.log_metrics(result.metrics)
-        mlflow.set_tags({"feature_spec": result.features.spec.name, "feature_spec_hash": result.features.spec_hash()})
+        mlflow.set_tags({"feature_spec": result.features.spec.name, "feature_spec_hash": result.features.spec_hash(),
+                         "target": result.target})
         mlflow.log_dict(result.features.to_dict(), FEATURES_ARTIFACT)
         with tempfile.TemporaryDirectory() as tmp:
             holdout = Path(tmp) / Path(HOLDOUT_ARTIFACT).name

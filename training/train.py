@@ -54,6 +54,7 @@ class TrainResult:
     """What training produced: the trimmed booster, its features, test metrics and holdout rows."""
 
     booster: xgb.Booster
+    target: str
     features: FittedFeatures
     metrics: dict[str, float]
     holdout: pl.DataFrame  # computed (not yet encoded) features of the test rows + target
@@ -98,7 +99,7 @@ def train_classifier(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: 
     result_metrics["best_iteration"] = float(best)
     holdout = computed.slice(n_train + n_valid).with_columns(pl.Series(target, y[sl_test]))
     log.info("trained %d trees; test ROC AUC %.4f", best + 1, result_metrics["roc_auc"])
-    return TrainResult(booster, fitted, result_metrics, holdout, {"train": n_train, "valid": n_valid, "test": n_test})
+    return TrainResult(booster, target, fitted, result_metrics, holdout, {"train": n_train, "valid": n_valid, "test": n_test})
 
 
 def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:

@@ -1,0 +1,170 @@
+"""Gated promotion and rollback of the `champion` alias, with an append-only audit trail."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export import registry
+from export.errors import ExportError
+from export.pipeline import ExportSettings, export_model
+from export.repository import ModelRepository
+from training.tracking import CHALLENGER, CHAMPION
+from training.train import classification_metrics
+
+log = logging.getLogger(__name__)
+
+HISTORY_TAG = "treeops.champion_history"
+#: Metrics where a larger value is better; the others (log_loss, brier) are better when smaller.
+HIGHER_IS_BETTER = {"roc_auc", "pr_auc", "precision", "recall"}
+
+
+class PromotionRefused(ExportError):
+    """The challenger did not earn promotion; nothing in the registry changed."""
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    """One promotion or rollback, as written to model-version tags and the audit log."""
+
+    event: str
+    model_name: str
+    from_version: int | None
+    to_version: int
+    actor: str
+    at: str
+    reason: str
+    forced: bool = False
+    metric: str | None = None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class AuditLog:
+    """Append-only JSON-lines file of registry events."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, event: RegistryEvent) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(event.to_dict(), sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def compare_on_holdout(model_name: str, champion: int, challenger: int) -> dict[str, dict[str, float]]:
+    """Score both versions on the challenger's held-out rows; returns metrics per role."""
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="treeops-promote-") as scratch:
+        chall = registry.load_bundle(registry.resolve(model_name, version=challenger), Path(scratch) / "c")
+        champ = registry.load_bundle(registry.resolve(model_name, version=champion), Path(scratch) / "p")
+    target = chall.target
+    y = chall.holdout[target].cast(float).to_numpy()
+    for role, bundle in ((CHAMPION, champ), (CHALLENGER, chall)):
+        p = np.asarray(bundle.booster.inplace_predict(bundle.fitted.matrix(chall.holdout)))
+        out[role] = classification_metrics(y, p.reshape(len(y), -1)[:, -1], 0.5)
+    return out
+
+
+def promote(
+    model_name: str,
+    repository: ModelRepository,
+    audit: AuditLog,
+    *,
+    metric: str = "roc_auc",
+    margin: float = 0.0,
+    force: bool = False,
+    reason: str = "",
+    settings: ExportSettings = ExportSettings(),
+) -> RegistryEvent:
+    """Move `challenger` to `champion` if it beats the champion by `margin` on `metric` and passes parity.
+
+    The challenger is exported through the parity gate first (a version that cannot be served
+    is never promoted, `force` or not). `force` skips only the metric comparison and is recorded.
+    """
+    from mlflow.tracking import MlflowClient
+
+    challenger = registry.resolve(model_name, alias=CHALLENGER)
+    champion = registry.resolve(model_name, alias=CHAMPION)
+    export_model(model_name, repository, version=challenger.version, settings=settings)
+    metrics = compare_on_holdout(model_name, champion.version, challenger.version)
+    if metric not in metrics[CHAMPION]:
+        raise ExportError(f"unknown metric {metric!r}; choose one of {sorted(metrics[CHAMPION])}")
+    old, new = metrics[CHAMPION][metric], metrics[CHALLENGER][metric]
+    gain = new - old if metric in HIGHER_IS_BETTER else old - new
+    if gain < margin and not force:
+        raise PromotionRefused(
+            f"challenger version {challenger.version} does not beat champion version {champion.version} on {metric}: "
+            f"{new:.5f} vs {old:.5f} (needs an improvement of at least {margin}); use --force to override, "
+            "which is recorded"
+        )
+    event = RegistryEvent("promote", model_name, champion.version, challenger.version, _actor(), _now(),
+                          reason or f"{metric} {old:.5f} -> {new:.5f}", force and gain < margin, metric, metrics)
+    client = MlflowClient()
+    history = _history(client, model_name) + [champion.version]
+    client.set_registered_model_alias(model_name, CHAMPION, str(challenger.version))
+    client.delete_registered_model_alias(model_name, CHALLENGER)
+    client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(history))
+    _record(client, audit, event)
+    log.info("promoted %s version %d to champion (was %d)", model_name, challenger.version, champion.version)
+    return event
+
+
+def rollback(model_name: str, audit: AuditLog, *, reason: str = "") -> RegistryEvent:
+    """Point `champion` back at the previous champion recorded by `promote`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    champion = registry.resolve(model_name, alias=CHAMPION)
+    history = _history(client, model_name)
+    if not history:
+        raise ExportError(f"model {model_name!r} has no previous champion to roll back to (no promotion recorded)")
+    previous = history.pop()
+    registry.resolve(model_name, version=previous)  # still registered?
+    event = RegistryEvent("rollback", model_name, champion.version, previous, _actor(), _now(),
+                          reason or f"rollback from version {champion.version}")
+    client.set_registered_model_alias(model_name, CHAMPION, str(previous))
+    client.set_registered_model_tag(model_name, HISTORY_TAG, json.dumps(history))
+    _record(client, audit, event)
+    log.info("rolled %s champion back from version %d to %d", model_name, champion.version, previous)
+    return event
+
+
+def _history(client: Any, model_name: str) -> list[int]:
+    tags = client.get_registered_model(model_name).tags
+    return [int(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
+
+
+def _record(client: Any, audit: AuditLog, event: RegistryEvent) -> None:
+    audit.append(event)
+    client.set_model_version_tag(event.model_name, str(event.to_version), f"treeops.{event.event}",
+                                 json.dumps({k: v for k, v in event.to_dict().items() if k != "metrics"}))
+    if event.metrics:
+        client.set_model_version_tag(event.model_name, str(event.to_version), "treeops.compared_metrics",
+                                     json.dumps(event.metrics))
+
+
+def _actor() -> str:
+    return os.environ.get("TREEOPS_ACTOR") or getpass.getuser()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
