@@ -48,13 +48,7 @@ def resolve(model_name: str, alias: str | None = None, version: int | None = Non
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    try:
-        model = client.get_registered_model(model_name)
-    except MlflowException as exc:
-        names = [m.name for m in client.search_registered_models()]
-        raise ModelNotFoundError(
-            f"no registered model {model_name!r}; registered models: {names or 'none (run `treeops train` first)'}"
-        ) from exc
+    model = _registered_model(model_name)
     aliases = dict(model.aliases)
     if version is None:
         alias = alias or "champion"
@@ -75,9 +69,38 @@ def resolve(model_name: str, alias: str | None = None, version: int | None = Non
 
 def aliases(model_name: str) -> dict[str, int]:
     """Alias -> version of a registered model (read from the model, as version searches omit them)."""
+    return {a: int(v) for a, v in _registered_model(model_name).aliases.items()}
+
+
+def _registered_model(model_name: str) -> Any:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    return {a: int(v) for a, v in MlflowClient().get_registered_model(model_name).aliases.items()}
+    client = MlflowClient()
+    try:
+        return client.get_registered_model(model_name)
+    except MlflowException as exc:
+        names = [m.name for m in client.search_registered_models()]
+        raise ModelNotFoundError(
+            f"no registered model {model_name!r}; registered models: {names or 'none (run `treeops train` first)'}"
+        ) from exc
+
+
+def list_versions(model_name: str) -> list[dict[str, Any]]:
+    """Every registered version, newest first, with aliases and the run's test metrics."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    by_version: dict[int, list[str]] = {}
+    for alias, version in aliases(model_name).items():
+        by_version.setdefault(version, []).append(alias)
+    rows = []
+    for mv in sorted(client.search_model_versions(f"name='{model_name}'"), key=lambda m: -int(m.version)):
+        run = mlflow.get_run(mv.run_id)
+        rows.append({"version": int(mv.version), "aliases": sorted(by_version.get(int(mv.version), [])),
+                     "run_id": mv.run_id, "metrics": dict(run.data.metrics), "created": mv.creation_timestamp})
+    return rows
 
 
 def load_bundle(ref: ModelVersionRef, scratch: Path) -> ModelBundle:

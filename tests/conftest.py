@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,3 +62,19 @@ def triton(trained: TrainedWorkspace) -> Iterator[TritonServer]:
         server.stop()
         leftover = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.strip()
         assert not leftover, f"tritonserver left processes behind: {leftover}"
+
+
+TREEOPS = str(Path(sys.executable).parent / "treeops")
+
+
+def run_treeops(*args: str, workspace: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the installed `treeops` command in `workspace` (embedded MLflow, whatever the environment says)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([TREEOPS, *args, "--workspace", str(workspace)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def treeops() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """The `treeops` CLI as a user runs it: `treeops("train", "--data", f, workspace=ws)`."""
+    return run_treeops

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
@@ -15,14 +12,8 @@ import pytest
 from server.launcher import free_port
 from training.generate import GenerateSpec, generate_transactions
 
-TREEOPS = [str(Path(sys.executable).parent / "treeops")]
-COMMANDS = ["demo", "generate", "train", "export", "serve", "score", "loadtest", "drift"]
-
-
-def treeops(*args: str, workspace: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([*TREEOPS, *args, "--workspace", str(workspace)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+COMMANDS = ["demo", "generate", "train", "validate", "export", "sync", "promote", "rollback", "models", "serve",
+            "score", "loadtest", "drift"]
 
 
 def _registered_models(workspace: Path) -> list[str]:
@@ -39,13 +30,13 @@ def _registered_models(workspace: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help(command, tmp_path):
-    out = subprocess.run([*TREEOPS, command, "--help"], capture_output=True, text=True, timeout=120)
+def test_every_command_has_help(command, tmp_path, treeops):
+    out = treeops(command, "--help", workspace=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "--workspace" in out.stdout
 
 
-def test_train_on_missing_file_fails_cleanly(tmp_path):
+def test_train_on_missing_file_fails_cleanly(tmp_path, treeops):
     out = treeops("train", "--data", str(tmp_path / "missing.csv"), workspace=tmp_path)
     assert out.returncode == 1
     assert "missing.csv does not exist" in out.stderr
@@ -53,7 +44,7 @@ def test_train_on_missing_file_fails_cleanly(tmp_path):
     assert _registered_models(tmp_path) == []
 
 
-def test_train_on_bad_column_registers_nothing(tmp_path):
+def test_train_on_bad_column_registers_nothing(tmp_path, treeops):
     data = tmp_path / "bad.parquet"
     generate_transactions(GenerateSpec(rows=500, seed=2)).drop("country").write_parquet(data)
     out = treeops("train", "--data", str(data), workspace=tmp_path)
@@ -62,7 +53,7 @@ def test_train_on_bad_column_registers_nothing(tmp_path):
     assert _registered_models(tmp_path) == []
 
 
-def test_train_with_one_class_target_registers_nothing(tmp_path):
+def test_train_with_one_class_target_registers_nothing(tmp_path, treeops):
     data = tmp_path / "one.parquet"
     generate_transactions(GenerateSpec(rows=500, seed=2)).with_columns(is_fraud=pl.lit(0)).write_parquet(data)
     out = treeops("train", "--data", str(data), workspace=tmp_path)
@@ -71,13 +62,13 @@ def test_train_with_one_class_target_registers_nothing(tmp_path):
     assert _registered_models(tmp_path) == []
 
 
-def test_export_of_unknown_model_lists_what_exists(trained):
+def test_export_of_unknown_model_lists_what_exists(trained, treeops):
     out = treeops("export", "--model-name", "nope", workspace=trained.ws.root)
     assert out.returncode == 1
     assert "no registered model 'nope'; registered models: ['fraud']" in out.stderr
 
 
-def test_serve_on_a_taken_port_says_how_to_fix(tmp_path):
+def test_serve_on_a_taken_port_says_how_to_fix(tmp_path, treeops):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
@@ -88,13 +79,13 @@ def test_serve_on_a_taken_port_says_how_to_fix(tmp_path):
     assert f"gRPC port {port}" in out.stderr and "--grpc-port" in out.stderr
 
 
-def test_invalid_setting_is_reported_without_traceback(tmp_path):
+def test_invalid_setting_is_reported_without_traceback(tmp_path, treeops):
     out = treeops("serve", "--http-port", "0", workspace=tmp_path)
     assert out.returncode == 2
     assert "invalid setting: http_port" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_generate_and_drift_exit_codes(tmp_path):
+def test_generate_and_drift_exit_codes(tmp_path, treeops):
     for name, drift in (("train", "0"), ("current", "0"), ("shifted", "1")):
         seed = {"train": "1", "current": "2", "shifted": "3"}[name]
         out = treeops("generate", "--rows", "20000", "--seed", seed, "--drift", drift,

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.contract import ContractReport
+
 
 class TrainingError(Exception):
     """Base class for every training failure the CLI reports without a traceback."""
@@ -13,3 +18,11 @@ class DataError(TrainingError):
 
 class TrackingError(TrainingError):
     """MLflow tracking or registration failed."""
+
+
+class ContractViolationError(DataError):
+    """The input data breaks error-level rules of its data contract; `report` lists every failed rule."""
+
+    def __init__(self, report: ContractReport) -> None:
+        self.report = report
+        super().__init__(f"{report.summary()}; fix the data (`treeops validate --data {report.source}` shows examples)")

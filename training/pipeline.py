@@ -47,5 +47,6 @@ def train_and_register(
     raw = load_raw(data, spec.raw_schema, (target,))
     result = train_classifier(raw, spec, target, params)
     tracking.configure(tracking_uri, artifact_root)
-    registered = tracking.log_and_register(result, params, model_name, str(data))
+    sample = raw.head(1000).collect()
+    registered = tracking.log_and_register(result, params, model_name, str(data), sample)
     return TrainOutcome(registered, result.metrics, result.rows)

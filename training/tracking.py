@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import polars as pl
 
 from training.errors import TrackingError
 from training.train import TrainParams, TrainResult
@@ -49,7 +54,9 @@ def configure(tracking_uri: str, artifact_root: Path | None) -> str:
     return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
 
 
-def log_and_register(result: TrainResult, params: TrainParams, model_name: str, data_source: str) -> RegisteredModel:
+def log_and_register(
+    result: TrainResult, params: TrainParams, model_name: str, data_source: str, data_sample: pl.DataFrame | None = None
+) -> RegisteredModel:
     """Log params, metrics, feature spec, holdout and model in one run; register and alias it.
 
     The first version of a model becomes `champion`; later ones become `challenger`. A failure
@@ -64,6 +71,10 @@ def log_and_register(result: TrainResult, params: TrainParams, model_name: str, 
         mlflow.log_params({**params.booster_params(), "num_boost_round": params.num_boost_round,
                            "early_stopping_rounds": params.early_stopping_rounds, "data_source": data_source})
         mlflow.log_params({f"rows_{k}": v for k, v in result.rows.items()})
+        if data_sample is not None:
+            mlflow.log_input(mlflow.data.from_polars(data_sample, source=data_source, digest=file_digest(data_source),
+                                                     name=Path(data_source).name, targets=result.target),
+                             context="training")
         mlflow.log_metrics(result.metrics)
         mlflow.set_tags({"feature_spec": result.features.spec.name, "feature_spec_hash": result.features.spec_hash(),
                          "target": result.target})
@@ -72,6 +83,7 @@ def log_and_register(result: TrainResult, params: TrainParams, model_name: str, 
             holdout = Path(tmp) / Path(HOLDOUT_ARTIFACT).name
             result.holdout.write_parquet(holdout)
             mlflow.log_artifact(str(holdout), Path(HOLDOUT_ARTIFACT).parent.as_posix())
+        _log_lineage(result)
         info = mlflow.xgboost.log_model(result.booster, name=MODEL_ARTIFACT, model_format="json")
         run_id = run.info.run_id
     try:
@@ -85,3 +97,52 @@ def log_and_register(result: TrainResult, params: TrainParams, model_name: str, 
     log.info("registered %s version %d as %s (run %s)", model_name, version, alias, run_id)
     return RegisteredModel(model_name, version, alias, run_id, f"models:/{model_name}/{version}")
 
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a local file's bytes (first 16 hex digits), streamed; the dataset's identity."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _log_lineage(result: TrainResult) -> None:
+    """Git commit, package versions and the figures of the run."""
+    import mlflow
+    import matplotlib.pyplot as plt
+
+    from training.plots import classifier_figures
+
+    mlflow.set_tag("git_commit", _git_commit())
+    mlflow.log_dict(_package_versions(), "environment/packages.json")
+    y = result.holdout[result.target].to_numpy()
+    for name, fig in classifier_figures(y, result.test_predictions, result.booster).items():
+        mlflow.log_figure(fig, f"plots/{name}")
+        plt.close(fig)
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    names = ("xgboost", "polars", "numpy", "onnxmltools", "onnxruntime", "mlflow", "scikit-learn", "nvidia-pytriton")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["python"] = sys.version.split()[0]
+    return versions

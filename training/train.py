@@ -58,6 +58,7 @@ class TrainResult:
     features: FittedFeatures
     metrics: dict[str, float]
     holdout: pl.DataFrame  # computed (not yet encoded) features of the test rows + target
+    test_predictions: np.ndarray  # positive-class probability of each holdout row
     rows: dict[str, int] = field(default_factory=dict)
 
 
@@ -99,7 +100,7 @@ def train_classifier(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: 
     result_metrics["best_iteration"] = float(best)
     holdout = computed.slice(n_train + n_valid).with_columns(pl.Series(target, y[sl_test]))
     log.info("trained %d trees; test ROC AUC %.4f", best + 1, result_metrics["roc_auc"])
-    return TrainResult(booster, target, fitted, result_metrics, holdout, {"train": n_train, "valid": n_valid, "test": n_test})
+    return TrainResult(booster, target, fitted, result_metrics, holdout, p_test, {"train": n_train, "valid": n_valid, "test": n_test})
 
 
 def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:

@@ -222,6 +222,129 @@ def drift(
         raise typer.Exit(EXIT_DRIFT)
 
 
+TritonUrlOpt = Annotated[
+    str | None, typer.Option("--triton-url", help="gRPC address of a running Triton to switch live (explicit mode)")
+]
+RetainOpt = Annotated[int, typer.Option("--retain", min=0, help="exported versions without an alias kept on disk")]
+
+
+def _model_control(url: str | None):
+    if not url:
+        return None
+    from server.admin import AdminClient
+    from server.settings import TritonSettings
+
+    key = TritonSettings().admin_key
+    return AdminClient(url, admin_key=key.get_secret_value() if key else None)
+
+
+def _rollout(ws: Workspace, model_name: str, triton_url: str | None, retain: int):
+    import mlflow
+
+    from export.repository import ModelRepository
+    from export.sync import SyncSettings
+    from server.rollout import rollout
+
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    return rollout(model_name, ModelRepository(ws.model_repository), _model_control(triton_url),
+                   SyncSettings(retain_versions=retain))
+
+
+@app.command()
+def sync(
+    model_name: ModelOpt = "fraud",
+    triton_url: TritonUrlOpt = None,
+    retain: RetainOpt = 2,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make the Triton repository mirror the registry (aliases exported, champion served); idempotent."""
+    ws = Workspace.resolve(workspace)
+    result = _rollout(ws, model_name, triton_url, retain)
+    _emit(as_json, result.to_dict(), [
+        f"{model_name}: serving {list(result.served)}; aliases {result.aliases}; exported {list(result.exported)}; "
+        f"pruned {list(result.pruned)}" + ("; Triton switched" if triton_url else ""),
+    ])
+
+
+@app.command()
+def promote(
+    model_name: ModelOpt = "fraud",
+    metric: Annotated[str, typer.Option(help="holdout metric compared")] = "roc_auc",
+    margin: Annotated[float, typer.Option(help="minimum improvement of the challenger")] = 0.0,
+    force: Annotated[bool, typer.Option(help="promote even without the improvement (recorded)")] = False,
+    reason: Annotated[str, typer.Option(help="why, for the audit log")] = "",
+    triton_url: TritonUrlOpt = None,
+    retain: RetainOpt = 2,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move `challenger` to `champion` if it beats it on the holdout and passes parity; then sync."""
+    import mlflow
+
+    from export.promotion import AuditLog, promote as promote_version
+    from export.repository import ModelRepository
+
+    ws = Workspace.resolve(workspace)
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    event = promote_version(model_name, ModelRepository(ws.model_repository), AuditLog(ws.audit_log), metric=metric,
+                            margin=margin, force=force, reason=reason)
+    result = _rollout(ws, model_name, triton_url, retain)
+    m = event.metrics
+    _emit(as_json, {"event": event.to_dict(), "sync": result.to_dict()}, [
+        f"promoted {model_name} version {event.to_version} to champion (was {event.from_version})"
+        + (" [forced]" if event.forced else ""),
+        f"{metric}: champion {m['champion'][metric]:.5f} -> challenger {m['challenger'][metric]:.5f}",
+        f"serving {list(result.served)}",
+    ])
+
+
+@app.command()
+def rollback(
+    model_name: ModelOpt = "fraud",
+    reason: Annotated[str, typer.Option(help="why, for the audit log")] = "",
+    triton_url: TritonUrlOpt = None,
+    retain: RetainOpt = 2,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Point `champion` back at the previous champion; then sync."""
+    import mlflow
+
+    from export.promotion import AuditLog, rollback as rollback_version
+
+    ws = Workspace.resolve(workspace)
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    event = rollback_version(model_name, AuditLog(ws.audit_log), reason=reason)
+    result = _rollout(ws, model_name, triton_url, retain)
+    _emit(as_json, {"event": event.to_dict(), "sync": result.to_dict()}, [
+        f"rolled {model_name} champion back from version {event.from_version} to {event.to_version}",
+        f"serving {list(result.served)}",
+    ])
+
+
+@app.command()
+def models(
+    model_name: ModelOpt = "fraud",
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List registered versions with their aliases and key metrics."""
+    import mlflow
+
+    from export.registry import list_versions
+
+    ws = Workspace.resolve(workspace)
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    rows = list_versions(model_name)
+    lines = [f"{'version':>7}  {'aliases':<22} {'roc_auc':>8} {'pr_auc':>8} {'log_loss':>9}  run"]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"{r['version']:>7}  {','.join(r['aliases']) or '-':<22} {m.get('roc_auc', float('nan')):>8.4f} "
+                     f"{m.get('pr_auc', float('nan')):>8.4f} {m.get('log_loss', float('nan')):>9.4f}  {r['run_id']}")
+    _emit(as_json, {"model_name": model_name, "versions": rows}, lines)
+
+
 @app.command()
 def demo(
     rows: Annotated[int, typer.Option(help="training rows to generate", min=1000)] = 200_000,

@@ -47,6 +47,11 @@ class Workspace:
         return self.root / ".triton"
 
     @property
+    def audit_log(self) -> Path:
+        """Append-only log of promotions and rollbacks."""
+        return self.root / "audit" / "registry.jsonl"
+
+    @property
     def mlflow_artifacts(self) -> Path:
         return self.root / "mlartifacts"
 
