@@ -30,7 +30,6 @@ class ExportSettings:
     target: str = "python-onnx"
     serving: ServingSettings = field(default_factory=ServingSettings)
     tolerance: float = 1e-5
-    threshold: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,8 @@ def export_version(
         target.write_artifacts(bundle.booster, n_features, staging)
         scorer = target.scorer(staging)
         if scorer is not None:
-            report = check_parity(bundle.booster, scorer, rows, tolerance=settings.tolerance, threshold=settings.threshold)
+            report = check_parity(bundle.booster, scorer, rows, tolerance=settings.tolerance,
+                                  threshold=bundle.objective.threshold)
             write_json(staging / PARITY_FILE, report.to_dict())
             require(report, f"{settings.target} export of {model_name} version {ref.version}")
         write_json(staging / FEATURES_FILE, bundle.features)
@@ -103,7 +103,8 @@ def export_version(
             "run_id": ref.run_id,
             "target": settings.target,
             "n_features": n_features,
-            "n_outputs": _n_outputs(bundle),
+            "n_outputs": bundle.objective.n_outputs,
+            "objective": bundle.objective.to_dict(),
             "aliases_at_export": list(ref.aliases),
             "feature_spec_hash": bundle.features.get("spec_hash"),
             "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -152,17 +153,6 @@ def export_model(
     served = [champion] if champion in repository.versions(model_name) else [result.version]
     write_served_config(model_name, repository, served, aliases, settings.serving)
     return dataclasses.replace(result, served_versions=tuple(served))
-
-
-def _n_outputs(bundle: registry.ModelBundle) -> int:
-    """Output width: 2 probabilities for binary, one per class for multi-class, 1 for regression."""
-    config = json.loads(bundle.booster.save_config())["learner"]
-    objective = config["objective"]["name"]
-    if objective.startswith("binary:"):
-        return 2
-    if objective.startswith("multi:"):
-        return int(config["learner_model_param"]["num_class"])
-    return 1
 
 
 def _log_parity(run_id: str, report: ParityReport) -> None:

@@ -19,13 +19,11 @@ from export.errors import ExportError
 from export.pipeline import ExportSettings, export_model
 from export.repository import ModelRepository
 from training.tracking import CHALLENGER, CHAMPION
-from training.train import classification_metrics
+from training.objectives import LOWER_IS_BETTER
 
 log = logging.getLogger(__name__)
 
 HISTORY_TAG = "treeops.champion_history"
-#: Metrics where a larger value is better; the others (log_loss, brier) are better when smaller.
-HIGHER_IS_BETTER = {"roc_auc", "pr_auc", "precision", "recall"}
 
 
 class PromotionRefused(ExportError):
@@ -76,11 +74,13 @@ def compare_on_holdout(model_name: str, champion: int, challenger: int) -> dict[
     with tempfile.TemporaryDirectory(prefix="treeops-promote-") as scratch:
         chall = registry.load_bundle(registry.resolve(model_name, version=challenger), Path(scratch) / "c")
         champ = registry.load_bundle(registry.resolve(model_name, version=champion), Path(scratch) / "p")
-    target = chall.target
-    y = chall.holdout[target].cast(float).to_numpy()
+    if champ.objective.kind != chall.objective.kind or champ.objective.classes != chall.objective.classes:
+        raise ExportError(f"versions {champion} and {challenger} of {model_name!r} predict different things "
+                          f"({champ.objective.to_dict()} vs {chall.objective.to_dict()}); they cannot be compared")
+    y = chall.objective.encode_labels(chall.holdout[chall.target])
     for role, bundle in ((CHAMPION, champ), (CHALLENGER, chall)):
-        p = np.asarray(bundle.booster.inplace_predict(bundle.fitted.matrix(chall.holdout)))
-        out[role] = classification_metrics(y, p.reshape(len(y), -1)[:, -1], 0.5)
+        pred = np.asarray(bundle.booster.inplace_predict(bundle.fitted.matrix(chall.holdout)))
+        out[role] = bundle.objective.metrics(y, pred)
     return out
 
 
@@ -89,13 +89,15 @@ def promote(
     repository: ModelRepository,
     audit: AuditLog,
     *,
-    metric: str = "roc_auc",
+    metric: str | None = None,
     margin: float = 0.0,
     force: bool = False,
     reason: str = "",
     settings: ExportSettings = ExportSettings(),
 ) -> RegistryEvent:
     """Move `challenger` to `champion` if it beats the champion by `margin` on `metric` and passes parity.
+
+    `metric` defaults to ROC AUC for classifiers and RMSE for regression.
 
     The challenger is exported through the parity gate first (a version that cannot be served
     is never promoted, `force` or not). `force` skips only the metric comparison and is recorded.
@@ -106,10 +108,11 @@ def promote(
     champion = registry.resolve(model_name, alias=CHAMPION)
     export_model(model_name, repository, version=challenger.version, settings=settings)
     metrics = compare_on_holdout(model_name, champion.version, challenger.version)
+    metric = metric or _primary_metric(metrics)
     if metric not in metrics[CHAMPION]:
         raise ExportError(f"unknown metric {metric!r}; choose one of {sorted(metrics[CHAMPION])}")
     old, new = metrics[CHAMPION][metric], metrics[CHALLENGER][metric]
-    gain = new - old if metric in HIGHER_IS_BETTER else old - new
+    gain = old - new if metric in LOWER_IS_BETTER else new - old
     if gain < margin and not force:
         raise PromotionRefused(
             f"challenger version {challenger.version} does not beat champion version {champion.version} on {metric}: "
@@ -146,6 +149,11 @@ def rollback(model_name: str, audit: AuditLog, *, reason: str = "") -> RegistryE
     _record(client, audit, event)
     log.info("rolled %s champion back from version %d to %d", model_name, champion.version, previous)
     return event
+
+
+def _primary_metric(metrics: dict[str, dict[str, float]]) -> str:
+    names = metrics[CHAMPION]
+    return next(m for m in ("roc_auc", "rmse", "log_loss") if m in names)
 
 
 def _history(client: Any, model_name: str) -> list[int]:

@@ -14,6 +14,7 @@ import xgboost as xgb
 from export.errors import ExportError, ModelNotFoundError
 from training.errors import DataError
 from training.features import FittedFeatures, load_fitted
+from training.objectives import Objective
 from training.tracking import FEATURES_ARTIFACT, HOLDOUT_ARTIFACT
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class ModelBundle:
     fitted: FittedFeatures
     holdout: pl.DataFrame  # computed features of the held-out rows + target
     target: str
+    objective: Objective
 
 
 def resolve(model_name: str, alias: str | None = None, version: int | None = None) -> ModelVersionRef:
@@ -114,8 +116,10 @@ def load_bundle(ref: ModelVersionRef, scratch: Path) -> ModelBundle:
         hold_path = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=HOLDOUT_ARTIFACT, dst_path=str(scratch))
         features = json.loads(Path(feat_path).read_text())
         fitted = load_fitted(features)
+        _ = features["target"], features["objective"]
         holdout = pl.read_parquet(hold_path)
-    except (MlflowException, OSError, ValueError, xgb.core.XGBoostError, pl.exceptions.PolarsError, DataError) as exc:
+    except (MlflowException, OSError, ValueError, xgb.core.XGBoostError, pl.exceptions.PolarsError, DataError,
+            KeyError) as exc:
         raise ExportError(
             f"model {ref.name!r} version {ref.version} (run {ref.run_id}) has missing or corrupt artifacts: {exc}; "
             "retrain it or delete the version from the registry"
@@ -129,5 +133,4 @@ def load_bundle(ref: ModelVersionRef, scratch: Path) -> ModelBundle:
             f"model {ref.name!r} version {ref.version}: the booster takes {n_model} features but its feature spec "
             f"lists {n_spec}; the version was registered with the wrong spec"
         )
-    target = mlflow.get_run(ref.run_id).data.tags.get("target") or holdout.columns[-1]
-    return ModelBundle(ref, booster, features, fitted, holdout, target)
+    return ModelBundle(ref, booster, features, fitted, holdout, features["target"], Objective.from_dict(features["objective"]))

@@ -183,11 +183,43 @@ FRAUD_FEATURES = FeatureSpec(
 
 #: Feature specs by name, as stored in each model version's `feature_spec.json`.
 SPECS: dict[str, FeatureSpec] = {FRAUD_FEATURES.name: FRAUD_FEATURES}
+COLUMNS_SPEC = "columns"
+
+
+def columns_spec(schema: Mapping[str, pl.DataType], exclude: Sequence[str] = ()) -> FeatureSpec:
+    """Every column of a table as a feature: numbers and booleans as they are, text and categories
+    through a vocabulary, dates and times as epoch seconds. Names may hold spaces or punctuation."""
+    features = []
+    raw: dict[str, pl.DataType] = {}
+    for name, dtype in schema.items():
+        if name in exclude:
+            continue
+        if dtype.is_numeric() or dtype == pl.Boolean:
+            features.append(Feature(name, pl.col(name).cast(pl.Float64), f"column {name!r}"))
+            raw[name] = pl.Float64()
+        elif dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum):
+            features.append(Feature(name, pl.col(name).cast(pl.String), f"column {name!r}", categorical=True))
+            raw[name] = pl.String()
+        elif dtype.is_temporal():
+            features.append(Feature(name, pl.col(name).cast(pl.Datetime("us")).dt.epoch("s"), f"{name!r} as epoch seconds"))
+            raw[name] = pl.Datetime("us")
+        else:
+            raise DataError(f"column {name!r} has type {dtype}, which cannot be a feature; drop it or cast it")
+    if not features:
+        raise DataError("the data has no feature columns besides the target")
+    return FeatureSpec(COLUMNS_SPEC, raw, tuple(features))
 
 
 def load_fitted(data: Mapping[str, Any]) -> FittedFeatures:
     """Rebuild the fitted features stored with a model version (see `FittedFeatures.to_dict`)."""
-    spec = SPECS.get(str(data.get("spec")))
+    name = str(data.get("spec"))
+    if name == COLUMNS_SPEC:
+        schema = {k: _DTYPES[v] for k, v in data["raw_schema"].items()}
+        return FittedFeatures.from_dict(columns_spec(schema), data)
+    spec = SPECS.get(name)
     if spec is None:
-        raise DataError(f"unknown feature spec {data.get('spec')!r}; this treeops knows {sorted(SPECS)}")
+        raise DataError(f"unknown feature spec {name!r}; this treeops knows {sorted(SPECS) + [COLUMNS_SPEC]}")
     return FittedFeatures.from_dict(spec, data)
+
+
+_DTYPES: dict[str, pl.DataType] = {str(d): d for d in (pl.Float64(), pl.String(), pl.Datetime("us"))}

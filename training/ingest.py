@@ -16,7 +16,9 @@ SUPPORTED_SUFFIXES = (".csv", ".parquet")
 
 
 def scan_table(path: Path | str) -> pl.LazyFrame:
-    """Open a local CSV or Parquet file lazily; fail clearly when it is missing or unsupported."""
+    """Open a CSV or Parquet file (local, or `s3://` through Polars' object store) lazily; fail clearly."""
+    if str(path).startswith("s3://"):
+        return _scan_remote(str(path))
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist; generate one with `treeops generate --out {path}`")
@@ -35,13 +37,27 @@ def scan_table(path: Path | str) -> pl.LazyFrame:
     return lf
 
 
+def _scan_remote(url: str) -> pl.LazyFrame:
+    suffix = Path(url).suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise DataError(f"data file {url}: expected a {' or '.join(SUPPORTED_SUFFIXES)} file")
+    try:
+        lf = pl.scan_csv(url) if suffix == ".csv" else pl.scan_parquet(url)
+        lf.collect_schema()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataError(
+            f"cannot read {url}: {exc}; check the bucket and key, and the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+            "AWS_REGION (or AWS_ENDPOINT_URL) environment variables"
+        ) from exc
+    return lf
+
+
 def load_raw(path: Path | str, schema: Mapping[str, pl.DataType], extra: tuple[str, ...] = ()) -> pl.LazyFrame:
     """Scan `path` and cast it to `schema` (+ `extra` columns kept as they are).
 
     Raises DataError naming the file and column when a column is missing, a numeric column
     holds text, or a timestamp does not parse; an empty table is refused too.
     """
-    path = Path(path)
     lf = scan_table(path)
     have = lf.collect_schema()
     missing = [c for c in (*schema, *extra) if c not in have]

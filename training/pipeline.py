@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training import tracking
-from training.features import FRAUD_FEATURES, FeatureSpec
-from training.ingest import load_raw
-from training.train import TrainParams, train_classifier
+from training.errors import DataError
+from training.features import COLUMNS_SPEC, SPECS, FeatureSpec, columns_spec
+from training.ingest import load_raw, scan_table
+from training.train import TrainParams, train_model
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +34,35 @@ class TrainOutcome:
         }
 
 
+def choose_spec(data: Path | str, target: str, requested: str = "auto") -> FeatureSpec:
+    """`auto`: a named spec whose raw columns the file has (e.g. card transactions), else every column."""
+    schema = scan_table(data).collect_schema()
+    if target not in schema:
+        raise DataError(f"target column {target!r} is not in {data}; columns: {list(schema)}")
+    if requested == "auto":
+        fits = [s for s in SPECS.values() if set(s.raw_schema) <= set(schema)]
+        return fits[0] if fits else columns_spec(schema, exclude=[target])
+    if requested == COLUMNS_SPEC:
+        return columns_spec(schema, exclude=[target])
+    if requested not in SPECS:
+        raise DataError(f"unknown feature spec {requested!r}; choose auto, {COLUMNS_SPEC} or one of {sorted(SPECS)}")
+    return SPECS[requested]
+
+
 def train_and_register(
-    data: Path,
+    data: Path | str,
     target: str,
     model_name: str,
     *,
     params: TrainParams = TrainParams(),
-    spec: FeatureSpec = FRAUD_FEATURES,
+    features: str = "auto",
     tracking_uri: str,
     artifact_root: Path | None,
 ) -> TrainOutcome:
     """Validate `data`, train, then log and register; bad data stops before MLflow is touched."""
+    spec = choose_spec(data, target, features)
     raw = load_raw(data, spec.raw_schema, (target,))
-    result = train_classifier(raw, spec, target, params)
+    result = train_model(raw, spec, target, params)
     tracking.configure(tracking_uri, artifact_root)
     sample = raw.head(1000).collect()
     registered = tracking.log_and_register(result, params, model_name, str(data), sample)

@@ -68,17 +68,17 @@ def log_and_register(
 
     client = MlflowClient()
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name(EXPERIMENT).experiment_id) as run:
-        mlflow.log_params({**params.booster_params(), "num_boost_round": params.num_boost_round,
+        mlflow.log_params({**params.booster_params(result.objective), "num_boost_round": params.num_boost_round,
                            "early_stopping_rounds": params.early_stopping_rounds, "data_source": data_source})
         mlflow.log_params({f"rows_{k}": v for k, v in result.rows.items()})
-        if data_sample is not None:
+        if data_sample is not None and not data_source.startswith("s3://"):
             mlflow.log_input(mlflow.data.from_polars(data_sample, source=data_source, digest=file_digest(data_source),
                                                      name=Path(data_source).name, targets=result.target),
                              context="training")
         mlflow.log_metrics(result.metrics)
         mlflow.set_tags({"feature_spec": result.features.spec.name, "feature_spec_hash": result.features.spec_hash(),
                          "target": result.target})
-        mlflow.log_dict(result.features.to_dict(), FEATURES_ARTIFACT)
+        mlflow.log_dict(features_document(result), FEATURES_ARTIFACT)
         with tempfile.TemporaryDirectory() as tmp:
             holdout = Path(tmp) / Path(HOLDOUT_ARTIFACT).name
             result.holdout.write_parquet(holdout)
@@ -99,6 +99,11 @@ def log_and_register(
 
 
 
+def features_document(result: TrainResult) -> dict:
+    """The fitted feature spec plus the target and its objective: what serving needs to know."""
+    return {**result.features.to_dict(), "target": result.target, "objective": result.objective.to_dict()}
+
+
 def file_digest(path: str) -> str:
     """SHA-256 of a local file's bytes (first 16 hex digits), streamed; the dataset's identity."""
     digest = hashlib.sha256()
@@ -117,7 +122,9 @@ def _log_lineage(result: TrainResult) -> None:
 
     mlflow.set_tag("git_commit", _git_commit())
     mlflow.log_dict(_package_versions(), "environment/packages.json")
-    y = result.holdout[result.target].to_numpy()
+    if result.objective.kind != "binary":
+        return
+    y = result.objective.encode_labels(result.holdout[result.target])
     for name, fig in classifier_figures(y, result.test_predictions, result.booster).items():
         mlflow.log_figure(fig, f"plots/{name}")
         plt.close(fig)

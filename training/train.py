@@ -1,4 +1,4 @@
-"""XGBoost training on the feature spec with a time-ordered split and early stopping."""
+"""XGBoost training on a feature spec: ordered train/valid/test split, early stopping, test metrics."""
 
 from __future__ import annotations
 
@@ -9,18 +9,20 @@ from typing import Any
 import numpy as np
 import polars as pl
 import xgboost as xgb
-from sklearn import metrics as skm
 
 from training.errors import DataError
 from training.features import FeatureSpec, FittedFeatures
+from training.objectives import Objective, infer_objective
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    """Hyper-parameters; `valid_fraction` and `test_fraction` are the newest rows by time."""
+    """Hyper-parameters. `valid_fraction` and `test_fraction` are the newest rows by the spec's
+    order (file order when the spec has none); `objective` is auto, binary, multiclass or regression."""
 
+    objective: str = "auto"
     max_depth: int = 6
     learning_rate: float = 0.1
     num_boost_round: int = 200
@@ -34,10 +36,9 @@ class TrainParams:
     seed: int = 7
     nthread: int = 0
 
-    def booster_params(self) -> dict[str, Any]:
+    def booster_params(self, objective: Objective) -> dict[str, Any]:
         return {
-            "objective": "binary:logistic",
-            "eval_metric": ["logloss", "aucpr"],
+            **objective.xgb_params(),
             "tree_method": "hist",
             "max_depth": self.max_depth,
             "eta": self.learning_rate,
@@ -55,18 +56,20 @@ class TrainResult:
 
     booster: xgb.Booster
     target: str
+    objective: Objective
     features: FittedFeatures
     metrics: dict[str, float]
     holdout: pl.DataFrame  # computed (not yet encoded) features of the test rows + target
-    test_predictions: np.ndarray  # positive-class probability of each holdout row
+    test_predictions: np.ndarray  # P(positive) for binary, class probabilities, or predicted values
     rows: dict[str, int] = field(default_factory=dict)
 
 
-def train_classifier(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: TrainParams) -> TrainResult:
-    """Fit a binary classifier on `raw` (must hold `target` in {0, 1}); the newest rows are held out."""
-    order = list(spec.order_by) or [spec.names[0]]
-    frame = raw.sort(order).collect()
-    _check_target(frame, target)
+def train_model(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: TrainParams) -> TrainResult:
+    """Fit `spec`'s features to `target`; the newest rows are held out for validation and test."""
+    frame = (raw.sort(list(spec.order_by)) if spec.order_by else raw).collect()
+    if target not in frame.columns:
+        raise DataError(f"target column {target!r} is not in the data; columns: {frame.columns}")
+    objective = infer_objective(frame[target], params.objective, params.threshold)
     n = frame.height
     n_test = int(n * params.test_fraction)
     n_valid = int(n * params.valid_fraction)
@@ -77,53 +80,31 @@ def train_classifier(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: 
     # Vocabularies come from the training slice only, so valid/test see unknowns as production would.
     fitted = spec.fit(computed.head(n_train))
     x = fitted.matrix(computed)
-    y = frame[target].cast(pl.Float32).to_numpy()
-    if np.isnan(x).all(axis=0).any():
-        empty = [spec.names[i] for i in np.where(np.isnan(x).all(axis=0))[0]]
-        raise DataError(f"feature(s) {empty} are missing in every row; check the raw columns they are computed from")
+    empty = [spec.names[i] for i in np.where(np.isnan(x[:n_train]).all(axis=0))[0]]
+    if empty:
+        raise DataError(f"feature(s) {empty} are missing in every training row; check the columns they come from")
+    y = objective.encode_labels(frame[target])
+    names = [xgb_safe(n) for n in spec.names]
     sl_train, sl_valid, sl_test = slice(0, n_train), slice(n_train, n_train + n_valid), slice(n_train + n_valid, n)
-    dtrain = xgb.DMatrix(x[sl_train], label=y[sl_train], feature_names=spec.names)
-    dvalid = xgb.DMatrix(x[sl_valid], label=y[sl_valid], feature_names=spec.names)
+    dtrain = xgb.DMatrix(x[sl_train], label=y[sl_train], feature_names=names)
+    dvalid = xgb.DMatrix(x[sl_valid], label=y[sl_valid], feature_names=names)
     booster = xgb.train(
-        params.booster_params(),
-        dtrain,
-        num_boost_round=params.num_boost_round,
-        evals=[(dvalid, "valid")],
-        early_stopping_rounds=params.early_stopping_rounds,
-        verbose_eval=False,
+        params.booster_params(objective), dtrain, num_boost_round=params.num_boost_round,
+        evals=[(dvalid, "valid")], early_stopping_rounds=params.early_stopping_rounds, verbose_eval=False,
     )
     best = booster.best_iteration
     # Keep exactly the trees that are served, so every later consumer scores the same model.
     booster = booster[: best + 1]
-    p_test = booster.predict(xgb.DMatrix(x[sl_test], feature_names=spec.names))
-    result_metrics = classification_metrics(y[sl_test], p_test, params.threshold)
-    result_metrics["best_iteration"] = float(best)
-    holdout = computed.slice(n_train + n_valid).with_columns(pl.Series(target, y[sl_test]))
-    log.info("trained %d trees; test ROC AUC %.4f", best + 1, result_metrics["roc_auc"])
-    return TrainResult(booster, target, fitted, result_metrics, holdout, p_test, {"train": n_train, "valid": n_valid, "test": n_test})
+    pred = booster.predict(xgb.DMatrix(x[sl_test], feature_names=names))
+    metrics = objective.metrics(y[sl_test], pred)
+    metrics["best_iteration"] = float(best)
+    holdout = computed.slice(n_train + n_valid).with_columns(frame[target].slice(n_train + n_valid))
+    log.info("trained %s model with %d trees; test %s %.4f", objective.kind, best + 1, objective.primary_metric,
+             metrics[objective.primary_metric])
+    return TrainResult(booster, target, objective, fitted, metrics, holdout, pred,
+                       {"train": n_train, "valid": n_valid, "test": n_test})
 
 
-def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    """ROC AUC, PR AUC, log loss, Brier score, precision and recall at `threshold`."""
-    pred = p >= threshold
-    return {
-        "roc_auc": float(skm.roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
-        "pr_auc": float(skm.average_precision_score(y, p)) if len(np.unique(y)) == 2 else float("nan"),
-        "log_loss": float(skm.log_loss(y, p, labels=[0, 1])),
-        "brier": float(skm.brier_score_loss(y, p)),
-        "precision": float(skm.precision_score(y, pred, zero_division=0)),
-        "recall": float(skm.recall_score(y, pred, zero_division=0)),
-    }
-
-
-def _check_target(frame: pl.DataFrame, target: str) -> None:
-    if target not in frame.columns:
-        raise DataError(f"target column {target!r} is not in the data; columns: {frame.columns}")
-    col = frame[target]
-    if col.null_count():
-        raise DataError(f"target column {target!r} has {col.null_count()} missing values")
-    values = set(col.unique().to_list())
-    if not values <= {0, 1, True, False}:
-        raise DataError(f"target column {target!r} must hold 0/1 for binary classification; found {sorted(values)[:10]}")
-    if len(values) < 2:
-        raise DataError(f"target column {target!r} has only one class ({values.pop()}); a classifier needs both")
+def xgb_safe(name: str) -> str:
+    """XGBoost refuses '[', ']' and '<' in feature names; the spec keeps the real names."""
+    return name.replace("[", "(").replace("]", ")").replace("<", "lt ")

@@ -80,27 +80,29 @@ def generate(
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option(help="CSV or Parquet file of transactions")],
+    data: Annotated[str, typer.Option(help="CSV or Parquet file: a local path or s3://bucket/key")],
     target: Annotated[str, typer.Option(help="label column")] = "is_fraud",
     model_name: ModelOpt = "fraud",
+    objective: Annotated[str, typer.Option(help="auto, binary, multiclass or regression")] = "auto",
+    features: Annotated[str, typer.Option(help="feature spec: auto, columns (every column) or a named spec")] = "auto",
     seed: Annotated[int, typer.Option(help="training seed")] = 7,
     max_rounds: Annotated[int, typer.Option(help="maximum boosting rounds (early stopping may use fewer)")] = 200,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train an XGBoost classifier, track it in MLflow and register it (first version: champion)."""
+    """Train an XGBoost model, track it in MLflow and register it (first version: champion, then challenger)."""
     from training.pipeline import train_and_register
     from training.train import TrainParams
 
     ws = Workspace.resolve(workspace)
-    outcome = train_and_register(data, target, model_name, params=TrainParams(seed=seed, num_boost_round=max_rounds),
+    params = TrainParams(objective=objective, seed=seed, num_boost_round=max_rounds)
+    outcome = train_and_register(data, target, model_name, params=params, features=features,
                                  tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
-    m = outcome.metrics
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items() if k != "best_iteration")
     _emit(as_json, outcome.to_dict(), [
         f"registered {model_name} version {outcome.registered.version} as @{outcome.registered.alias} "
         f"(run {outcome.registered.run_id})",
-        f"test ROC AUC {m['roc_auc']:.4f}  PR AUC {m['pr_auc']:.4f}  log loss {m['log_loss']:.4f}  "
-        f"({int(m['best_iteration']) + 1} trees)",
+        f"test: {shown} ({int(outcome.metrics['best_iteration']) + 1} trees)",
     ])
 
 
@@ -270,7 +272,7 @@ def sync(
 @app.command()
 def promote(
     model_name: ModelOpt = "fraud",
-    metric: Annotated[str, typer.Option(help="holdout metric compared")] = "roc_auc",
+    metric: Annotated[str | None, typer.Option(help="holdout metric compared (default: roc_auc, or rmse)")] = None,
     margin: Annotated[float, typer.Option(help="minimum improvement of the challenger")] = 0.0,
     force: Annotated[bool, typer.Option(help="promote even without the improvement (recorded)")] = False,
     reason: Annotated[str, typer.Option(help="why, for the audit log")] = "",
@@ -290,7 +292,7 @@ def promote(
     event = promote_version(model_name, ModelRepository(ws.model_repository), AuditLog(ws.audit_log), metric=metric,
                             margin=margin, force=force, reason=reason)
     result = _rollout(ws, model_name, triton_url, retain)
-    m = event.metrics
+    m, metric = event.metrics, event.metric
     _emit(as_json, {"event": event.to_dict(), "sync": result.to_dict()}, [
         f"promoted {model_name} version {event.to_version} to champion (was {event.from_version})"
         + (" [forced]" if event.forced else ""),
