@@ -53,9 +53,9 @@ class FeatureSpec:
     def categorical(self) -> list[str]:
         return [f.name for f in self.features if f.categorical]
 
-    def compute(self, raw: pl.LazyFrame) -> pl.LazyFrame:
-        """Feature columns (categoricals still as strings), in input row order."""
-        return raw.select(f.expr.alias(f.name) for f in self.features)
+    def compute(self, raw: pl.LazyFrame, keep: Sequence[str] = ()) -> pl.LazyFrame:
+        """Feature columns (categoricals still as strings) plus the `keep` columns, in input row order."""
+        return raw.select(*(f.expr.alias(f.name) for f in self.features), *keep)
 
     def fit(self, computed: pl.LazyFrame | pl.DataFrame) -> FittedFeatures:
         """Learn the sorted vocabulary of every categorical feature from computed features."""

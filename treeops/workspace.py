@@ -20,15 +20,20 @@ class WorkspaceSettings(BaseSettings):
 
 @dataclass(frozen=True)
 class Workspace:
-    """Paths inside one workspace root."""
+    """Paths inside one workspace root; `mlflow_uri` is a configured MLflow server (None: embedded)."""
 
     root: Path
+    mlflow_uri: str | None = None
 
     @classmethod
     def resolve(cls, explicit: Path | None) -> Workspace:
-        """`explicit` (from --workspace) beats TREEOPS_WORKSPACE, which beats the current directory."""
+        """`explicit` (from --workspace) beats TREEOPS_WORKSPACE, which beats the current directory.
+
+        MLFLOW_TRACKING_URI is read here, once: `mlflow.set_tracking_uri` later writes that
+        variable itself, so reading it lazily would mix up workspaces in one process.
+        """
         root = explicit if explicit is not None else WorkspaceSettings().workspace
-        return cls(root.expanduser().resolve())
+        return cls(root.expanduser().resolve(), os.environ.get("MLFLOW_TRACKING_URI") or None)
 
     @property
     def data_dir(self) -> Path:
@@ -58,9 +63,9 @@ class Workspace:
     @property
     def tracking_uri(self) -> str:
         """MLFLOW_TRACKING_URI when set (a real MLflow server), else SQLite in the workspace."""
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+        return self.mlflow_uri or f"sqlite:///{self.root / 'mlflow.db'}"
 
     @property
     def artifact_root(self) -> Path | None:
         """Local artifact store for the embedded default; a configured server decides its own."""
-        return None if os.environ.get("MLFLOW_TRACKING_URI") else self.mlflow_artifacts
+        return None if self.mlflow_uri else self.mlflow_artifacts
