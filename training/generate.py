@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from training.features import FRAUD_FEATURES, RAW_SCHEMA
 
@@ -41,8 +42,12 @@ class GenerateSpec:
     fraud_rate: float = 0.015
 
 
-def generate_transactions(spec: GenerateSpec) -> pl.DataFrame:
-    """Return `spec.rows` transactions with an `is_fraud` label near `spec.fraud_rate`."""
+def generate_transactions(spec: GenerateSpec, *, first_id: int = 1, first_card: int = 0) -> pl.DataFrame:
+    """Return `spec.rows` transactions with an `is_fraud` label near `spec.fraud_rate`.
+
+    Ids start at `first_id` and cards at `first_card`, so chunks with disjoint cards can be
+    generated one at a time and concatenated (a card's history stays within its chunk).
+    """
     if spec.rows < 1:
         raise ValueError(f"rows must be >= 1, got {spec.rows}")
     rng = np.random.default_rng(spec.seed)
@@ -64,8 +69,8 @@ def generate_transactions(spec: GenerateSpec) -> pl.DataFrame:
     seconds = np.sort(rng.integers(0, SPAN_DAYS, n) * 86_400 + second_of_day)
     raw = pl.DataFrame(
         {
-            "transaction_id": np.arange(1, n + 1, dtype=np.int64),
-            "card_id": card.astype(np.int64),
+            "transaction_id": np.arange(first_id, first_id + n, dtype=np.int64),
+            "card_id": (card + first_card).astype(np.int64),
             "timestamp": pl.Series((_START_US + seconds * 1_000_000).astype(np.int64)).cast(pl.Datetime("us")),
             "amount": amount,
             "merchant_category": np.asarray(MERCHANT_CATEGORIES)[merchant],
@@ -90,6 +95,41 @@ def write_transactions(frame: pl.DataFrame, out: Path) -> Path:
         raise ValueError(f"{out}: unsupported extension {out.suffix!r}; use .parquet or .csv")
     tmp.replace(out)
     log.info("wrote %d rows to %s", frame.height, out)
+    return out
+
+
+def generate_to_file(spec: GenerateSpec, out: Path, chunk_rows: int = 1_000_000) -> Path:
+    """Generate `spec.rows` transactions into `out` a chunk at a time (bounded memory at any size).
+
+    Up to `chunk_rows` rows the file equals `write_transactions(generate_transactions(spec), out)`.
+    """
+    if spec.rows <= chunk_rows:
+        return write_transactions(generate_transactions(spec), out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"{out}: unsupported extension {out.suffix!r}; use .parquet or .csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    done, card, chunk = 0, 0, 0
+    writer = None
+    try:
+        with open(tmp, "wb") as fh:
+            while done < spec.rows:
+                rows = min(chunk_rows, spec.rows - done)
+                part = generate_transactions(replace(spec, rows=rows, seed=spec.seed + 7919 * chunk),
+                                             first_id=done + 1, first_card=card)
+                if out.suffix == ".parquet":
+                    table = part.to_arrow()
+                    writer = writer or pq.ParquetWriter(fh, table.schema)
+                    writer.write_table(table)
+                else:
+                    part.write_csv(fh, include_header=chunk == 0)
+                done, card, chunk = done + rows, card + max(1, rows // 40), chunk + 1
+            if writer is not None:
+                writer.close()
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote %d rows to %s in %d chunks", spec.rows, out, chunk)
     return out
 
 

@@ -20,6 +20,8 @@ from training.errors import TrainingError
 from treeops.workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: figures next to an in-process baseline of the same run.")
+app.add_typer(bench_app, name="bench")
 log = logging.getLogger("treeops")
 
 EXPECTED_ERRORS = (TrainingError, ExportError, ServerError, MonitoringError)
@@ -67,13 +69,15 @@ def generate(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate seeded card transactions with an `is_fraud` label."""
-    from training.generate import GenerateSpec, generate_transactions, write_transactions
+    import polars as pl
+
+    from training.generate import GenerateSpec, generate_to_file
+    from training.ingest import scan_table
 
     ws = Workspace.resolve(workspace)
     path = out or ws.data_dir / "transactions.parquet"
-    frame = generate_transactions(GenerateSpec(rows=rows, seed=seed, drift=drift))
-    write_transactions(frame, path)
-    rate = float(frame["is_fraud"].mean())
+    generate_to_file(GenerateSpec(rows=rows, seed=seed, drift=drift), path)
+    rate = float(scan_table(path).select(pl.col("is_fraud").mean()).collect().item())
     _emit(as_json, {"path": str(path), "rows": rows, "fraud_rate": rate},
           [f"wrote {rows} transactions to {path} (fraud rate {rate:.2%})"])
 
@@ -368,6 +372,21 @@ def demo(
         _stop_on_sigterm()
     summary = run_demo(ws, settings, _triton(ws, grpc_port, http_port, metrics_port))
     _emit(as_json, summary.to_dict(), summary.lines())
+
+
+@bench_app.command("training")
+def bench_training(
+    rows: Annotated[int, typer.Option(help="transactions to generate and train on", min=1000)] = 10_000_000,
+    max_rounds: Annotated[int, typer.Option(help="boosting rounds at most")] = 100,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate N rows, compute features and train; rows/s for each step and the peak memory."""
+    from training.benchmark import run_training_benchmark
+
+    ws = Workspace.resolve(workspace)
+    result = run_training_benchmark(rows, ws.data_dir, max_rounds=max_rounds)
+    _emit(as_json, result.to_dict(), result.lines())
 
 
 def _stop_on_sigterm() -> None:
