@@ -98,3 +98,16 @@ def test_generate_and_drift_exit_codes(tmp_path, treeops):
     assert shifted.returncode == 3, shifted.stderr
     assert "DRIFT DETECTED" in shifted.stdout
     assert (tmp_path / "reports" / "s.html").exists()
+
+
+@pytest.mark.triton
+def test_loadtest_command_passes_and_fails_on_budgets(trained, triton, treeops):
+    args = ["loadtest", "--duration-s", "3", "--users", "4", "--data", str(trained.data),
+            "--grpc-url", triton.settings.grpc_url, "--http-url", triton.settings.http_url]
+    ok = treeops(*args, "--protocol", "grpc", "--protocol", "http", "--json", workspace=trained.ws.root)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    body = json.loads(ok.stdout)
+    assert body["passed"] and body["requests"] > 0 and body["failures"] == 0
+    breach = treeops(*args, "--p99-ms", "0.001", workspace=trained.ws.root)
+    assert breach.returncode == 1
+    assert "p99_ms" in breach.stdout and "FAIL" in breach.stdout

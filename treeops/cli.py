@@ -14,6 +14,7 @@ import pydantic
 import typer
 
 from export.errors import ExportError
+from loadtest.errors import LoadtestError
 from monitoring.errors import MonitoringError
 from server.errors import ServerError
 from training.errors import TrainingError
@@ -24,7 +25,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: figures next to 
 app.add_typer(bench_app, name="bench")
 log = logging.getLogger("treeops")
 
-EXPECTED_ERRORS = (TrainingError, ExportError, ServerError, MonitoringError)
+EXPECTED_ERRORS = (TrainingError, ExportError, ServerError, LoadtestError, MonitoringError)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_DRIFT = 3
@@ -199,6 +200,45 @@ def score(
     _emit(as_json, {"model_version": scores.model_version, "transaction_id": ids, "probability": probs},
           [f"model {model_name} version {scores.model_version} answered:"]
           + [f"  transaction {i}: p(fraud) = {p:.5f}" for i, p in zip(ids, probs)])
+
+
+@app.command()
+def loadtest(
+    duration_s: Annotated[int, typer.Option("--duration-s", help="seconds of traffic", min=1)] = 30,
+    users: Annotated[int, typer.Option(help="concurrent closed-loop users", min=1)] = 16,
+    protocol: Annotated[list[str], typer.Option(help="grpc and/or http (repeat the option)")] = ["grpc"],
+    slo: Annotated[Path | None, typer.Option(help="SLO file (.toml/.json): p50_ms, p95_ms, p99_ms, max_error_rate, min_rps")] = None,
+    p99_ms: Annotated[float | None, typer.Option("--p99-ms", help="p99 budget in ms (overrides the file)")] = None,
+    max_error_rate: Annotated[float | None, typer.Option(help="error-rate budget (overrides the file)")] = None,
+    data: Annotated[Path | None, typer.Option(help="raw transactions the rows come from (default: data/current.parquet)")] = None,
+    model_name: ModelOpt = "fraud",
+    grpc_url: Annotated[str, typer.Option(help="Triton gRPC address")] = "127.0.0.1:8001",
+    http_url: Annotated[str, typer.Option(help="Triton HTTP address")] = "127.0.0.1:8000",
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Locust against a running Triton; prints the SLO verdict and exits 1 on any breach."""
+    from loadtest.pipeline import loadtest_served_model
+
+    ws = Workspace.resolve(workspace)
+    result = loadtest_served_model(
+        ws.model_repository, model_name, data or ws.data_dir / "current.parquet", ws.reports_dir / "loadtest",
+        grpc_url=grpc_url, http_url=http_url, protocols=tuple(protocol), users=users, duration_s=duration_s,
+        slo_file=slo, overrides={"p99_ms": p99_ms, "max_error_rate": max_error_rate},
+    )
+    from loadtest.runner import render_verdict
+
+    _emit(as_json, result_summary(result), [render_verdict(result)])
+    if not result.passed:
+        raise typer.Exit(EXIT_ERROR)
+
+
+def result_summary(result) -> dict[str, Any]:
+    a = result.aggregate
+    return {"passed": result.passed, "requests": a.requests, "failures": a.failures, "rps": a.rps,
+            "p50_ms": a.p50_ms, "p95_ms": a.p95_ms, "p99_ms": a.p99_ms,
+            "checks": [c.__dict__ for c in result.checks], "html_report": str(result.html_report),
+            "stats_csv": str(result.stats_csv)}
 
 
 @app.command()
