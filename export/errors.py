@@ -21,3 +21,7 @@ class ParityError(ExportError):
 
 class RepositoryError(ExportError):
     """The Triton model repository cannot be written or is inconsistent."""
+
+
+class FeatureCompileError(UnsupportedModelError):
+    """A feature of the spec cannot be compiled into the raw-input ONNX graph."""

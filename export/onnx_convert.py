@@ -1,20 +1,44 @@
-"""XGBoost booster -> ONNX (onnxmltools), refusing objectives the converter gets wrong."""
+"""XGBoost booster -> ONNX (onnxmltools), refusing objectives the converter gets wrong.
+
+Every graph has one float input `features` [N, n_features] and exactly one float output
+`probabilities` [N, n_outputs] (`n_outputs` below), so the Python backend and Triton's
+native onnxruntime backend can serve it with the config the targets generate. For a
+regressor the one column is the predicted value (the name is kept for the served API).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import onnx
 import xgboost as xgb
 
 from export.errors import UnsupportedModelError
 
+log = logging.getLogger(__name__)
+
 INPUT_NAME = "features"
 PROBABILITIES = "probabilities"
+#: The single output of every exported graph.
+OUTPUT_NAME = PROBABILITIES
 
-#: Objectives whose ONNX output matches xgboost (verified to <= 5e-7 on probabilities).
-SUPPORTED_OBJECTIVES = ("binary:logistic", "multi:softprob", "multi:softmax", "reg:squarederror",
-                        "reg:absoluteerror", "reg:pseudohubererror")
+Task = Literal["binary", "multiclass", "regression"]
+
+#: Objectives whose ONNX output matches xgboost; each is covered by tests/test_parity_properties.py.
+TASKS: dict[str, Task] = {
+    "binary:logistic": "binary",
+    "multi:softprob": "multiclass",
+    "multi:softmax": "multiclass",  # served as probabilities: converted as multi:softprob (same trees)
+    "reg:squarederror": "regression",
+    "reg:absoluteerror": "regression",
+    "reg:pseudohubererror": "regression",
+}
+SUPPORTED_OBJECTIVES = tuple(TASKS)
 REJECTED = {
     "reg:logistic": "the converter scores it wrong (max difference 2.6 seen); train with binary:logistic",
     "binary:logitraw": "the converter refuses raw logits; train with binary:logistic",
@@ -25,19 +49,85 @@ def objective_of(booster: xgb.Booster) -> str:
     return json.loads(booster.save_config())["learner"]["objective"]["name"]
 
 
-def to_onnx(booster: xgb.Booster, n_features: int) -> onnx.ModelProto:
-    """Convert `booster` to an ONNX graph with one float input `features` [N, n_features]."""
-    from onnxmltools import convert_xgboost
-    from onnxmltools.convert.common.data_types import FloatTensorType
-
+def task_of(booster: xgb.Booster) -> Task:
+    """binary, multiclass or regression; unsupported objectives raise UnsupportedModelError with the fix."""
     objective = objective_of(booster)
     if objective in REJECTED:
         raise UnsupportedModelError(f"objective {objective!r} cannot be exported: {REJECTED[objective]}")
-    if objective not in SUPPORTED_OBJECTIVES:
-        raise UnsupportedModelError(f"objective {objective!r} is not supported; supported: {list(SUPPORTED_OBJECTIVES)}")
+    if objective not in TASKS:
+        raise UnsupportedModelError(
+            f"objective {objective!r} is not supported; train with one of {list(SUPPORTED_OBJECTIVES)}"
+        )
+    return TASKS[objective]
+
+
+def n_outputs(booster: xgb.Booster) -> int:
+    """Width of the served output: 2 probabilities (binary), num_class (multi-class), 1 value (regression)."""
+    task = task_of(booster)
+    if task == "binary":
+        return 2
+    if task == "multiclass":
+        return int(json.loads(booster.save_config())["learner"]["learner_model_param"]["num_class"])
+    return 1
+
+
+def probability_booster(booster: xgb.Booster) -> xgb.Booster:
+    """A copy whose predictions are what is served: multi:softmax becomes multi:softprob (same trees)."""
     plain = booster.copy()
+    if objective_of(booster) == "multi:softmax":
+        # multi:softmax predicts class ids and onnxmltools then emits raw margins as "probabilities".
+        plain.set_param({"objective": "multi:softprob"})
+    return plain
+
+
+def to_onnx(booster: xgb.Booster, n_features: int) -> onnx.ModelProto:
+    """Convert `booster` to a graph `features` [N, n_features] -> `probabilities` [N, n_outputs]."""
+    from onnxmltools import convert_xgboost
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    width = n_outputs(booster)
+    plain = probability_booster(booster)
     plain.feature_names = None  # the converter needs f0, f1, ...; names live in the feature spec
     plain.feature_types = None
-    model = convert_xgboost(plain, initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))])
+    source: xgb.Booster | xgb.XGBClassifier = plain
+    if task_of(booster) != "regression":
+        # Given a Booster, onnxmltools guesses "regression" when every tree cover is a whole number
+        # (e.g. one tree with base_score 0.5) and emits raw margins; a classifier wrapper avoids the guess.
+        source = xgb.XGBClassifier()
+        source.load_model(bytearray(plain.save_raw("json")))
+    model = convert_xgboost(source, initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))])
+    model = _single_output(model, width)
     onnx.checker.check_model(model)
     return model
+
+
+def _single_output(model: onnx.ModelProto, width: int) -> onnx.ModelProto:
+    """Keep only the score output (drop `label`), named OUTPUT_NAME with a static width."""
+    graph = model.graph
+    scores = [o.name for o in graph.output if o.name == PROBABILITIES] or [o.name for o in graph.output][-1:]
+    if not scores:
+        raise UnsupportedModelError("the converted ONNX graph has no outputs; this is a converter bug")
+    source = scores[0]
+    if source != OUTPUT_NAME:
+        # Regressors come out as `variable` [N, 1]: rename the tensor wherever it appears.
+        for node in graph.node:
+            node.input[:] = [OUTPUT_NAME if n == source else n for n in node.input]
+            node.output[:] = [OUTPUT_NAME if n == source else n for n in node.output]
+    del graph.output[:]
+    graph.output.append(onnx.helper.make_tensor_value_info(OUTPUT_NAME, onnx.TensorProto.FLOAT, [None, width]))
+    pruned = onnx.utils.Extractor(model).extract_model([i.name for i in graph.input], [OUTPUT_NAME])
+    pruned.ir_version = model.ir_version
+    pruned.producer_name, pruned.producer_version = model.producer_name, model.producer_version
+    return pruned
+
+
+def file_scorer(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Score rows with ONNX Runtime (CPU) running the ONNX file at `path`, as a parity scorer."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def score(x: np.ndarray) -> np.ndarray:
+        return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    return score

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from export.errors import ExportError
 from export.targets.base import ExportTarget
+from export.targets.fil import FilTarget
+from export.targets.onnxruntime import OnnxRuntimeTarget
 from export.targets.python_onnx import PythonOnnxTarget
 
 TARGETS: dict[str, type[ExportTarget]] = {
     PythonOnnxTarget.name: PythonOnnxTarget,
+    OnnxRuntimeTarget.name: OnnxRuntimeTarget,
+    FilTarget.name: FilTarget,
 }
 
 

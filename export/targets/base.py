@@ -9,6 +9,8 @@ from pathlib import Path
 import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
+from export.onnx_convert import INPUT_NAME, OUTPUT_NAME
+from export.onnx_convert import n_outputs as served_width
 from export.parity import Scorer
 from export.triton_config import ServingSettings
 
@@ -17,6 +19,13 @@ class ExportTarget(ABC):
     """Writes a version's artifacts, scores them in-process for parity, and describes the Triton config."""
 
     name: str
+    #: Served tensor names (clients should read them from here or from the model's metadata).
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+
+    def n_outputs(self, booster: xgb.Booster) -> int:
+        """Width of the served output: 2 (binary probabilities), num_class, or 1 (regression value)."""
+        return served_width(booster)
 
     @abstractmethod
     def write_artifacts(self, booster: xgb.Booster, n_features: int, version_dir: Path) -> None:

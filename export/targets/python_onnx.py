@@ -6,12 +6,11 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
 import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.onnx_convert import INPUT_NAME, PROBABILITIES, to_onnx
+from export.onnx_convert import file_scorer, to_onnx
 from export.parity import Scorer
 from export.targets.base import ExportTarget
 from export.triton_config import ServingSettings, TensorSpec, model_config
@@ -31,14 +30,7 @@ class PythonOnnxTarget(ExportTarget):
         shutil.copyfile(TRITON_MODEL_SOURCE, version_dir / "model.py")
 
     def scorer(self, version_dir: Path) -> Scorer:
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(version_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
-
-        def score(x: np.ndarray) -> np.ndarray:
-            return session.run([PROBABILITIES], {INPUT_NAME: x})[0]
-
-        return score
+        return file_scorer(version_dir / ONNX_FILE)
 
     def model_config(
         self,
@@ -52,8 +44,8 @@ class PythonOnnxTarget(ExportTarget):
         return model_config(
             model_name,
             backend="python",
-            inputs=[TensorSpec(INPUT_NAME, (n_features,))],
-            outputs=[TensorSpec(PROBABILITIES, (n_outputs,))],
+            inputs=[TensorSpec(self.input_name, (n_features,))],
+            outputs=[TensorSpec(self.output_name, (n_outputs,))],
             serving=serving,
             versions=versions,
             parameters={"ort_intra_op_threads": "1", **parameters},

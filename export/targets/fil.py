@@ -1,0 +1,139 @@
+"""The XGBoost JSON model served by Triton's FIL backend (`backend: "fil"`, RAPIDS Forest Inference).
+
+Triton 24.10's FIL backend reads XGBoost JSON with Treelite 4.3, which predates XGBoost 3.1's
+format: it rejects the `cats` field and the vector `base_score` ("stof"). `xgboost.json` is
+therefore written in the pre-3.1 layout: no empty `cats`, a scalar `base_score`, and per-class
+intercepts of multi-class models folded into the leaves of each class's first tree (softmax is
+unchanged by that). The parity gate scores the written file with xgboost, so the rewrite is
+checked on every export. Not in the pip wheel's Triton; use the NGC container on a GPU node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xgboost as xgb
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.errors import UnsupportedModelError
+from export.onnx_convert import objective_of, task_of
+from export.parity import Scorer
+from export.targets.base import ExportTarget
+from export.triton_config import ServingSettings, TensorSpec, model_config
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "xgboost.json"
+
+
+class FilTarget(ExportTarget):
+    """`xgboost.json` for the FIL backend: `input__0` [n_features] -> `output__0` [n_outputs], FP32.
+
+    Classifiers are served with `predict_proba` (binary: [P(0), P(1)]; multi-class: all classes),
+    regressors with `output_class: false` (one value). The instance kind is KIND_GPU when the
+    serving settings ask for a GPU and KIND_AUTO otherwise (a GPU where the node has one).
+    """
+
+    name = "fil"
+    input_name = "input__0"
+    output_name = "output__0"
+
+    def write_artifacts(self, booster: xgb.Booster, n_features: int, version_dir: Path) -> None:
+        task_of(booster)  # refuses objectives the served probabilities would get wrong
+        model = legacy_xgboost_json(booster)
+        (version_dir / MODEL_FILE).write_text(json.dumps(model))
+
+    def scorer(self, version_dir: Path) -> Scorer:
+        """xgboost reading the written `xgboost.json`, shaped like the FIL output."""
+        booster = xgb.Booster(model_file=str(version_dir / MODEL_FILE))
+        task = task_of(booster)
+
+        def score(x: np.ndarray) -> np.ndarray:
+            p = np.asarray(booster.inplace_predict(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float32)
+            if task == "binary":
+                return np.stack([1 - p, p], axis=1)
+            return p.reshape(len(x), -1)
+
+        return score
+
+    def model_config(
+        self,
+        model_name: str,
+        n_features: int,
+        n_outputs: int,
+        serving: ServingSettings,
+        versions: Sequence[int],
+        parameters: Mapping[str, str],
+    ) -> mc.ModelConfig:
+        classifier = n_outputs > 1  # every classifier here serves probabilities; a regressor serves 1 value
+        fil = {
+            "model_type": "xgboost_json",
+            "output_class": str(classifier).lower(),
+            "predict_proba": str(classifier).lower(),
+            "storage_type": "AUTO",
+        }
+        if classifier:
+            fil["threshold"] = "0.5"
+        cfg = model_config(
+            model_name,
+            backend="fil",
+            inputs=[TensorSpec(self.input_name, (n_features,))],
+            outputs=[TensorSpec(self.output_name, (n_outputs,))],
+            serving=serving,
+            versions=versions,
+            parameters={**fil, **parameters},
+        )
+        kind = mc.ModelInstanceGroup.KIND_GPU if serving.instance_kind == "gpu" else mc.ModelInstanceGroup.KIND_AUTO
+        for group in cfg.instance_group:
+            group.kind = kind
+        return cfg
+
+
+def legacy_xgboost_json(booster: xgb.Booster) -> dict[str, Any]:
+    """The booster as XGBoost JSON that Treelite 4.3 (Triton 24.10's FIL) and xgboost 3.x both read."""
+    model = json.loads(bytes(booster.save_raw("json")))
+    learner = model["learner"]
+    if learner["gradient_booster"].get("name") != "gbtree":
+        raise UnsupportedModelError(
+            f"the fil target exports gbtree boosters only, not {learner['gradient_booster'].get('name')!r}; "
+            "train with booster='gbtree' or use the onnxruntime target"
+        )
+    forest = learner["gradient_booster"]["model"]
+    cats = forest.pop("cats", None)
+    if cats and any(cats.get(k) for k in ("enc", "feature_segments", "sorted_idx")):
+        raise UnsupportedModelError(
+            "the model has categorical splits, which Triton 24.10's FIL cannot read; encode categories as "
+            "float codes (as the feature spec does) or use the onnxruntime target"
+        )
+    if objective_of(booster) == "multi:softmax":
+        learner["objective"]["name"] = "multi:softprob"  # serve probabilities, as the ONNX targets do
+    param = learner["learner_model_param"]
+    intercepts = [float(v) for v in str(param["base_score"]).strip("[]").split(",")]
+    if len(intercepts) == 1:
+        param["base_score"] = repr(float(np.float32(intercepts[0])))
+    else:
+        _fold_intercepts(forest, intercepts)
+        param["base_score"] = "0"
+    return model
+
+
+def _fold_intercepts(forest: dict[str, Any], intercepts: list[float]) -> None:
+    """Add class k's intercept (a margin) to every leaf of class k's first tree."""
+    done: set[int] = set()
+    for tree, group in zip(forest["trees"], forest["tree_info"]):
+        if group in done:
+            continue
+        done.add(group)
+        offset = np.float32(intercepts[group])
+        for i, left in enumerate(tree["left_children"]):
+            if left == -1:  # a leaf: its value is stored in split_conditions (and base_weights)
+                tree["split_conditions"][i] = float(np.float32(tree["split_conditions"][i]) + offset)
+                tree["base_weights"][i] = float(np.float32(tree["base_weights"][i]) + offset)
+    missing = set(range(len(intercepts))) - done
+    if missing:
+        raise UnsupportedModelError(f"classes {sorted(missing)} have no trees; retrain with more boosting rounds")
