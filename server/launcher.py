@@ -49,7 +49,7 @@ class TritonServer:
         ensure_ports_free(s.host, {"gRPC": s.grpc_port, "HTTP": s.http_port, "metrics": s.metrics_port})
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_path, "ab")
-        log.info("starting %s (log: %s)", " ".join(self.command), self.log_path)
+        log.info("starting %s %s (log: %s)", self.installation.binary, " ".join(s.to_args(redact=True)), self.log_path)
         try:
             self._proc = subprocess.Popen(
                 self.command, env=self.installation.environment(), stdout=log_file, stderr=subprocess.STDOUT,

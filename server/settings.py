@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Triton APIs that may be restricted to admin-key holders. Health (the launcher's and Kubernetes'
+#: probes), metadata and inference are deliberately not in this list: they always stay open.
+AdminApi = Literal["model-repository", "model-config", "shared-memory", "statistics", "trace", "logging"]
+DEFAULT_ADMIN_APIS: tuple[AdminApi, ...] = ("model-repository", "shared-memory", "statistics", "trace", "logging")
+DEFAULT_ADMIN_HEADER = "treeops-admin-key"
+ADMIN_KEY_ENV = "TREEOPS_TRITON_ADMIN_KEY"
+REDACTED = "**********"
+_ADMIN_KEY = re.compile(r"[\x21-\x7e]{16,}")
 
 
 class TritonSettings(BaseSettings):
-    """How tritonserver runs; every field maps to a flag in `to_args`. Env prefix `TREEOPS_TRITON_`."""
+    """How tritonserver runs; every field maps to a flag in `to_args`. Env prefix `TREEOPS_TRITON_`.
 
-    model_config = SettingsConfigDict(env_prefix="TREEOPS_TRITON_", extra="forbid")
+    Validation errors never echo input values, so a bad admin key is not printed.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TREEOPS_TRITON_", extra="forbid", hide_input_in_errors=True)
 
     model_repository: Path = Field(Path("model_repository"), description="Triton model repository (local path)")
+    model_repository_uri: str | None = Field(
+        None, pattern=r"^(s3|gs|as)://\S+$",
+        description="cloud model repository (s3://bucket/path, gs://..., as://...) served instead of model_repository",
+    )
     host: str = Field("127.0.0.1", description="address clients use to reach the server")
     bind_address: str = Field("127.0.0.1", description="interface Triton listens on (0.0.0.0 in a container)")
     grpc_port: int = Field(8001, ge=1, le=65535, description="KServe v2 gRPC port")
@@ -28,16 +45,56 @@ class TritonSettings(BaseSettings):
     exit_on_error: bool = Field(False, description="exit when a model fails to load (False keeps others serving)")
     exit_timeout_s: int = Field(30, ge=0, description="grace period for in-flight requests on shutdown")
     summary_latencies: bool = Field(True, description="publish p50..p999 latency summaries on the metrics port")
+    allow_gpu_metrics: bool = Field(False, description="publish GPU utilization and memory metrics (needs a GPU)")
     log_verbose: int = Field(0, ge=0, description="tritonserver verbose log level")
     log_format: Literal["default", "ISO8601"] = Field("default", description="tritonserver log line format")
     backend_directory: Path | None = Field(None, description="where backends live; set by the launcher for the wheel")
     grpc_infer_allocation_pool_size: int = Field(16, ge=1, description="gRPC response objects kept for reuse")
     buffer_manager_thread_count: int = Field(0, ge=0, description="threads for input buffer copies (0 = inline)")
+    admin_key: SecretStr | None = Field(
+        None,
+        description=f"value of `admin_header` required by the `admin_apis` (env {ADMIN_KEY_ENV}); None: all open",
+    )
+    admin_header: str = Field(
+        DEFAULT_ADMIN_HEADER, pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="HTTP header / gRPC metadata key carrying the admin key (lowercase, as gRPC requires)",
+    )
+    admin_apis: tuple[AdminApi, ...] = Field(
+        DEFAULT_ADMIN_APIS, min_length=1, description="HTTP and gRPC APIs restricted to admin-key holders"
+    )
+    grpc_use_ssl: bool = Field(False, description="serve gRPC over TLS with grpc_server_cert and grpc_server_key")
+    grpc_use_ssl_mutual: bool = Field(False, description="gRPC TLS that also requires client certificates")
+    grpc_server_cert: Path | None = Field(None, description="PEM server certificate (chain) for gRPC TLS")
+    grpc_server_key: Path | None = Field(None, description="PEM private key of grpc_server_cert")
+    grpc_root_cert: Path | None = Field(None, description="PEM CA that client certificates must chain to (mutual TLS)")
 
-    def to_args(self) -> list[str]:
-        """The `tritonserver` command-line flags for these settings (without the binary)."""
+    @field_validator("admin_key")
+    @classmethod
+    def _check_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _ADMIN_KEY.fullmatch(value.get_secret_value()):
+            raise ValueError(
+                "the admin key must be at least 16 printable ASCII characters without spaces; "
+                "generate one with `openssl rand -hex 32`"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> TritonSettings:
+        tls = self.grpc_use_ssl or self.grpc_use_ssl_mutual
+        if tls and (self.grpc_server_cert is None or self.grpc_server_key is None):
+            raise ValueError("gRPC TLS needs grpc_server_cert and grpc_server_key (PEM files)")
+        if self.grpc_use_ssl_mutual and self.grpc_root_cert is None:
+            raise ValueError("mutual gRPC TLS needs grpc_root_cert: the CA that signs the client certificates")
+        return self
+
+    def to_args(self, *, redact: bool = False) -> list[str]:
+        """The `tritonserver` command-line flags for these settings (without the binary).
+
+        `redact=True` replaces the admin key with asterisks, for logging the command line.
+        """
+        repository = self.model_repository_uri or self.model_repository.resolve()
         args = [
-            f"--model-repository={self.model_repository.resolve()}",
+            f"--model-repository={repository}",
             f"--grpc-address={self.bind_address}",
             f"--grpc-port={self.grpc_port}",
             f"--http-address={self.bind_address}",
@@ -47,7 +104,7 @@ class TritonSettings(BaseSettings):
             "--allow-grpc=true",
             "--allow-http=true",
             "--allow-metrics=true",
-            "--allow-gpu-metrics=false",
+            f"--allow-gpu-metrics={str(self.allow_gpu_metrics).lower()}",
             f"--model-control-mode={self.model_control_mode}",
             f"--strict-readiness={str(self.strict_readiness).lower()}",
             f"--exit-on-error={str(self.exit_on_error).lower()}",
@@ -64,6 +121,18 @@ class TritonSettings(BaseSettings):
             args += [f"--load-model={m}" for m in self.load_models]
         if self.backend_directory is not None:
             args.append(f"--backend-directory={self.backend_directory.resolve()}")
+        if self.admin_key is not None:
+            key = REDACTED if redact else self.admin_key.get_secret_value()
+            restriction = f"{','.join(self.admin_apis)}:{self.admin_header}={key}"
+            args += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
+        if self.grpc_use_ssl or self.grpc_use_ssl_mutual:
+            args += [
+                "--grpc-use-ssl=true",
+                f"--grpc-server-cert={self.grpc_server_cert.resolve()}",
+                f"--grpc-server-key={self.grpc_server_key.resolve()}",
+            ]
+        if self.grpc_use_ssl_mutual:
+            args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.grpc_root_cert.resolve()}"]
         return args
 
     @property
