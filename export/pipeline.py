@@ -11,11 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from export import registry
 from export.errors import ExportError
-from export.parity import ParityReport, check_parity, edge_rows, require
+from export.parity import ParityReport, check_parity, gate_rows, require
 from export.repository import FEATURES_FILE, METADATA_FILE, PARITY_FILE, ModelRepository, write_json
 from export.targets import get_target
 from export.triton_config import ServingSettings
@@ -86,8 +85,14 @@ def export_version(
     with tempfile.TemporaryDirectory(prefix="treeops-export-") as scratch:
         bundle = registry.load_bundle(ref, Path(scratch))
     n_features = len(bundle.fitted.spec.names)
-    holdout = bundle.fitted.matrix(bundle.holdout)
-    rows = np.vstack([holdout, edge_rows(n_features, np.nanmedian(holdout, axis=0) if len(holdout) else np.zeros(0))])
+    categorical = {i: len(bundle.fitted.vocabularies[f.name])
+                   for i, f in enumerate(bundle.fitted.spec.features) if f.categorical}
+    rows = gate_rows(bundle.booster, bundle.fitted.matrix(bundle.holdout), categorical=categorical)
+    if target.n_outputs(bundle.booster) != bundle.objective.n_outputs:
+        raise ExportError(
+            f"{model_name} version {ref.version}: the booster has {target.n_outputs(bundle.booster)} outputs but its "
+            f"objective {bundle.objective.to_dict()} expects {bundle.objective.n_outputs}; the version is inconsistent"
+        )
     with repository.stage_version(model_name, ref.version) as staging:
         target.write_artifacts(bundle.booster, n_features, staging)
         scorer = target.scorer(staging)
@@ -104,6 +109,8 @@ def export_version(
             "target": settings.target,
             "n_features": n_features,
             "n_outputs": bundle.objective.n_outputs,
+            "input_name": target.input_name,
+            "output_name": target.output_name,
             "objective": bundle.objective.to_dict(),
             "aliases_at_export": list(ref.aliases),
             "feature_spec_hash": bundle.features.get("spec_hash"),

@@ -16,7 +16,7 @@ import numpy as np
 
 from export import registry
 from export.errors import ExportError
-from export.pipeline import ExportSettings, export_model
+from export.pipeline import ExportSettings, export_version
 from export.repository import ModelRepository
 from training.tracking import CHALLENGER, CHAMPION
 from training.objectives import LOWER_IS_BETTER
@@ -106,7 +106,7 @@ def promote(
 
     challenger = registry.resolve(model_name, alias=CHALLENGER)
     champion = registry.resolve(model_name, alias=CHAMPION)
-    export_model(model_name, repository, version=challenger.version, settings=settings)
+    export_version(model_name, repository, version=challenger.version, settings=settings)
     metrics = compare_on_holdout(model_name, champion.version, challenger.version)
     metric = metric or _primary_metric(metrics)
     if metric not in metrics[CHAMPION]:

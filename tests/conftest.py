@@ -23,6 +23,7 @@ from training.train import TrainParams
 from treeops.workspace import Workspace
 
 MODEL = "fraud"
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ def export_cmd(
     model_name: ModelOpt = "fraud",
     alias: Annotated[str, typer.Option(help="registry alias to export")] = "champion",
     version: Annotated[int | None, typer.Option(help="export this version number instead of the alias")] = None,
-    target: Annotated[str, typer.Option(help="export target")] = "python-onnx",
+    target: Annotated[str, typer.Option(help="python-onnx (runs here), onnxruntime or fil (NGC container backends)")] = "python-onnx",
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -333,9 +333,17 @@ def promote(
 
     ws = Workspace.resolve(workspace)
     mlflow.set_tracking_uri(ws.tracking_uri)
-    event = promote_version(model_name, ModelRepository(ws.model_repository), AuditLog(ws.audit_log), metric=metric,
+    from export.promotion import rollback as rollback_version
+    from server.rollout import RolloutError
+
+    audit = AuditLog(ws.audit_log)
+    event = promote_version(model_name, ModelRepository(ws.model_repository), audit, metric=metric,
                             margin=margin, force=force, reason=reason)
-    result = _rollout(ws, model_name, triton_url, retain)
+    try:
+        result = _rollout(ws, model_name, triton_url, retain)
+    except RolloutError:
+        rollback_version(model_name, audit, reason=f"automatic: version {event.to_version} failed to load in Triton")
+        raise
     m, metric = event.metrics, event.metric
     _emit(as_json, {"event": event.to_dict(), "sync": result.to_dict()}, [
         f"promoted {model_name} version {event.to_version} to champion (was {event.from_version})"

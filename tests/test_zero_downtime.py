@@ -1,0 +1,163 @@
+"""Promotion, rollback and sync on a live Triton under steady gRPC load: zero failed requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from export.pipeline import export_model
+from export.promotion import AuditLog, promote, rollback
+from export.repository import ModelRepository
+from export.sync import SyncSettings
+from server.admin import AdminClient
+from server.client import ScoringClient, load_features
+from server.errors import ScoringError
+from server.installation import find_triton
+from server.launcher import TritonServer, free_port
+from server.rollout import RolloutError, rollout
+from server.settings import TritonSettings
+from training.generate import GenerateSpec, generate_transactions, write_transactions
+from training.pipeline import train_and_register
+from training.train import TrainParams
+from treeops.workspace import Workspace
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
+MODEL = "fraud"
+ADMIN_KEY = "test-admin-key-0123456789"
+
+
+class SteadyLoad:
+    """Threads scoring single rows without retries, recording failures and answering versions."""
+
+    def __init__(self, url: str, rows: np.ndarray, threads: int = 3) -> None:
+        self.url, self.rows = url, rows
+        self.stop = threading.Event()
+        self.ok, self.failures = 0, []
+        self.versions: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, seed: int) -> None:
+        with ScoringClient(self.url, MODEL, retries=0, timeout_s=5.0) as client:
+            i = seed
+            while not self.stop.is_set():
+                try:
+                    scores = client.score(self.rows[i % len(self.rows)][None, :])
+                    with self.lock:
+                        self.ok += 1
+                        self.versions.append((time.monotonic(), scores.model_version))
+                except ScoringError as exc:
+                    with self.lock:
+                        self.failures.append(str(exc))
+                i += 1
+
+    def __enter__(self) -> SteadyLoad:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=10)
+
+    def latest_version(self) -> str:
+        with self.lock:
+            return self.versions[-1][1]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """Workspace with v1 (champion, exported) and v2 (challenger), and a Triton with an admin key."""
+    before = mlflow.get_tracking_uri()
+    ws = Workspace(tmp_path_factory.mktemp("live"))
+    data = write_transactions(generate_transactions(GenerateSpec(rows=12_000, seed=21)), ws.data_dir / "t.parquet")
+    for rounds in (40, 15):
+        train_and_register(data, "is_fraud", MODEL, params=TrainParams(num_boost_round=rounds),
+                           tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    repo = ModelRepository(ws.model_repository)
+    export_model(MODEL, repo)
+    settings = TritonSettings(model_repository=ws.model_repository, grpc_port=free_port(), http_port=free_port(),
+                              metrics_port=free_port(), exit_timeout_s=5, admin_key=ADMIN_KEY)
+    server = TritonServer(settings, find_triton(None, ws.triton_dir), ws.reports_dir / "triton.log")
+    server.start(timeout_s=90, models=[MODEL])
+    features = load_features(repo.version_dir(MODEL, 1))
+    rows = features.matrix_raw(generate_transactions(GenerateSpec(rows=300, seed=5)))
+    try:
+        with AdminClient(settings.grpc_url, ADMIN_KEY) as admin:
+            yield ws, repo, server, admin, rows
+    finally:
+        server.stop()
+        mlflow.set_tracking_uri(before)
+
+
+def _wait_for_version(load: SteadyLoad, version: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while load.latest_version() != version:
+        assert time.monotonic() < deadline, f"answers never came from version {version}"
+        time.sleep(0.05)
+
+
+def test_promote_and_rollback_under_load_lose_nothing(live):
+    ws, repo, server, admin, rows = live
+    audit = AuditLog(ws.audit_log)
+    with SteadyLoad(server.settings.grpc_url, rows) as load:
+        time.sleep(1.0)
+        assert load.latest_version() == "1"
+        promote(MODEL, repo, audit, force=True, reason="zero-downtime drill")
+        result = rollout(MODEL, repo, admin, SyncSettings(retain_versions=5))
+        assert result.served == (2,)
+        _wait_for_version(load, "2")
+        time.sleep(0.5)
+        rollback(MODEL, audit, reason="drill done")
+        assert rollout(MODEL, repo, admin, SyncSettings(retain_versions=5)).served == (1,)
+        _wait_for_version(load, "1")
+        time.sleep(0.5)
+    assert load.failures == [], load.failures[:5]
+    seen = [v for _, v in load.versions]
+    assert load.ok > 200
+    # Answers switch 1 -> 2 -> 1, never interleaving back once the switch is done.
+    changes = [seen[0]] + [b for a, b in zip(seen, seen[1:]) if a != b]
+    assert changes[0] == "1" and "2" in changes and changes[-1] == "1"
+    assert Counter(seen)["2"] > 0
+
+
+def test_failed_load_keeps_the_old_version_serving(live):
+    ws, repo, server, admin, rows = live
+    data = ws.data_dir / "t.parquet"
+    train_and_register(data, "is_fraud", MODEL, params=TrainParams(num_boost_round=10),
+                       tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)  # v3, challenger
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    served_before = repo.read_config(MODEL)
+    audit = AuditLog(ws.audit_log)
+    promote(MODEL, repo, audit, force=True, reason="will fail to load")  # exports v3 through the gate
+    (repo.version_dir(MODEL, 3) / "model.onnx").write_bytes(b"corrupted after the parity gate")
+    with SteadyLoad(server.settings.grpc_url, rows) as load:
+        time.sleep(0.5)
+        with pytest.raises(RolloutError, match="previous config was restored"):
+            rollout(MODEL, repo, admin, SyncSettings(retain_versions=5), timeout_s=30)
+        time.sleep(1.0)
+    assert load.failures == [], load.failures[:5]
+    assert {v for _, v in load.versions} == {"1"}
+    assert repo.read_config(MODEL) == served_before
+    assert admin.model_ready(MODEL, 1)
+    rollback(MODEL, audit, reason="v3 failed to load")
+
+
+def test_sync_prunes_versions_without_alias_on_a_live_server(live):
+    ws, repo, server, admin, rows = live
+    assert set(repo.versions(MODEL)) >= {1, 2, 3}
+    result = rollout(MODEL, repo, admin, SyncSettings(retain_versions=0))
+    assert result.served == (1,)
+    assert set(result.pruned) == {2, 3}
+    assert repo.versions(MODEL) == [1]
+    with ScoringClient(server.settings.grpc_url, MODEL, retries=0) as client:
+        assert client.score(rows[:4]).model_version == "1"
+
