@@ -12,6 +12,7 @@ from export import registry
 from export.errors import ModelNotFoundError
 from export.pipeline import ExportSettings, export_version, write_served_config
 from export.repository import ModelRepository
+from export.triton_config import parse
 from training.tracking import CHALLENGER, CHAMPION
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,16 @@ def sync_repository(model_name: str, repository: ModelRepository, settings: Sync
     changed = previous != repository.read_config(model_name)
     log.info("repository %s: serving %s %s, exported %s", repository.root, model_name, served, exported)
     return SyncResult(model_name, tuple(served), aliases, tuple(exported), previous, changed)
+
+
+def current_target(repository: ModelRepository, model_name: str) -> str | None:
+    """The export target of the version the repository's config serves, if any."""
+    text = repository.read_config(model_name)
+    if not text:
+        return None
+    cfg = parse(text, source=str(repository.model_dir(model_name) / "config.pbtxt"))
+    versions = list(cfg.version_policy.specific.versions)
+    return repository.metadata(model_name, versions[0]).get("target") if versions else None
 
 
 def prune(model_name: str, repository: ModelRepository, keep: Iterable[int], retain: int) -> tuple[int, ...]:

@@ -284,16 +284,21 @@ def _model_control(url: str | None):
     return AdminClient(url, admin_key=key.get_secret_value() if key else None)
 
 
-def _rollout(ws: Workspace, model_name: str, triton_url: str | None, retain: int):
+def _rollout(ws: Workspace, model_name: str, triton_url: str | None, retain: int,
+             target: str | None = None, instance_kind: str | None = None):
     import mlflow
 
+    from export.pipeline import ExportSettings
     from export.repository import ModelRepository
-    from export.sync import SyncSettings
+    from export.sync import SyncSettings, current_target
+    from export.triton_config import ServingSettings
     from server.rollout import rollout
 
     mlflow.set_tracking_uri(ws.tracking_uri)
-    return rollout(model_name, ModelRepository(ws.model_repository), _model_control(triton_url),
-                   SyncSettings(retain_versions=retain))
+    repo = ModelRepository(ws.model_repository)
+    serving = ServingSettings(instance_kind=instance_kind) if instance_kind else ServingSettings()
+    export = ExportSettings(target=target or current_target(repo, model_name) or "python-onnx", serving=serving)
+    return rollout(model_name, repo, _model_control(triton_url), SyncSettings(retain_versions=retain, export=export))
 
 
 @app.command()
@@ -301,12 +306,14 @@ def sync(
     model_name: ModelOpt = "fraud",
     triton_url: TritonUrlOpt = None,
     retain: RetainOpt = 2,
+    target: Annotated[str | None, typer.Option(help="export target (default: what the repository serves, else python-onnx)")] = None,
+    instance_kind: Annotated[str | None, typer.Option(help="cpu or gpu model instances (gpu for GPU nodes)")] = None,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Make the Triton repository mirror the registry (aliases exported, champion served); idempotent."""
     ws = Workspace.resolve(workspace)
-    result = _rollout(ws, model_name, triton_url, retain)
+    result = _rollout(ws, model_name, triton_url, retain, target, instance_kind)
     _emit(as_json, result.to_dict(), [
         f"{model_name}: serving {list(result.served)}; aliases {result.aliases}; exported {list(result.exported)}; "
         f"pruned {list(result.pruned)}" + ("; Triton switched" if triton_url else ""),
