@@ -49,7 +49,7 @@ def test_train_on_bad_column_registers_nothing(tmp_path, treeops):
     generate_transactions(GenerateSpec(rows=500, seed=2)).drop("country").write_parquet(data)
     out = treeops("train", "--data", str(data), workspace=tmp_path)
     assert out.returncode == 1
-    assert "bad.parquet lacks required column(s) ['country']" in out.stderr
+    assert "bad.parquet FAILED contract" in out.stderr and "country present" in out.stderr
     assert _registered_models(tmp_path) == []
 
 
@@ -111,3 +111,22 @@ def test_loadtest_command_passes_and_fails_on_budgets(trained, triton, treeops):
     breach = treeops(*args, "--p99-ms", "0.001", workspace=trained.ws.root)
     assert breach.returncode == 1
     assert "p99_ms" in breach.stdout and "FAIL" in breach.stdout
+
+
+def test_validate_and_train_refuse_a_broken_file_listing_every_rule(tmp_path, treeops):
+    data = tmp_path / "broken.parquet"
+    frame = generate_transactions(GenerateSpec(rows=2_000, seed=6))
+    frame = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) == 10).then(-5.0).otherwise("amount").alias("amount"),
+        pl.when(pl.int_range(pl.len()) == 20).then(pl.lit("carrier pigeon")).otherwise("channel").alias("channel"),
+    ).drop("country")
+    frame.write_parquet(data)
+    checked = treeops("validate", "--data", str(data), "--json", workspace=tmp_path)
+    assert checked.returncode == 4, checked.stderr
+    failed = {(v["column"], v["rule"]) for v in json.loads(checked.stdout)["violations"]}
+    assert {("country", "present"), ("amount", "range"), ("channel", "allowed")} <= failed
+    refused = treeops("train", "--data", str(data), workspace=tmp_path)
+    assert refused.returncode == 1
+    assert "broken.parquet" in refused.stderr and "country" in refused.stderr and "channel" in refused.stderr
+    assert list((tmp_path / "reports").glob("contract-violations-*.json"))
+    assert _registered_models(tmp_path) == []

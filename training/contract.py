@@ -1,21 +1,23 @@
 """The data contract for raw input: declared columns and types, null rules and value rules.
 
 A `Contract` is a small declarative table: a schema (every column required, typed), the columns
-that may be null, and `Rule`s, each one Polars expression that is True on violating rows.
-`validate` evaluates all of them in one lazy query over the file and returns a `ContractReport`
-that lists every failed rule with its failing-row count and a few example rows.
+that may be null or must be unique, and `Rule`s, each one Polars expression that is True on
+violating rows. `validate` checks them all in one streaming query and returns a `ContractReport`
+listing every failed rule with its failing-row count and the first example rows (1-based).
 Only rules of severity `error` fail the report; `warning` rules are reported and let training go on.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import polars as pl
 
@@ -33,6 +35,7 @@ TABLE = "*"  # column name used for table-level rules
 _RAW = "__raw__"
 _INDEX = "__row__"
 _MASK = "__fails__"
+_DUP = "__repeats__"
 
 
 class Severity(StrEnum):
@@ -56,12 +59,13 @@ class Rule:
 @dataclass(frozen=True)
 class Contract:
     """Declared raw input: every `schema` column is required and must convert to its dtype;
-    columns not in `nullable` must have no nulls; `rules` check the values."""
+    columns not in `nullable` must have no nulls, `unique` columns no repeated value; `rules` check values."""
 
     name: str
     schema: Mapping[str, pl.DataType]
     rules: tuple[Rule, ...] = ()
     nullable: frozenset[str] = frozenset()
+    unique: tuple[str, ...] = ()
     min_rows: int = 1
 
 
@@ -116,7 +120,7 @@ class ContractReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: example values are text."""
         return {"source": self.source, "contract": self.contract, "rows": self.rows, "passed": self.passed,
-                "errors": len(self.errors), "warnings": len(self.warnings),
+                "errors": len(self.errors), "warnings": len(self.warnings), "seconds": round(self.seconds, 3),
                 "violations": [v.to_dict() for v in self.violations]}
 
     def render(self) -> str:
@@ -143,10 +147,9 @@ def fraud_contract(
     return Contract(
         name="card_transactions_v1",
         schema={**RAW_SCHEMA, target: pl.Int8()},
+        unique=("transaction_id",),
         rules=(
             Rule("transaction_id", "positive", c("transaction_id") <= 0, "> 0"),
-            Rule("transaction_id", "unique", c("transaction_id").is_duplicated() & c("transaction_id").is_not_null(),
-                 "no two rows share a value"),
             Rule("card_id", "non_negative", c("card_id") < 0, ">= 0"),  # the generator's card ids start at 0
             Rule("timestamp", "range", ~c("timestamp").is_between(first, last),
                  f"{first:%Y-%m-%d} .. {last:%Y-%m-%d %H:%M}"),
@@ -159,79 +162,101 @@ def fraud_contract(
 
 
 def validate(lf: pl.LazyFrame, contract: Contract, source: str) -> ContractReport:
-    """Check `lf` against `contract` in one lazy query; never raises for bad values, only for unreadable data."""
-    start = dt.datetime.now()
-    have = lf.collect_schema()
+    """Check `lf` against `contract`; bad values become violations, unreadable data raises DataError.
+
+    One streaming query converts the columns, evaluates each rule once and aggregates failing
+    counts, duplicate counts and the first failing row numbers. Only when something failed does
+    a second read fetch the example values and the first repeated rows of unique columns.
+    """
+    start = time.perf_counter()
+    try:
+        have = lf.collect_schema()
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"data file {source} cannot be read for validation: {exc}") from exc
     missing = [c for c in contract.schema if c not in have]
     present = {c: d for c, d in contract.schema.items() if c in have}
     converted = {c: _convert(c, have[c], d) for c, d in present.items() if have[c] != d}
+    unique = [c for c in contract.unique if c in present]
 
-    checks: list[tuple[str, str, str, Severity, pl.Expr, list[str]]] = []
+    checks: list[_Check] = []
     for col, dtype in present.items():
         raw = f"{_RAW}{col}" if col in converted else col
         if col in converted:
-            checks.append((col, "dtype", f"{dtype} (file has {have[col]})", Severity.ERROR,
-                           pl.col(raw).is_not_null() & pl.col(col).is_null(), [raw]))
+            checks.append(_Check(col, "dtype", f"converts to {dtype} (read as {have[col]})", Severity.ERROR,
+                                 pl.col(raw).is_not_null() & pl.col(col).is_null(), (raw,)))
         if col not in contract.nullable:
-            checks.append((col, "not_null", "no missing values", Severity.ERROR, pl.col(raw).is_null(), [raw]))
+            checks.append(_Check(col, "not_null", "no missing values", Severity.ERROR, pl.col(raw).is_null(), (raw,)))
     for rule in contract.rules:
-        needs = list(dict.fromkeys(rule.fails.meta.root_names()))
+        needs = tuple(dict.fromkeys(rule.fails.meta.root_names()))
         if absent := [n for n in needs if n not in have]:
             log.debug("rule %s/%s skipped: column(s) %s missing", rule.column, rule.name, absent)
             continue
-        checks.append((rule.column, rule.name, rule.expect, rule.severity, rule.fails.fill_null(False), needs))
+        checks.append(_Check(rule.column, rule.name, rule.expect, rule.severity, rule.fails.fill_null(False), needs))
 
-    # One query: convert types, evaluate each rule once into a mask column, then aggregate counts and examples.
-    frame = (
+    typed = (
         lf.with_row_index(_INDEX, offset=1)
         .with_columns(pl.col(c).alias(f"{_RAW}{c}") for c in converted)
         .with_columns(expr.alias(c) for c, expr in converted.items())
-        .with_columns(check[4].alias(f"{_MASK}{i}") for i, check in enumerate(checks))
     )
-    aggs = [pl.len().alias("rows")]
-    for i, (*_, cols) in enumerate(checks):
-        mask = pl.col(f"{_MASK}{i}")
-        first = [pl.col(n).filter(mask).head(EXAMPLES_PER_RULE) for n in (_INDEX, *cols)]  # filter before cast
-        shown = pl.struct(first[0].alias(ROW), *(e.cast(pl.String).alias(n.removeprefix(_RAW)) for e, n in zip(first[1:], cols)))
-        aggs += [mask.sum().alias(f"n{i}"), shown.implode().alias(f"x{i}")]
-    try:
-        result = frame.select(aggs).collect().row(0, named=True)
-    except pl.exceptions.PolarsError as exc:
-        raise DataError(f"data file {source} cannot be read for validation: {exc}") from exc
+    masked = typed.with_columns(check.fails.alias(f"{_MASK}{i}") for i, check in enumerate(checks))
+    aggs = [pl.len().alias("rows"), *(_repeats(c).alias(f"{_DUP}{c}") for c in unique)]
+    for i in range(len(checks)):
+        aggs += [pl.col(f"{_MASK}{i}").sum().alias(f"n{i}"), _first_rows(pl.col(f"{_MASK}{i}")).alias(f"x{i}")]
+    result = _run_all([masked.select(aggs)], source)[0].row(0, named=True)
+
+    failed = [(check, int(result[f"n{i}"]), result[f"x{i}"]) for i, check in enumerate(checks) if result[f"n{i}"]]
+    repeated = [c for c in unique if result[f"{_DUP}{c}"]]
+    shown = sorted({n for _, _, first in failed for n in first})
+    columns = sorted({c for check, _, _ in failed for c in check.columns})
+    # Example values, and the first repeated rows of unique columns, in one more (shared) read of the data.
+    queries = [typed.filter(pl.col(_INDEX).is_in(shown)).select(_INDEX, *(pl.col(c).cast(pl.String) for c in columns))]
+    queries += [typed.filter(pl.col(c).is_not_null() & ~pl.col(c).is_first_distinct())
+                .select(_INDEX, pl.col(c).cast(pl.String)).head(EXAMPLES_PER_RULE) for c in repeated]
+    found = _run_all(queries, source) if shown or repeated else [pl.DataFrame()]
+    values = {row[_INDEX]: row for row in found[0].iter_rows(named=True)}
+    for col, frame in zip(repeated, found[1:]):
+        for row in frame.iter_rows(named=True):
+            values.setdefault(row[_INDEX], {}).update(row)
+        check = _Check(col, "unique", "no value repeats an earlier row", Severity.ERROR, pl.lit(False), (col,))
+        failed.append((check, int(result[f"{_DUP}{col}"]), frame[_INDEX].to_list()))
 
     rows = int(result["rows"])
-    violations: list[Violation] = []
+    violations = [Violation(c, "present", rows, [], "column exists") for c in missing]
     if rows < contract.min_rows:
         violations.append(Violation(TABLE, "min_rows", 0, [], f">= {contract.min_rows} rows, found {rows}"))
-    violations += [Violation(c, "present", rows, [], "column exists") for c in missing]
-    for i, (col, name, expect, severity, _, _) in enumerate(checks):
-        if count := int(result[f"n{i}"]):
-            violations.append(Violation(col, name, count, list(result[f"x{i}"]), expect, severity))
+    for check, count, first in failed:
+        examples = [{ROW: n, **{c.removeprefix(_RAW): values[n][c] for c in check.columns}} for n in first]
+        violations.append(Violation(check.column, check.rule, count, examples, check.expect, check.severity))
     order = {c: i for i, c in enumerate([TABLE, *contract.schema])}
     violations.sort(key=lambda v: order.get(v.column, len(order)))
-    report = ContractReport(source, rows, tuple(violations), contract.name,
-                            (dt.datetime.now() - start).total_seconds())
+    report = ContractReport(source, rows, tuple(violations), contract.name, time.perf_counter() - start)
     log.info("%s: %d rows, %d error and %d warning rule(s) failed in %.2f s",
              source, rows, len(report.errors), len(report.warnings), report.seconds)
     return report
 
 
 def validate_file(path: Path | str, contract: Contract) -> ContractReport:
-    """Validate a CSV or Parquet file; CSV is read as text so a bad value anywhere is reported, not fatal."""
-    path = Path(path)
-    lf = scan_table(path)  # existence, type, emptiness and readability checks
-    if path.suffix.lower() == ".csv":
+    """Validate a CSV or Parquet file (local or s3://); CSV is read as text so that a bad value
+    anywhere is reported as a violation instead of failing the CSV parser."""
+    lf = scan_table(path)  # existence, suffix, emptiness and readability, with its clear errors
+    if str(path).lower().endswith(".csv"):
         lf = pl.scan_csv(path, infer_schema=False)
     return validate(lf, contract, str(path))
 
 
-def enforce(report: ContractReport) -> ContractReport:
-    """Return `report` when it passed; raise ContractViolationError when an error rule failed."""
-    if not report.passed:
-        raise ContractViolationError(report)
+def enforce(report: ContractReport, reports_dir: Path | None = None) -> ContractReport:
+    """Return `report` when no error rule failed (logging its warnings); otherwise save it as JSON
+    in `reports_dir` (when given) and raise ContractViolationError."""
     for v in report.warnings:
         log.warning("%s: %s %s (%s) fails on %d rows", report.source, v.column, v.rule, v.expect, v.failing_rows)
-    return report
+    if report.passed:
+        return report
+    saved = None
+    if reports_dir is not None:
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        saved = reports_dir / f"contract-violations-{Path(report.source).stem}.json"
+        saved.write_text(json.dumps(report.to_dict(), indent=2))
+    raise ContractViolationError(report, saved)
 
 
 def _convert(name: str, src: pl.DataType, dst: pl.DataType) -> pl.Expr:
@@ -241,16 +266,43 @@ def _convert(name: str, src: pl.DataType, dst: pl.DataType) -> pl.Expr:
         return col.str.strip_chars().str.to_datetime(time_unit=dst.time_unit, strict=False)
     if src == pl.String and dst.is_numeric():
         return col.str.strip_chars().cast(dst, strict=False)
-    try:  # a cast Polars refuses for these types (e.g. Boolean -> Datetime) fails every non-null value
-        pl.DataFrame(schema={name: src}).select(col.cast(dst, strict=False))
-    except pl.exceptions.PolarsError:
-        return pl.lit(None, dtype=dst)
-    return col.cast(dst, strict=False)
+    if src.is_float() and dst.is_integer():  # a cast would truncate 1.5 to 1
+        return pl.when(col == col.round()).then(col.cast(dst, strict=False))
+    if (
+        src == pl.Null
+        or (src.is_numeric() and dst.is_numeric())
+        or (isinstance(src, pl.Datetime | pl.Date) and isinstance(dst, pl.Datetime))
+        or (isinstance(src, pl.Categorical | pl.Enum) and dst == pl.String)
+    ):
+        return col.cast(dst, strict=False)
+    return pl.lit(None, dtype=dst)  # e.g. Boolean for a timestamp: Polars would cast it, the contract refuses it
+
+
+class _Check(NamedTuple):
+    column: str
+    rule: str
+    expect: str
+    severity: Severity
+    fails: pl.Expr
+    columns: tuple[str, ...]  # shown in examples (raw text for dtype and null checks)
+
+
+def _repeats(col: str) -> pl.Expr:
+    """Rows whose non-null value already appeared in an earlier row (streams, unlike is_duplicated)."""
+    return pl.col(col).count() - pl.col(col).drop_nulls().n_unique()
+
+
+def _first_rows(mask: pl.Expr) -> pl.Expr:
+    """Row numbers of the first failing rows (row numbers only: filtering text columns does not stream)."""
+    return pl.col(_INDEX).filter(mask).head(EXAMPLES_PER_RULE).implode()
+
+
+def _run_all(queries: list[pl.LazyFrame], source: str) -> list[pl.DataFrame]:
+    try:
+        return pl.collect_all(queries)
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"data file {source} cannot be read for validation: {exc}") from exc
 
 
 def _examples_text(v: Violation) -> str:
-    parts = []
-    for ex in v.examples:
-        values = [str(val) for key, val in ex.items() if key != ROW]
-        parts.append(f"{ex[ROW]}: {', '.join(values)}")
-    return "; ".join(parts)
+    return "; ".join(f"{e[ROW]}: " + ", ".join(str(x) for k, x in e.items() if k != ROW) for e in v.examples)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from training.contract import ContractReport
 
 
@@ -23,6 +25,8 @@ class TrackingError(TrainingError):
 class ContractViolationError(DataError):
     """The input data breaks error-level rules of its data contract; `report` lists every failed rule."""
 
-    def __init__(self, report: ContractReport) -> None:
+    def __init__(self, report: ContractReport, saved: Path | None = None) -> None:
         self.report = report
-        super().__init__(f"{report.summary()}; fix the data (`treeops validate --data {report.source}` shows examples)")
+        self.saved = saved
+        where = f"full report: {saved}" if saved else f"`treeops validate --data {report.source}` lists example rows"
+        super().__init__(f"{report.summary()}; fix the data ({where})")

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training import tracking
+from training.contract import enforce, fraud_contract, validate_file
 from training.errors import DataError
-from training.features import COLUMNS_SPEC, SPECS, FeatureSpec, columns_spec
+from training.features import COLUMNS_SPEC, FRAUD_FEATURES, SPECS, FeatureSpec, columns_spec
 from training.ingest import load_raw, scan_table
 from training.train import TrainParams, train_model
 
@@ -40,7 +41,8 @@ def choose_spec(data: Path | str, target: str, requested: str = "auto") -> Featu
     if target not in schema:
         raise DataError(f"target column {target!r} is not in {data}; columns: {list(schema)}")
     if requested == "auto":
-        fits = [s for s in SPECS.values() if set(s.raw_schema) <= set(schema)]
+        # Most of a named spec's columns present: use it, so the data contract names the missing ones.
+        fits = [s for s in SPECS.values() if 2 * len(set(s.raw_schema) & set(schema)) >= len(s.raw_schema)]
         return fits[0] if fits else columns_spec(schema, exclude=[target])
     if requested == COLUMNS_SPEC:
         return columns_spec(schema, exclude=[target])
@@ -58,12 +60,20 @@ def train_and_register(
     features: str = "auto",
     tracking_uri: str,
     artifact_root: Path | None,
+    reports_dir: Path | None = None,
 ) -> TrainOutcome:
-    """Validate `data`, train, then log and register; bad data stops before MLflow is touched."""
+    """Check the data contract, train, then log and register; bad data stops before MLflow is touched.
+
+    A refused file's violation report is written to `reports_dir`; an accepted one's goes into the run.
+    """
     spec = choose_spec(data, target, features)
+    report = None
+    if spec.name == FRAUD_FEATURES.name:
+        report = enforce(validate_file(data, fraud_contract(target=target)), reports_dir)
     raw = load_raw(data, spec.raw_schema, (target,))
     result = train_model(raw, spec, target, params)
     tracking.configure(tracking_uri, artifact_root)
     sample = raw.head(1000).collect()
-    registered = tracking.log_and_register(result, params, model_name, str(data), sample)
+    registered = tracking.log_and_register(result, params, model_name, str(data), sample,
+                                           contract=report.to_dict() if report else None)
     return TrainOutcome(registered, result.metrics, result.rows)

@@ -23,6 +23,7 @@ CHALLENGER = "challenger"
 FEATURES_ARTIFACT = "features/feature_spec.json"
 HOLDOUT_ARTIFACT = "holdout/holdout.parquet"
 MODEL_ARTIFACT = "model"
+CONTRACT_ARTIFACT = "contract/violations.json"
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,12 @@ def configure(tracking_uri: str, artifact_root: Path | None) -> str:
 
 
 def log_and_register(
-    result: TrainResult, params: TrainParams, model_name: str, data_source: str, data_sample: pl.DataFrame | None = None
+    result: TrainResult,
+    params: TrainParams,
+    model_name: str,
+    data_source: str,
+    data_sample: pl.DataFrame | None = None,
+    contract: dict | None = None,
 ) -> RegisteredModel:
     """Log params, metrics, feature spec, holdout and model in one run; register and alias it.
 
@@ -79,6 +85,8 @@ def log_and_register(
         mlflow.set_tags({"feature_spec": result.features.spec.name, "feature_spec_hash": result.features.spec_hash(),
                          "target": result.target})
         mlflow.log_dict(features_document(result), FEATURES_ARTIFACT)
+        if contract is not None:
+            mlflow.log_dict(contract, CONTRACT_ARTIFACT)
         with tempfile.TemporaryDirectory() as tmp:
             holdout = Path(tmp) / Path(HOLDOUT_ARTIFACT).name
             result.holdout.write_parquet(holdout)

@@ -29,6 +29,7 @@ EXPECTED_ERRORS = (TrainingError, ExportError, ServerError, LoadtestError, Monit
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_DRIFT = 3
+EXIT_CONTRACT = 4
 
 WorkspaceOpt = Annotated[
     Path | None, typer.Option("--workspace", envvar="TREEOPS_WORKSPACE", help="root of all state (default: current dir)")
@@ -102,13 +103,31 @@ def train(
     ws = Workspace.resolve(workspace)
     params = TrainParams(objective=objective, seed=seed, num_boost_round=max_rounds)
     outcome = train_and_register(data, target, model_name, params=params, features=features,
-                                 tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
+                                 tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root,
+                                 reports_dir=ws.reports_dir)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items() if k != "best_iteration")
     _emit(as_json, outcome.to_dict(), [
         f"registered {model_name} version {outcome.registered.version} as @{outcome.registered.alias} "
         f"(run {outcome.registered.run_id})",
         f"test: {shown} ({int(outcome.metrics['best_iteration']) + 1} trees)",
     ])
+
+
+@app.command("validate")
+def validate_cmd(
+    data: Annotated[str, typer.Option(help="CSV or Parquet file: a local path or s3://bucket/key")],
+    target: Annotated[str, typer.Option(help="label column")] = "is_fraud",
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a raw data file against the card-transaction data contract; exit 4 when an error rule fails."""
+    from training.contract import fraud_contract, validate_file
+
+    Workspace.resolve(workspace)
+    report = validate_file(data, fraud_contract(target=target))
+    _emit(as_json, report.to_dict(), report.render().splitlines())
+    if not report.passed:
+        raise typer.Exit(EXIT_CONTRACT)
 
 
 @app.command("export")
