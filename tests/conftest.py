@@ -68,9 +68,12 @@ def triton(trained: TrainedWorkspace) -> Iterator[TritonServer]:
 TREEOPS = str(Path(sys.executable).parent / "treeops")
 
 
-def run_treeops(*args: str, workspace: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the installed `treeops` command in `workspace` (embedded MLflow, whatever the environment says)."""
+def run_treeops(*args: str, workspace: Path, timeout: float = 300, mlflow_uri: str | None = None
+                ) -> subprocess.CompletedProcess[str]:
+    """Run the installed `treeops` command in `workspace`: embedded MLflow unless `mlflow_uri` is given."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if mlflow_uri:
+        env["MLFLOW_TRACKING_URI"] = mlflow_uri
     return subprocess.run([TREEOPS, *args, "--workspace", str(workspace)], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
