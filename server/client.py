@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,10 @@ def load_features(version_dir: Path) -> FittedFeatures:
     return load_fitted(data)
 
 
-def score_raw(client: ScoringClient, features: FittedFeatures, raw: pl.DataFrame) -> Scores:
-    """Compute features from raw transaction rows with the model's spec, then score them."""
+def score_raw(
+    client: ScoringClient, features: FittedFeatures, raw: pl.DataFrame | Sequence[Mapping[str, Any]]
+) -> Scores:
+    """Compute features from raw rows (a DataFrame or dicts of raw fields) with the model's spec, then score."""
+    if not isinstance(raw, pl.DataFrame):
+        raw = pl.DataFrame(list(raw), schema=features.spec.raw_schema, strict=False)
     return client.score(features.matrix_raw(raw))

@@ -69,3 +69,12 @@ def test_unknown_model_names_the_model(triton):
     with ScoringClient(triton.settings.grpc_url, model_name="nope", retries=0) as client:
         with pytest.raises(ScoringError, match="nope"):
             client.score(np.zeros((1, 10), dtype=np.float32))
+
+
+def test_scoring_dicts_of_raw_fields_equals_the_dataframe_route(triton, champion):
+    _, features, raw = champion
+    records = raw.head(20).to_dicts()
+    with ScoringClient(triton.settings.grpc_url) as client:
+        from_dicts = score_raw(client, features, records)
+        from_frame = score_raw(client, features, raw.head(20))
+    np.testing.assert_array_equal(from_dicts.probabilities, from_frame.probabilities)
