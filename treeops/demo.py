@@ -69,10 +69,10 @@ class DemoSummary:
         ]
         if "loadtest" in v:
             lt = v["loadtest"]
-            lines.append(f"  locust ({lt['duration_s']} s)      {lt['rps']:.0f} req/s, p50 {lt['p50_ms']:.1f} ms, "
+            lines.append(f"  {'locust (' + str(lt['duration_s']) + ' s)':<21}{lt['rps']:.0f} req/s, p50 {lt['p50_ms']:.1f} ms, "
                          f"p99 {lt['p99_ms']:.1f} ms, {lt['failures']} failures -> {'PASS' if lt['passed'] else 'FAIL'}")
         lines += [
-            f"  reports              {v['loadtest']['report'] if 'loadtest' in v else ''}",
+            f"  load test report     {v['loadtest']['report'] if 'loadtest' in v else '-'}",
             f"  drift, current batch {'DRIFT' if v['drift_current'] else 'no drift'} ({v['drift_current_report']})",
             f"  drift, shifted batch {'DRIFT' if v['drift_shifted'] else 'no drift'} ({v['drift_shifted_report']})",
             f"  wall time            {v['wall_s']:.1f} s",
