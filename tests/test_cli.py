@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -130,3 +131,39 @@ def test_validate_and_train_refuse_a_broken_file_listing_every_rule(tmp_path, tr
     assert "broken.parquet" in refused.stderr and "country" in refused.stderr and "channel" in refused.stderr
     assert list((tmp_path / "reports").glob("contract-violations-*.json"))
     assert _registered_models(tmp_path) == []
+
+
+
+@pytest.mark.triton
+def test_serve_runs_until_sigterm_and_leaves_nothing_behind(trained):
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from conftest import TREEOPS
+
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen([TREEOPS, "serve", "--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port",
+                             ports[2], "--workspace", str(trained.ws.root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/models/fraud/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "treeops serve did not become ready"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert "Triton stopped (exit code 0)" in out
+    leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.strip()
+    assert not leftover, f"processes left in the session: {leftover}"

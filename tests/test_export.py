@@ -17,6 +17,7 @@ from export.pipeline import export_model
 from export.repository import ModelRepository
 from export.targets import TARGETS, get_target
 from export.triton_config import ServingSettings, TensorSpec, model_config, parse, render
+from training.train import TrainParams
 
 
 def _booster(objective: str, n: int = 400, features: int = 5, **extra) -> xgb.Booster:
@@ -123,3 +124,30 @@ def test_failed_export_leaves_no_version_folder(trained, tmp_path, monkeypatch):
     model_dir = repo.model_dir("fraud")
     assert repo.versions("fraud") == []
     assert not model_dir.exists() or list(model_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(("loader", "objective", "outputs"), [("load_iris", "multiclass", 3), ("load_diabetes", "regression", 1)])
+def test_multiclass_and_regression_versions_export_through_the_gate(tmp_path, loader, objective, outputs):
+    import polars as pl
+    from sklearn import datasets
+
+    from training.pipeline import train_and_register
+    from treeops.workspace import Workspace
+
+    before = mlflow.get_tracking_uri()
+    try:
+        frame = pl.from_pandas(getattr(datasets, loader)(as_frame=True).frame).sample(fraction=1.0, shuffle=True, seed=1)
+        frame.write_parquet(tmp_path / "d.parquet")
+        ws = Workspace(tmp_path)
+        train_and_register(tmp_path / "d.parquet", "target", "byo", params=TrainParams(num_boost_round=30),
+                           tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
+        mlflow.set_tracking_uri(ws.tracking_uri)
+        repo = ModelRepository(ws.model_repository)
+        result = export_model("byo", repo)
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert result.parity is not None and result.parity.passed and result.parity.rows > 1000
+    meta = json.loads((result.version_dir / "treeops.json").read_text())
+    assert meta["n_outputs"] == outputs and meta["objective"]["kind"] == objective
+    config = parse(repo.read_config("byo"))
+    assert list(config.output[0].dims) == [outputs]
