@@ -78,3 +78,28 @@ def test_scoring_dicts_of_raw_fields_equals_the_dataframe_route(triton, champion
         from_dicts = score_raw(client, features, records)
         from_frame = score_raw(client, features, raw.head(20))
     np.testing.assert_array_equal(from_dicts.probabilities, from_frame.probabilities)
+
+
+def test_metrics_endpoint_counts_requests_and_publishes_latency_summaries(triton, champion):
+    import urllib.request
+
+    _, features, raw = champion
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(triton.settings.metrics_url, timeout=5) as resp:
+            text = resp.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line.startswith("nv_inference") and 'model="fraud"' in line:
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    before = scrape()
+    with ScoringClient(triton.settings.grpc_url) as client:
+        for i in range(7):
+            client.score(features.matrix_raw(raw.slice(i, 1)))
+    after = scrape()
+    key = 'nv_inference_request_success{model="fraud",version="1"}'
+    assert after[key] - before.get(key, 0) == 7
+    assert any(k.startswith("nv_inference_request_summary_us") and 'quantile="0.99"' in k for k in after)
