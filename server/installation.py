@@ -59,7 +59,8 @@ def _env_path(name: str) -> Path | None:
 
 
 def _python_env() -> dict[str, str]:
-    return {"PATH": str(Path(sys.executable).parent)}
+    """This interpreter's bin/ first on PATH (the stub runs `python3`); no __pycache__ in version folders."""
+    return {"PATH": str(Path(sys.executable).parent), "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def _from_wheel(workdir: Path) -> TritonInstallation:
