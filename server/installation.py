@@ -59,8 +59,7 @@ def _env_path(name: str) -> Path | None:
 
 
 def _python_env() -> dict[str, str]:
-    """This interpreter's bin/ first on PATH (the stub runs `python3`); no __pycache__ in version folders."""
-    return {"PATH": str(Path(sys.executable).parent), "PYTHONDONTWRITEBYTECODE": "1"}
+    return {"PATH": str(Path(sys.executable).parent)}
 
 
 def _from_wheel(workdir: Path) -> TritonInstallation:
