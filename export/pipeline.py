@@ -16,8 +16,9 @@ from export import registry
 from export.errors import ExportError
 from export.parity import ParityReport, check_parity, gate_rows, require
 from export.repository import FEATURES_FILE, METADATA_FILE, PARITY_FILE, ModelRepository, write_json
+from export.raw_graph import raw_feeds, raw_inputs
 from export.targets import get_target
-from export.triton_config import ServingSettings
+from export.triton_config import ServingSettings, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class ExportSettings:
     target: str = "python-onnx"
     serving: ServingSettings = field(default_factory=ServingSettings)
     tolerance: float = 1e-5
+    raw_inputs: bool = False  # serve raw transaction fields; stateless features computed in the graph
 
 
 @dataclass(frozen=True)
@@ -87,18 +89,24 @@ def export_version(
     n_features = len(bundle.fitted.spec.names)
     categorical = {i: len(bundle.fitted.vocabularies[f.name])
                    for i, f in enumerate(bundle.fitted.spec.features) if f.categorical}
-    rows = gate_rows(bundle.booster, bundle.fitted.matrix(bundle.holdout), categorical=categorical)
     if target.n_outputs(bundle.booster) != bundle.objective.n_outputs:
         raise ExportError(
             f"{model_name} version {ref.version}: the booster has {target.n_outputs(bundle.booster)} outputs but its "
             f"objective {bundle.objective.to_dict()} expects {bundle.objective.n_outputs}; the version is inconsistent"
         )
+    raw = bundle.fitted if settings.raw_inputs else None
+    if raw is not None and not target.supports_raw_inputs:
+        raise ExportError(f"target {settings.target!r} cannot serve raw inputs; use python-onnx or onnxruntime")
+    inputs = [r.tensor_spec() for r in raw_inputs(raw)] if raw is not None else None
     with repository.stage_version(model_name, ref.version) as staging:
-        target.write_artifacts(bundle.booster, n_features, staging)
-        scorer = target.scorer(staging)
-        if scorer is not None:
+        target.write_artifacts(bundle.booster, n_features, staging, raw)
+        if raw is not None:
+            report = _raw_parity(bundle, target.raw_scorer(staging), settings.tolerance)
+        elif (scorer := target.scorer(staging)) is not None:
+            rows = gate_rows(bundle.booster, bundle.fitted.matrix(bundle.holdout), categorical=categorical)
             report = check_parity(bundle.booster, scorer, rows, tolerance=settings.tolerance,
                                   threshold=bundle.objective.threshold)
+        if report is not None:
             write_json(staging / PARITY_FILE, report.to_dict())
             require(report, f"{settings.target} export of {model_name} version {ref.version}")
         write_json(staging / FEATURES_FILE, bundle.features)
@@ -110,6 +118,8 @@ def export_version(
             "n_features": n_features,
             "n_outputs": bundle.objective.n_outputs,
             "input_name": target.input_name,
+            "raw_inputs": raw is not None,
+            "inputs": [dataclasses.asdict(t) for t in inputs] if inputs else None,
             "output_name": target.output_name,
             "objective": bundle.objective.to_dict(),
             "aliases_at_export": list(ref.aliases),
@@ -139,7 +149,9 @@ def write_served_config(
     target = get_target(meta["target"])
     parameters = {f"{alias}_version": str(v) for alias, v in sorted(aliases.items())}
     parameters["feature_spec_hash"] = str(meta.get("feature_spec_hash"))
-    cfg = target.model_config(model_name, int(meta["n_features"]), int(meta["n_outputs"]), serving, served, parameters)
+    inputs = [TensorSpec(t["name"], tuple(t["dims"]), t["data_type"]) for t in meta["inputs"]] if meta.get("inputs") else None
+    cfg = target.model_config(model_name, int(meta["n_features"]), int(meta["n_outputs"]), serving, served, parameters,
+                              inputs=inputs)
     previous = repository.read_config(model_name) or ""
     repository.write_config(cfg)
     return previous
@@ -160,6 +172,14 @@ def export_model(
     served = [champion] if champion in repository.versions(model_name) else [result.version]
     write_served_config(model_name, repository, served, aliases, settings.serving)
     return dataclasses.replace(result, served_versions=tuple(served))
+
+
+def _raw_parity(bundle: registry.ModelBundle, scorer, tolerance: float) -> ParityReport:
+    """Raw-input graph on the held-out raw rows vs Polars features + xgboost on the same rows."""
+    raw = bundle.raw_holdout
+    served = scorer(raw_feeds(bundle.fitted, raw))
+    return check_parity(bundle.booster, lambda _features: served, bundle.fitted.matrix_raw(raw),
+                        tolerance=tolerance, threshold=bundle.objective.threshold)
 
 
 def _log_parity(run_id: str, report: ParityReport) -> None:

@@ -16,8 +16,9 @@ loudly (FeatureCompileError) instead of being served with different arithmetic.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -258,3 +259,20 @@ def raw_feeds(fitted: FittedFeatures, raw: pl.DataFrame) -> dict[str, np.ndarray
             col = raw[r.name].cast(pl.Float64).fill_null(float("nan")).to_numpy()
         feeds[r.name] = np.asarray(col, dtype=_NUMPY_TYPES[r.dtype]).reshape(-1, 1)
     return feeds
+
+
+def serving_graph(booster: xgb.Booster, n_features: int, raw: FittedFeatures | None = None) -> onnx.ModelProto:
+    """The ONNX model a target writes: trees on the feature tensor, or the raw-input graph when `raw` is given."""
+    return compile_raw_model(raw, booster) if raw is not None else to_onnx(booster, n_features)
+
+
+def raw_file_scorer(path: Path) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """Score raw feeds (see `raw_feeds`) with a written raw-input model, in-process."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def score(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        return session.run([OUTPUT_NAME], dict(feeds))[0]
+
+    return score

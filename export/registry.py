@@ -15,7 +15,7 @@ from export.errors import ExportError, ModelNotFoundError
 from training.errors import DataError
 from training.features import FittedFeatures, load_fitted
 from training.objectives import Objective
-from training.tracking import FEATURES_ARTIFACT, HOLDOUT_ARTIFACT
+from training.tracking import FEATURES_ARTIFACT, HOLDOUT_ARTIFACT, RAW_HOLDOUT_ARTIFACT
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class ModelBundle:
     features: dict[str, Any]
     fitted: FittedFeatures
     holdout: pl.DataFrame  # computed features of the held-out rows + target
+    raw_holdout: pl.DataFrame  # raw columns of the first held-out rows
     target: str
     objective: Objective
 
@@ -118,6 +119,9 @@ def load_bundle(ref: ModelVersionRef, scratch: Path) -> ModelBundle:
         fitted = load_fitted(features)
         _ = features["target"], features["objective"]
         holdout = pl.read_parquet(hold_path)
+        raw_path = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=RAW_HOLDOUT_ARTIFACT,
+                                                       dst_path=str(scratch))
+        raw_holdout = pl.read_parquet(raw_path)
     except (MlflowException, OSError, ValueError, xgb.core.XGBoostError, pl.exceptions.PolarsError, DataError,
             KeyError) as exc:
         raise ExportError(
@@ -133,4 +137,5 @@ def load_bundle(ref: ModelVersionRef, scratch: Path) -> ModelBundle:
             f"model {ref.name!r} version {ref.version}: the booster takes {n_model} features but its feature spec "
             f"lists {n_spec}; the version was registered with the wrong spec"
         )
-    return ModelBundle(ref, booster, features, fitted, holdout, features["target"], Objective.from_dict(features["objective"]))
+    return ModelBundle(ref, booster, features, fitted, holdout, raw_holdout, features["target"],
+                       Objective.from_dict(features["objective"]))

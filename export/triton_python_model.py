@@ -1,8 +1,10 @@
 """Triton Python-backend model: runs the version's `model.onnx` with ONNX Runtime.
 
 This file is copied as `model.py` into every version folder and runs inside Triton's stub
-process: it imports nothing from treeops. Tensor names come from the model config. All requests of a dynamic batch are scored in one
-ONNX Runtime call.
+process: it imports nothing from treeops. Tensor names come from the model config, whose
+inputs are the ONNX graph's inputs: one feature tensor, or several raw fields (strings
+arrive as bytes and are decoded). All requests of a dynamic batch are scored in one ONNX
+Runtime call.
 """
 
 import json
@@ -28,15 +30,20 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
         self.session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options, providers=providers)
-        self.onnx_input = self.session.get_inputs()[0].name
         self.input = config["input"][0]["name"]
+        self.inputs = [i["name"] for i in config["input"]]
+        self.strings = {i["name"] for i in config["input"] if i["data_type"] == "TYPE_STRING"}
         self.output = config["output"][0]["name"]
         self.outputs = [self.output]
 
     def execute(self, requests):
-        arrays = [pb_utils.get_input_tensor_by_name(r, self.input).as_numpy() for r in requests]
-        batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-        probabilities = self.session.run(self.outputs, {self.onnx_input: batch})[0]
+        if len(self.inputs) == 1:
+            arrays = [pb_utils.get_input_tensor_by_name(r, self.input).as_numpy() for r in requests]
+            feeds = {self.input: arrays[0] if len(arrays) == 1 else np.concatenate(arrays)}
+        else:
+            feeds = {name: self._gather(requests, name) for name in self.inputs}
+            arrays = [pb_utils.get_input_tensor_by_name(r, self.input).as_numpy() for r in requests]
+        probabilities = self.session.run(self.outputs, feeds)[0]
         responses = []
         start = 0
         for rows in arrays:
@@ -45,6 +52,13 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
             start = stop
         return responses
+
+    def _gather(self, requests, name):
+        parts = [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
+        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if name in self.strings:
+            batch = np.array([v.decode("utf-8", "replace") for v in batch.ravel()], dtype=object).reshape(batch.shape)
+        return batch
 
     def finalize(self):
         self.session = None

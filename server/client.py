@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aiogrpcclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from server.errors import ScoringError, ServerError
 from training.features import FittedFeatures, load_fitted
@@ -97,17 +97,29 @@ class _ScoringBase:
     def _connect(self, url: str, tls: dict[str, object]) -> Any:
         raise NotImplementedError
 
-    def _chunks(self, features: np.ndarray) -> list[np.ndarray]:
-        x = np.ascontiguousarray(features, dtype=np.float32)
-        if x.ndim != 2 or x.shape[0] == 0:
-            raise ScoringError(f"expected a non-empty 2-D feature matrix, got shape {x.shape}")
-        return [x[start : start + self.max_rows_per_request] for start in range(0, len(x), self.max_rows_per_request)]
+    def _chunks(self, feeds: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        rows = {len(v) for v in feeds.values()}
+        if not feeds or len(rows) != 1 or 0 in rows or any(v.ndim != 2 for v in feeds.values()):
+            shapes = {k: v.shape for k, v in feeds.items()}
+            raise ScoringError(f"expected non-empty 2-D inputs with the same number of rows, got shapes {shapes}")
+        n = rows.pop()
+        step = self.max_rows_per_request
+        return [{k: v[start : start + step] for k, v in feeds.items()} for start in range(0, n, step)]
 
     @staticmethod
-    def _request(x: np.ndarray) -> tuple[list[grpcclient.InferInput], list[grpcclient.InferRequestedOutput]]:
-        inp = grpcclient.InferInput(INPUT_NAME, list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        return [inp], [grpcclient.InferRequestedOutput(OUTPUT_NAME)]
+    def _features(features: np.ndarray) -> dict[str, np.ndarray]:
+        return {INPUT_NAME: np.ascontiguousarray(features, dtype=np.float32)}
+
+    @staticmethod
+    def _request(
+        feeds: Mapping[str, np.ndarray],
+    ) -> tuple[list[grpcclient.InferInput], list[grpcclient.InferRequestedOutput]]:
+        inputs = []
+        for name, values in feeds.items():
+            inp = grpcclient.InferInput(name, list(values.shape), np_to_triton_dtype(values.dtype))
+            inp.set_data_from_numpy(np.ascontiguousarray(values))
+            inputs.append(inp)
+        return inputs, [grpcclient.InferRequestedOutput(OUTPUT_NAME)]
 
     def _should_retry(self, exc: InferenceServerException, attempt: int) -> bool:
         return exc.status() in RETRYABLE and attempt < self.retries
@@ -146,10 +158,14 @@ class ScoringClient(_ScoringBase):
 
     def score(self, features: np.ndarray) -> Scores:
         """Score a float32 feature matrix (rows x features in feature-spec order)."""
-        return self._scores([self._infer(x) for x in self._chunks(features)])
+        return self.score_inputs(self._features(features))
 
-    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, str]:
-        inputs, outputs = self._request(x)
+    def score_inputs(self, feeds: Mapping[str, np.ndarray]) -> Scores:
+        """Score named input tensors of equal row count (e.g. a raw-input model's `raw_feeds`)."""
+        return self._scores([self._infer(part) for part in self._chunks(feeds)])
+
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
+        inputs, outputs = self._request(feeds)
         for attempt in range(self.retries + 1):
             try:
                 result = self._client.infer(
@@ -191,10 +207,14 @@ class AsyncScoringClient(_ScoringBase):
 
     async def score(self, features: np.ndarray) -> Scores:
         """Score a float32 feature matrix (rows x features in feature-spec order)."""
-        return self._scores(list(await asyncio.gather(*(self._infer(x) for x in self._chunks(features)))))
+        return await self.score_inputs(self._features(features))
 
-    async def _infer(self, x: np.ndarray) -> tuple[np.ndarray, str]:
-        inputs, outputs = self._request(x)
+    async def score_inputs(self, feeds: Mapping[str, np.ndarray]) -> Scores:
+        """Score named input tensors of equal row count; chunks are sent concurrently."""
+        return self._scores(list(await asyncio.gather(*(self._infer(part) for part in self._chunks(feeds)))))
+
+    async def _infer(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
+        inputs, outputs = self._request(feeds)
         for attempt in range(self.retries + 1):
             try:
                 result = await self._client.infer(

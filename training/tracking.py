@@ -22,6 +22,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 FEATURES_ARTIFACT = "features/feature_spec.json"
 HOLDOUT_ARTIFACT = "holdout/holdout.parquet"
+RAW_HOLDOUT_ARTIFACT = "holdout/raw.parquet"
 MODEL_ARTIFACT = "model"
 CONTRACT_ARTIFACT = "contract/violations.json"
 
@@ -88,9 +89,10 @@ def log_and_register(
         if contract is not None:
             mlflow.log_dict(contract, CONTRACT_ARTIFACT)
         with tempfile.TemporaryDirectory() as tmp:
-            holdout = Path(tmp) / Path(HOLDOUT_ARTIFACT).name
-            result.holdout.write_parquet(holdout)
-            mlflow.log_artifact(str(holdout), Path(HOLDOUT_ARTIFACT).parent.as_posix())
+            for frame, artifact in ((result.holdout, HOLDOUT_ARTIFACT), (result.raw_holdout, RAW_HOLDOUT_ARTIFACT)):
+                path = Path(tmp) / Path(artifact).name
+                frame.write_parquet(path)
+                mlflow.log_artifact(str(path), Path(artifact).parent.as_posix())
         _log_lineage(result)
         info = mlflow.xgboost.log_model(result.booster, name=MODEL_ARTIFACT, model_format="json")
         run_id = run.info.run_id

@@ -16,6 +16,8 @@ from training.objectives import Objective, infer_objective
 
 log = logging.getLogger(__name__)
 
+RAW_HOLDOUT_ROWS = 20_000
+
 
 @dataclass(frozen=True)
 class TrainParams:
@@ -60,6 +62,7 @@ class TrainResult:
     features: FittedFeatures
     metrics: dict[str, float]
     holdout: pl.DataFrame  # computed (not yet encoded) features of the test rows + target
+    raw_holdout: pl.DataFrame  # the first test rows as raw columns, for raw-input export parity
     test_predictions: np.ndarray  # P(positive) for binary, class probabilities, or predicted values
     rows: dict[str, int] = field(default_factory=dict)
 
@@ -82,6 +85,7 @@ def train_model(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: Train
     fitted = spec.fit(computed.head(n_train))
     y = objective.encode_labels(computed[target])
     holdout = computed.slice(n_train + n_valid)
+    raw_holdout = ordered.select(*spec.raw_schema).slice(n_train + n_valid, RAW_HOLDOUT_ROWS).collect()
     x = fitted.matrix(computed)
     del computed
     empty = [spec.names[i] for i in np.where(np.isnan(x[:n_train]).all(axis=0))[0]]
@@ -105,7 +109,7 @@ def train_model(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: Train
     metrics["best_iteration"] = float(best)
     log.info("trained %s model with %d trees; test %s %.4f", objective.kind, best + 1, objective.primary_metric,
              metrics[objective.primary_metric])
-    return TrainResult(booster, target, objective, fitted, metrics, holdout, pred,
+    return TrainResult(booster, target, objective, fitted, metrics, holdout, raw_holdout, pred,
                        {"train": n_train, "valid": n_valid, "test": n_test})
 
 

@@ -136,6 +136,7 @@ def export_cmd(
     alias: Annotated[str, typer.Option(help="registry alias to export")] = "champion",
     version: Annotated[int | None, typer.Option(help="export this version number instead of the alias")] = None,
     target: Annotated[str, typer.Option(help="python-onnx (runs here), onnxruntime or fil (NGC container backends)")] = "python-onnx",
+    raw_inputs: Annotated[bool, typer.Option(help="serve raw transaction fields; stateless features run in the graph")] = False,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -148,7 +149,7 @@ def export_cmd(
     ws = Workspace.resolve(workspace)
     mlflow.set_tracking_uri(ws.tracking_uri)
     result = export_model(model_name, ModelRepository(ws.model_repository), alias=None if version else alias,
-                          version=version, settings=ExportSettings(target=target))
+                          version=version, settings=ExportSettings(target=target, raw_inputs=raw_inputs))
     parity = result.parity
     lines = [f"{'kept' if result.already_present else 'wrote'} {result.version_dir} "
              f"(serving versions {list(result.served_versions)})"]

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.onnx_convert import INPUT_NAME, OUTPUT_NAME
 from export.onnx_convert import n_outputs as served_width
 from export.parity import Scorer
-from export.triton_config import ServingSettings
+from export.triton_config import ServingSettings, TensorSpec
+from training.features import FittedFeatures
 
 
 class ExportTarget(ABC):
@@ -22,14 +24,23 @@ class ExportTarget(ABC):
     #: Served tensor names (clients should read them from here or from the model's metadata).
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
+    #: Whether the target can serve the raw-input graph (`export/raw_graph.py`) instead of features.
+    supports_raw_inputs: bool = False
 
     def n_outputs(self, booster: xgb.Booster) -> int:
         """Width of the served output: 2 (binary probabilities), num_class, or 1 (regression value)."""
         return served_width(booster)
 
     @abstractmethod
-    def write_artifacts(self, booster: xgb.Booster, n_features: int, version_dir: Path) -> None:
-        """Write the files Triton loads into `version_dir` (a staging folder)."""
+    def write_artifacts(
+        self, booster: xgb.Booster, n_features: int, version_dir: Path, raw_features: FittedFeatures | None = None
+    ) -> None:
+        """Write the files Triton loads into `version_dir` (a staging folder); with `raw_features`, the
+        model takes raw fields and computes the stateless features itself (only where supported)."""
+
+    def raw_scorer(self, version_dir: Path) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
+        """An in-process scorer of a written raw-input model (feeds by input name), where supported."""
+        return None
 
     @abstractmethod
     def scorer(self, version_dir: Path) -> Scorer | None:
@@ -44,5 +55,6 @@ class ExportTarget(ABC):
         serving: ServingSettings,
         versions: Sequence[int],
         parameters: Mapping[str, str],
+        inputs: Sequence[TensorSpec] | None = None,
     ) -> mc.ModelConfig:
-        """The model's config, serving `versions`."""
+        """The model's config, serving `versions`; `inputs` replaces the one feature tensor (raw inputs)."""

@@ -25,6 +25,7 @@ from export.onnx_convert import objective_of, task_of
 from export.parity import Scorer
 from export.targets.base import ExportTarget
 from export.triton_config import ServingSettings, TensorSpec, model_config
+from training.features import FittedFeatures
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,12 @@ class FilTarget(ExportTarget):
     input_name = "input__0"
     output_name = "output__0"
 
-    def write_artifacts(self, booster: xgb.Booster, n_features: int, version_dir: Path) -> None:
+    def write_artifacts(
+        self, booster: xgb.Booster, n_features: int, version_dir: Path, raw_features: FittedFeatures | None = None
+    ) -> None:
+        if raw_features is not None:
+            raise UnsupportedModelError("the fil target serves feature tensors only; export raw inputs with "
+                                        "--target python-onnx or onnxruntime")
         task_of(booster)  # refuses objectives the served probabilities would get wrong
         model = legacy_xgboost_json(booster)
         (version_dir / MODEL_FILE).write_text(json.dumps(model))
@@ -69,7 +75,10 @@ class FilTarget(ExportTarget):
         serving: ServingSettings,
         versions: Sequence[int],
         parameters: Mapping[str, str],
+        inputs: Sequence[TensorSpec] | None = None,
     ) -> mc.ModelConfig:
+        if inputs is not None:
+            raise UnsupportedModelError("the fil backend takes one feature tensor; raw inputs are not supported")
         classifier = n_outputs > 1  # every classifier here serves probabilities; a regressor serves 1 value
         fil = {
             "model_type": "xgboost_json",

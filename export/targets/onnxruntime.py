@@ -8,17 +8,20 @@ Triton (it reports "unable to find backend library"); use the NGC container.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.onnx_convert import file_scorer, to_onnx
+from export.onnx_convert import file_scorer
 from export.parity import Scorer
+from export.raw_graph import raw_file_scorer, serving_graph
 from export.targets.base import ExportTarget
 from export.triton_config import ServingSettings, TensorSpec, model_config
+from training.features import FittedFeatures
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +33,18 @@ class OnnxRuntimeTarget(ExportTarget):
 
     name = "onnxruntime"
 
-    def write_artifacts(self, booster: xgb.Booster, n_features: int, version_dir: Path) -> None:
-        onnx.save_model(to_onnx(booster, n_features), version_dir / ONNX_FILE)
+    supports_raw_inputs = True
+
+    def write_artifacts(
+        self, booster: xgb.Booster, n_features: int, version_dir: Path, raw_features: FittedFeatures | None = None
+    ) -> None:
+        onnx.save_model(serving_graph(booster, n_features, raw_features), version_dir / ONNX_FILE)
 
     def scorer(self, version_dir: Path) -> Scorer:
         return file_scorer(version_dir / ONNX_FILE)
+
+    def raw_scorer(self, version_dir: Path) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+        return raw_file_scorer(version_dir / ONNX_FILE)
 
     def model_config(
         self,
@@ -44,6 +54,7 @@ class OnnxRuntimeTarget(ExportTarget):
         serving: ServingSettings,
         versions: Sequence[int],
         parameters: Mapping[str, str],
+        inputs: Sequence[TensorSpec] | None = None,
     ) -> mc.ModelConfig:
         if serving.instance_kind == "gpu":
             log.warning("ONNX Runtime has no CUDA kernels for tree-ensemble ops: %s runs on the CPU "
@@ -52,7 +63,7 @@ class OnnxRuntimeTarget(ExportTarget):
             model_name,
             backend="onnxruntime",
             platform="onnxruntime_onnx",
-            inputs=[TensorSpec(self.input_name, (n_features,))],
+            inputs=inputs or [TensorSpec(self.input_name, (n_features,))],
             outputs=[TensorSpec(self.output_name, (n_outputs,))],
             serving=serving,
             versions=versions,

@@ -1,0 +1,48 @@
+"""A raw-input version served by the real Triton: score == Polars features + xgboost on every row."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from export.pipeline import ExportSettings, export_model
+from export.raw_graph import raw_feeds
+from export.repository import ModelRepository
+from server.client import ScoringClient, load_features
+from server.installation import find_triton
+from server.launcher import TritonServer, free_port
+from server.settings import TritonSettings
+from training.generate import GenerateSpec, generate_transactions, write_transactions
+from training.pipeline import train_and_register
+from training.train import TrainParams
+from treeops.workspace import Workspace
+
+pytestmark = [pytest.mark.triton]
+
+
+def test_raw_input_version_scores_like_polars_features_plus_xgboost(tmp_path):
+    before = mlflow.get_tracking_uri()
+    ws = Workspace(tmp_path)
+    data = write_transactions(generate_transactions(GenerateSpec(rows=15_000, seed=31)), ws.data_dir / "t.parquet")
+    try:
+        train_and_register(data, "is_fraud", "raw", params=TrainParams(num_boost_round=40),
+                           tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
+        mlflow.set_tracking_uri(ws.tracking_uri)
+        repo = ModelRepository(ws.model_repository)
+        result = export_model("raw", repo, settings=ExportSettings(raw_inputs=True))
+        booster = mlflow.xgboost.load_model("models:/raw/1")
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert result.parity is not None and result.parity.passed
+    features = load_features(result.version_dir)
+    test_set = generate_transactions(GenerateSpec(rows=3_000, seed=77))  # unseen data, other cards and days
+    settings = TritonSettings(model_repository=ws.model_repository, grpc_port=free_port(), http_port=free_port(),
+                              metrics_port=free_port(), exit_timeout_s=5)
+    with TritonServer(settings, find_triton(None, ws.triton_dir), ws.reports_dir / "triton.log") as server:
+        server.wait_ready(90, ["raw"])
+        with ScoringClient(settings.grpc_url, "raw", retries=0, max_rows_per_request=256) as client:
+            served = client.score_inputs(raw_feeds(features, test_set)).positive
+    expected = booster.inplace_predict(features.matrix_raw(test_set))
+    np.testing.assert_allclose(served, expected, atol=1e-6)
+    assert np.array_equal(served >= 0.5, expected >= 0.5)
