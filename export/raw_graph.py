@@ -149,8 +149,8 @@ BUILDERS: dict[str, Builder] = {
 
 
 def is_stateful(feature: Feature) -> bool:
-    """Window (`.over(...)`) expressions depend on earlier rows of the same card."""
-    return ".over(" in str(feature.expr)
+    """History features (declared `stateful` in the spec) depend on earlier rows of the same card."""
+    return feature.stateful
 
 
 def _compile_feature(g: _Graph, feature: Feature, fitted: FittedFeatures) -> str:

@@ -24,12 +24,14 @@ UNKNOWN_CATEGORY_CODE = float("nan")
 
 @dataclass(frozen=True)
 class Feature:
-    """One model input: `expr` is evaluated on raw columns; categorical exprs yield strings."""
+    """One model input: `expr` is evaluated on raw columns; categorical exprs yield strings;
+    `stateful` features depend on earlier rows (history), so a single request cannot compute them."""
 
     name: str
     expr: pl.Expr
     description: str
     categorical: bool = False
+    stateful: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,16 +169,19 @@ FRAUD_FEATURES = FeatureSpec(
             "card_txn_index",
             _per_card(pl.int_range(pl.len())),
             "number of earlier transactions of the card in the data",
+            stateful=True,
         ),
         Feature(
             "seconds_since_prev_card_txn",
             _per_card(pl.col("timestamp").diff().dt.total_seconds()),
             "seconds since the card's previous transaction (missing for its first)",
+            stateful=True,
         ),
         Feature(
             "amount_to_card_mean",
             pl.col("amount") / _per_card(pl.col("amount").cum_sum().shift(1) / pl.int_range(pl.len())),
             "amount divided by the mean of the card's earlier amounts (missing for its first)",
+            stateful=True,
         ),
     ),
 )
