@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import polars as pl
 import pytest
 import tritonclient.http as httpclient
 import xgboost as xgb

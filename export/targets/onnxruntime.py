@@ -8,43 +8,21 @@ Triton (it reports "unable to find backend library"); use the NGC container.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
-import numpy as np
-import onnx
-import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.onnx_convert import file_scorer
-from export.parity import Scorer
-from export.raw_graph import raw_file_scorer, serving_graph
-from export.targets.base import ExportTarget
+from export.targets.onnx_file import ONNX_FILE, OnnxFileTarget
 from export.triton_config import ServingSettings, TensorSpec, model_config
-from training.features import FittedFeatures
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
 
 
-class OnnxRuntimeTarget(ExportTarget):
+class OnnxRuntimeTarget(OnnxFileTarget):
     """`model.onnx` only; `backend: "onnxruntime"`, one intra-op thread per instance."""
 
     name = "onnxruntime"
-
-    supports_raw_inputs = True
-
-    def write_artifacts(
-        self, booster: xgb.Booster, n_features: int, version_dir: Path, raw_features: FittedFeatures | None = None
-    ) -> None:
-        onnx.save_model(serving_graph(booster, n_features, raw_features), version_dir / ONNX_FILE)
-
-    def scorer(self, version_dir: Path) -> Scorer:
-        return file_scorer(version_dir / ONNX_FILE)
-
-    def raw_scorer(self, version_dir: Path) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
-        return raw_file_scorer(version_dir / ONNX_FILE)
 
     def model_config(
         self,
