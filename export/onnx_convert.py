@@ -121,11 +121,24 @@ def _single_output(model: onnx.ModelProto, width: int) -> onnx.ModelProto:
     return pruned
 
 
-def file_scorer(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """Score rows with ONNX Runtime (CPU) running the ONNX file at `path`, as a parity scorer."""
+def serving_session(path: Path):
+    """An ONNX Runtime session configured as model.py serves it: one intra-op thread, sequential.
+
+    More threads split a small batch's trees between threads and sum them in another order,
+    so the parity gate must run exactly this configuration to check the served bits.
+    """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def file_scorer(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Score rows with the ONNX file at `path`, configured as served, as a parity scorer."""
+    session = serving_session(path)
 
     def score(x: np.ndarray) -> np.ndarray:
         return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]

@@ -28,7 +28,7 @@ import xgboost as xgb
 from onnx import TensorProto, helper
 
 from export.errors import FeatureCompileError
-from export.onnx_convert import INPUT_NAME, OUTPUT_NAME, to_onnx
+from export.onnx_convert import INPUT_NAME, OUTPUT_NAME, serving_session, to_onnx
 from export.triton_config import TensorSpec
 from training.features import Feature, FittedFeatures
 
@@ -268,9 +268,7 @@ def serving_graph(booster: xgb.Booster, n_features: int, raw: FittedFeatures | N
 
 def raw_file_scorer(path: Path) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
     """Score raw feeds (see `raw_feeds`) with a written raw-input model, in-process."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = serving_session(path)
 
     def score(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         return session.run([OUTPUT_NAME], dict(feeds))[0]

@@ -1,18 +1,32 @@
-"""Triton Python-backend model: runs the version's `model.onnx` with ONNX Runtime.
+"""Triton Python-backend model: scores the version's forest with ONNX Runtime or a compiled forest.
 
 This file is copied as `model.py` into every version folder and runs inside Triton's stub
 process: it imports nothing from treeops. Tensor names come from the model config, whose
 inputs are the ONNX graph's inputs: one feature tensor, or several raw fields (strings
-arrive as bytes and are decoded). All requests of a dynamic batch are scored in one ONNX
-Runtime call.
+arrive as bytes and are decoded). All requests of a dynamic batch are scored in one call.
+
+Runtimes (config parameter `runtime`):
+- "onnxruntime" (default): `model.onnx` in one single-threaded session. One thread on purpose:
+  with several, ONNX Runtime splits the trees of a small batch between threads and the sums
+  come out in another order, so a row's bits would depend on what it was batched with.
+- "compiled": `forest.so`, the forest compiled to C (tl2cgen) with the batch entry point
+  `predict_rows(const float* x, int64_t rows, float* out)` writing `n_outputs` floats per row;
+  one feature tensor only. Each row is computed alone, so its bits never depend on the batch.
+
+The single-tensor request path does only what must happen per request (measured with
+loadtest/bench.py): the input by position (the config declares exactly one), no concatenation
+for a lone request, one output Tensor and one InferenceResponse per request. Names, bound
+methods and the feed key are resolved once in `initialize`.
 """
 
+import ctypes
 import json
 import os
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+RUNTIMES = ("onnxruntime", "compiled")
 
 
 class TritonPythonModel:
@@ -22,6 +36,28 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = os.path.join(args["model_repository"], args["model_version"])
+        self.input = config["input"][0]["name"]
+        self.inputs = [i["name"] for i in config["input"]]
+        self.strings = {i["name"] for i in config["input"] if i["data_type"] == "TYPE_STRING"}
+        self.output = config["output"][0]["name"]
+        self.width = int(config["output"][0]["dims"][-1])
+        self.single = len(self.inputs) == 1 and not self.strings
+        runtime = params.get("runtime", "onnxruntime")
+        if runtime == "onnxruntime":
+            self.run = self._onnxruntime(folder, params, args)
+        elif runtime == "compiled":
+            if not self.single:
+                raise ValueError(f"the compiled runtime takes one float feature tensor; the config has {self.inputs}")
+            self.run = self._compiled(folder)
+        else:
+            raise ValueError(f"unknown runtime {runtime!r} in the config parameters; use one of {RUNTIMES}")
+        self._tensor = pb_utils.Tensor
+        self._response = pb_utils.InferenceResponse
+
+    def _onnxruntime(self, folder, params, args):
+        """A function feeds -> scores; `feeds` maps input names to batches (or is one batch when single)."""
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("ort_intra_op_threads", "1"))
         options.inter_op_num_threads = 1
@@ -30,27 +66,43 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
         self.session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options, providers=providers)
-        self.input = config["input"][0]["name"]
-        self.inputs = [i["name"] for i in config["input"]]
-        self.strings = {i["name"] for i in config["input"] if i["data_type"] == "TYPE_STRING"}
-        self.output = config["output"][0]["name"]
-        self.outputs = [self.output]
+        run, outputs, name = self.session.run, [self.output], self.input
+        if self.single:
+            return lambda x: run(outputs, {name: x})[0]
+        return lambda feeds: run(outputs, feeds)[0]
+
+    def _compiled(self, folder):
+        self.library = ctypes.CDLL(os.path.join(folder, "forest.so"))
+        predict = self.library.predict_rows
+        predict.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        predict.restype = None
+        width, empty, float32 = self.width, np.empty, np.float32
+
+        def run(x):
+            x = np.ascontiguousarray(x, dtype=float32)
+            out = empty((x.shape[0], width), float32)
+            predict(x.ctypes.data, x.shape[0], out.ctypes.data)
+            return out
+
+        return run
 
     def execute(self, requests):
-        if len(self.inputs) == 1:
-            arrays = [pb_utils.get_input_tensor_by_name(r, self.input).as_numpy() for r in requests]
-            feeds = {self.input: arrays[0] if len(arrays) == 1 else np.concatenate(arrays)}
+        tensor, response, name = self._tensor, self._response, self.output
+        if self.single:
+            if len(requests) == 1:
+                return [response(output_tensors=[tensor(name, self.run(requests[0].inputs()[0].as_numpy()))])]
+            arrays = [r.inputs()[0].as_numpy() for r in requests]
+            scores = self.run(np.concatenate(arrays))
+            sizes = [len(a) for a in arrays]
         else:
-            feeds = {name: self._gather(requests, name) for name in self.inputs}
-            arrays = [pb_utils.get_input_tensor_by_name(r, self.input).as_numpy() for r in requests]
-        probabilities = self.session.run(self.outputs, feeds)[0]
+            feeds = {n: self._gather(requests, n) for n in self.inputs}
+            scores = self.run(feeds)
+            sizes = [len(pb_utils.get_input_tensor_by_name(r, self.input).as_numpy()) for r in requests]
         responses = []
         start = 0
-        for rows in arrays:
-            stop = start + len(rows)
-            out = pb_utils.Tensor(self.output, probabilities[start:stop])
-            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
-            start = stop
+        for size in sizes:
+            responses.append(response(output_tensors=[tensor(name, scores[start : start + size])]))
+            start += size
         return responses
 
     def _gather(self, requests, name):
@@ -61,4 +113,6 @@ class TritonPythonModel:
         return batch
 
     def finalize(self):
+        self.run = None
         self.session = None
+        self.library = None

@@ -36,7 +36,7 @@ def test_generated_config_parses_with_triton_schema():
     assert back.name == "m" and back.backend == "python"
     assert list(back.version_policy.specific.versions) == [1, 3]
     assert list(back.input[0].dims) == [10]
-    assert back.dynamic_batching.max_queue_delay_microseconds == 100
+    assert back.dynamic_batching.max_queue_delay_microseconds == ServingSettings().max_queue_delay_us
     assert [w.batch_size for w in back.model_warmup] == [1, 64]
 
 

@@ -464,6 +464,49 @@ def bench_training(
     _emit(as_json, result.to_dict(), result.lines())
 
 
+@bench_app.command("serving")
+def bench_serving(
+    out: Annotated[Path | None, typer.Option(help="JSON report (default: <workspace>/reports/bench_serving.json)")] = None,
+    trees: Annotated[int, typer.Option(min=1)] = 200,
+    depth: Annotated[int, typer.Option(min=1)] = 6,
+    features: Annotated[int, typer.Option(min=1)] = 30,
+    runtime: Annotated[str, typer.Option(help="onnxruntime, or compiled (needs tl2cgen + gcc)")] = "onnxruntime",
+    concurrency: Annotated[str, typer.Option(help="comma-separated closed-loop levels")] = "1,2,4,8,16,32,64",
+    step_s: Annotated[float, typer.Option(min=0.1, help="seconds per sweep step")] = 3.0,
+    requests: Annotated[int, typer.Option(min=1, help="sequential calls for the latency steps")] = 2000,
+    batch_rows: Annotated[int, typer.Option(min=1)] = 256,
+    batch_concurrency: Annotated[int, typer.Option(min=1)] = 8,
+    client_processes: Annotated[int, typer.Option(min=1)] = 1,
+    max_queue_delay_us: Annotated[int | None, typer.Option(help="override the dynamic batcher delay")] = None,
+    instance_count: Annotated[int | None, typer.Option(min=1, help="override the model instances")] = None,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve a 200-tree forest on a real Triton: latency, throughput and overhead next to in-process floors."""
+    import dataclasses
+
+    from export.triton_config import ServingSettings
+    from loadtest.bench import BenchSettings, run_serving_benchmark
+    from loadtest.bench_model import BenchModelSpec
+    from loadtest.errors import SettingsError
+
+    ws = Workspace.resolve(workspace)
+    overrides = {k: v for k, v in (("max_queue_delay_us", max_queue_delay_us), ("instance_count", instance_count))
+                 if v is not None}
+    try:
+        levels = tuple(int(c) for c in concurrency.split(","))
+    except ValueError:
+        raise SettingsError(f"--concurrency {concurrency!r}: give comma-separated integers, e.g. 1,8,32") from None
+    settings = BenchSettings(
+        model=BenchModelSpec(trees=trees, depth=depth, features=features), runtime=runtime,
+        serving=dataclasses.replace(ServingSettings(), **overrides), concurrency=levels, step_s=step_s,
+        sequential_requests=requests, health_requests=requests, batch_rows=batch_rows,
+        batch_concurrency=batch_concurrency, client_processes=client_processes,
+    )
+    result = run_serving_benchmark(settings, out_path=out or ws.reports_dir / "bench_serving.json")
+    _emit(as_json, result.to_dict(), result.lines())
+
+
 def _stop_on_sigterm() -> None:
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
