@@ -167,3 +167,22 @@ def test_serve_runs_until_sigterm_and_leaves_nothing_behind(trained):
     assert "Triton stopped (exit code 0)" in out
     leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.strip()
     assert not leftover, f"processes left in the session: {leftover}"
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_stops_triton(tmp_path, treeops):
+    import subprocess
+
+    ports = [str(free_port()) for _ in range(3)]
+    out = treeops("demo", "--rows", "20000", "--loadtest-s", "2", "--grpc-port", ports[0], "--http-port", ports[1],
+                  "--metrics-port", ports[2], "--json", workspace=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["served_version"] == 1 and summary["answered_version"] == "1"
+    assert summary["parity_max_abs_diff"] <= 1e-5 and summary["parity_flipped"] == 0
+    assert summary["served_max_abs_diff"] <= 1e-5
+    assert summary["loadtest"]["passed"] and summary["loadtest"]["failures"] == 0
+    assert summary["drift_current"] is False and summary["drift_shifted"] is True
+    running = subprocess.run(["pgrep", "-f", f"tritonserver.*--grpc-port={ports[0]}"], capture_output=True, text=True)
+    assert running.stdout.strip() == "", "demo left Triton running"

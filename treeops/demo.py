@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -10,8 +11,8 @@ from typing import Any
 
 import mlflow
 
-from export.pipeline import ExportSettings, export_model
-from export.repository import ModelRepository
+from export.pipeline import ExportSettings, export_model, export_version
+from export.repository import PARITY_FILE, ModelRepository
 from loadtest.latency import health_latency, scoring_latency
 from loadtest.pipeline import loadtest_served_model
 from monitoring.drift import run_drift_report
@@ -60,6 +61,7 @@ class DemoSummary:
             "",
             "treeops demo summary",
             f"  served model         {MODEL} version {v['served_version']} (@champion) from {v['model_repository']}",
+            f"  trained this run     version {v['registered_version']} (@{v['registered_alias']})",
             f"  test metrics         ROC AUC {v['roc_auc']:.4f}, PR AUC {v['pr_auc']:.4f}, log loss {v['log_loss']:.4f}",
             f"  parity (ONNX vs xgb) max |diff| {v['parity_max_abs_diff']:.2e} on {v['parity_rows']} rows, "
             f"{v['parity_flipped']} flipped",
@@ -96,14 +98,12 @@ def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer) -> Dem
 
     mlflow.set_tracking_uri(ws.tracking_uri)
     repo = ModelRepository(ws.model_repository)
-    exported = export_model(MODEL, repo, alias="champion", settings=ExportSettings())
+    trained = export_version(MODEL, repo, version=outcome.registered.version)  # the parity gate of this run's model
+    exported = export_model(MODEL, repo, alias="champion", settings=ExportSettings())  # serves the champion
     v["served_version"] = exported.version
-    if exported.parity is not None:
-        v.update(parity_max_abs_diff=exported.parity.max_abs_diff, parity_rows=exported.parity.rows,
-                 parity_flipped=exported.parity.flipped_decisions)
-    else:
-        parity = repo.metadata(MODEL, exported.version)  # exported earlier: report the stored figures
-        v.update(parity_max_abs_diff=float("nan"), parity_rows=0, parity_flipped=0, parity_note=parity.get("run_id"))
+    parity = json.loads((trained.version_dir / PARITY_FILE).read_text())
+    v.update(parity_max_abs_diff=parity["max_abs_diff"], parity_rows=parity["rows"],
+             parity_flipped=parity["flipped_decisions"])
 
     try:
         server.start(timeout_s=120, models=[MODEL])
