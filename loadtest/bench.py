@@ -49,10 +49,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 
+from export.compiled_forest import COMPILED_FILE, compiled_scorer
 from export.triton_config import ServingSettings
 from loadtest.bench_model import (
-    BENCH_MODEL, COMPILED_FILE, BenchModelSpec, Runtime, compiled_scorer, export_bench_model, synthetic_rows,
-    train_bench_model,
+    BENCH_MODEL, BenchModelSpec, Runtime, export_bench_model, synthetic_rows, train_bench_model,
 )
 from loadtest.errors import RequestFailedError, SettingsError
 from server.installation import find_triton
@@ -75,7 +75,7 @@ class BenchSettings:
     """What one serving benchmark run does; sizes fit a 2-core machine (about a minute) by default.
 
     model: the forest to train and serve; runtime: model.py's runtime ("onnxruntime", or "compiled": the
-    forest compiled with tl2cgen, see loadtest.bench_model.compile_forest); serving: its config.pbtxt
+    forest compiled with tl2cgen, see export.compiled_forest); serving: its config.pbtxt
     settings (batching, instances);
     triton: tritonserver flags (ports, repository, TLS and admin key are chosen by the benchmark);
     sequential_requests / health_requests: timed calls of the sequential steps (after `warmup_requests`);

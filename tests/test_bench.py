@@ -11,7 +11,8 @@ import pytest
 from export.triton_config import ServingSettings
 from loadtest.bench import BenchSettings, grpc_request_headers, run_serving_benchmark
 from export.parity import check_parity, gate_rows
-from loadtest.bench_model import BenchModelSpec, compile_forest, compiled_scorer, synthetic_rows, train_bench_model
+from export.compiled_forest import compile_forest, compiled_scorer
+from loadtest.bench_model import BenchModelSpec, synthetic_rows, train_bench_model
 from loadtest.errors import SettingsError
 
 TINY = BenchModelSpec(trees=8, depth=3, features=6, train_rows=500, seed=1)

@@ -135,7 +135,7 @@ def export_cmd(
     model_name: ModelOpt = "fraud",
     alias: Annotated[str, typer.Option(help="registry alias to export")] = "champion",
     version: Annotated[int | None, typer.Option(help="export this version number instead of the alias")] = None,
-    target: Annotated[str, typer.Option(help="python-onnx (runs here), onnxruntime or fil (NGC container backends)")] = "python-onnx",
+    target: Annotated[str, typer.Option(help="python-onnx (runs here), python-compiled (tl2cgen forest, runs here), onnxruntime or fil (NGC)")] = "python-onnx",
     raw_inputs: Annotated[bool, typer.Option(help="serve raw transaction fields; stateless features run in the graph")] = False,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,

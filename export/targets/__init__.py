@@ -6,12 +6,14 @@ from export.errors import ExportError
 from export.targets.base import ExportTarget
 from export.targets.fil import FilTarget
 from export.targets.onnxruntime import OnnxRuntimeTarget
+from export.targets.python_compiled import PythonCompiledTarget
 from export.targets.python_onnx import PythonOnnxTarget
 
 TARGETS: dict[str, type[ExportTarget]] = {
     PythonOnnxTarget.name: PythonOnnxTarget,
     OnnxRuntimeTarget.name: OnnxRuntimeTarget,
     FilTarget.name: FilTarget,
+    PythonCompiledTarget.name: PythonCompiledTarget,
 }
 
 

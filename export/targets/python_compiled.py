@@ -1,0 +1,56 @@
+"""A tl2cgen-compiled forest (`forest.so`) run by model.py inside Triton's Python backend.
+
+Faster than ONNX Runtime from 16 rows up (loadtest/bench.py: 256-row requests 167k vs 129k
+rows/s here); needs tl2cgen and a C compiler at export time, and the repository becomes
+specific to the exporting machine's architecture.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import xgboost as xgb
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.compiled_forest import COMPILED_FILE, compile_forest, compiled_scorer
+from export.errors import UnsupportedModelError
+from export.parity import Scorer
+from export.targets.base import ExportTarget
+from export.targets.python_onnx import TRITON_MODEL_SOURCE, PythonOnnxTarget
+from export.triton_config import ServingSettings, TensorSpec
+from training.features import FittedFeatures
+
+
+class PythonCompiledTarget(ExportTarget):
+    """`forest.so` plus the `model.py` that calls it; `backend: "python"`, parameter `runtime: compiled`."""
+
+    name = "python-compiled"
+
+    def write_artifacts(
+        self, booster: xgb.Booster, n_features: int, version_dir: Path, raw_features: FittedFeatures | None = None
+    ) -> None:
+        if raw_features is not None:
+            raise UnsupportedModelError("the python-compiled target serves feature tensors only; "
+                                        "export raw inputs with --target python-onnx")
+        compile_forest(booster, n_features, version_dir / COMPILED_FILE)
+        shutil.copyfile(TRITON_MODEL_SOURCE, version_dir / "model.py")
+
+    def scorer(self, version_dir: Path) -> Scorer:
+        return compiled_scorer(version_dir / COMPILED_FILE)
+
+    def model_config(
+        self,
+        model_name: str,
+        n_features: int,
+        n_outputs: int,
+        serving: ServingSettings,
+        versions: Sequence[int],
+        parameters: Mapping[str, str],
+        inputs: Sequence[TensorSpec] | None = None,
+    ) -> mc.ModelConfig:
+        if inputs is not None:
+            raise UnsupportedModelError("the python-compiled target takes one feature tensor")
+        return PythonOnnxTarget().model_config(model_name, n_features, n_outputs, serving, versions,
+                                               {**parameters, "runtime": "compiled"})
