@@ -57,15 +57,19 @@ def test_async_client_splits_large_inputs_in_order(triton):
 
 @pytest.mark.triton
 def test_an_expired_deadline_is_reported_without_retries(triton):
+    # gRPC keeps deadlines to the millisecond, so a 1 us deadline is ~1 ms: score 1,024 rows (several ms)
+    # to make sure it expires.
+    big = np.random.default_rng(0).normal(size=(1024, N_FEATURES)).astype(np.float32)
+
     async def score():
         async with AsyncScoringClient(triton.settings.grpc_url, timeout_s=1e-6, retries=3) as client:
-            return await client.score(_batches(1)[0])
+            return await client.score(big)
 
     with pytest.raises(ScoringError, match=r"\(1 attempt\): StatusCode.DEADLINE_EXCEEDED"):
         asyncio.run(score())
     with ScoringClient(triton.settings.grpc_url, timeout_s=1e-6) as client:
         with pytest.raises(ScoringError, match=r"\(1 attempt\): StatusCode.DEADLINE_EXCEEDED"):
-            client.score(_batches(1)[0])
+            client.score(big)
 
 
 @pytest.mark.triton
