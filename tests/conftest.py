@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +51,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedWorkspace:
 def triton(trained: TrainedWorkspace) -> Iterator[TritonServer]:
     """A real tritonserver on free ports serving the trained workspace's repository."""
     mlflow.set_tracking_uri(trained.ws.tracking_uri)
-    settings = TritonSettings(
-        model_repository=trained.ws.model_repository,
-        grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), exit_timeout_s=5,
-    )
-    server = TritonServer(settings, find_triton(None, trained.ws.triton_dir), trained.ws.reports_dir / "triton.log")
+    with serving(trained, trained.ws.reports_dir / "triton.log", exit_timeout_s=5) as server:
+        yield server
+
+
+@contextmanager
+def serving(trained: TrainedWorkspace, log_path: Path, **fields: object) -> Iterator[TritonServer]:
+    """A tritonserver of its own on free ports, serving the trained repository; checks cleanup."""
+    fields.setdefault("exit_timeout_s", 2)
+    settings = TritonSettings(model_repository=trained.ws.model_repository, grpc_port=free_port(),
+                              http_port=free_port(), metrics_port=free_port(), **fields)
+    server = TritonServer(settings, find_triton(None, trained.ws.triton_dir), log_path)
     server.start(timeout_s=90, models=[MODEL])
     pid = server.pid
     try:
@@ -63,7 +70,6 @@ def triton(trained: TrainedWorkspace) -> Iterator[TritonServer]:
         server.stop()
         leftover = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.strip()
         assert not leftover, f"tritonserver left processes behind: {leftover}"
-
 
 TREEOPS = str(Path(sys.executable).parent / "treeops")
 

@@ -7,9 +7,7 @@ import datetime
 import ipaddress
 import logging
 import secrets
-import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +24,10 @@ from tritonclient.utils import InferenceServerException
 from server.admin import GRPC_RESTRICTED_PREFIX, AdminClient, AdminKeyError
 from server.client import AsyncScoringClient, ScoringClient
 from server.errors import ScoringError
-from server.installation import find_triton
-from server.launcher import TritonServer, free_port
+from server.launcher import TritonServer
 from server.settings import ADMIN_KEY_ENV, DEFAULT_ADMIN_HEADER, REDACTED, TritonSettings
+
+from conftest import serving
 
 MODEL = "fraud"
 HEADER = DEFAULT_ADMIN_HEADER
@@ -82,22 +81,6 @@ def test_tls_flags():
 
 
 # --- real Triton ---------------------------------------------------------------------------------
-
-@contextmanager
-def serving(trained, log_path: Path, **fields: object) -> Iterator[TritonServer]:
-    """A tritonserver of its own on free ports, serving the trained repository; checks cleanup."""
-    settings = TritonSettings(model_repository=trained.ws.model_repository, grpc_port=free_port(),
-                              http_port=free_port(), metrics_port=free_port(), exit_timeout_s=2, **fields)
-    server = TritonServer(settings, find_triton(None, trained.ws.triton_dir), log_path)
-    server.start(timeout_s=90, models=[MODEL])
-    pid = server.pid
-    try:
-        yield server
-    finally:
-        server.stop()
-        leftover = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.strip()
-        assert not leftover, f"tritonserver left processes behind: {leftover}"
-
 
 @pytest.fixture(scope="module")
 def admin_key() -> str:

@@ -355,14 +355,12 @@ def promote(
     """Move `challenger` to `champion` if it beats it on the holdout and passes parity; then sync."""
     import mlflow
 
-    from export.promotion import AuditLog, promote as promote_version
+    from export.promotion import AuditLog, promote as promote_version, rollback as rollback_version
     from export.repository import ModelRepository
+    from server.rollout import RolloutError
 
     ws = Workspace.resolve(workspace)
     mlflow.set_tracking_uri(ws.tracking_uri)
-    from export.promotion import rollback as rollback_version
-    from server.rollout import RolloutError
-
     audit = AuditLog(ws.audit_log)
     event = promote_version(model_name, ModelRepository(ws.model_repository), audit, metric=metric,
                             margin=margin, force=force, reason=reason)
