@@ -43,7 +43,9 @@ void predict_rows(const float* x, int64_t rows, float* out) {
     for (int k = 0; k < TREEOPS_WIDTH; ++k) out[i * TREEOPS_WIDTH + k] = result[k];
 #endif
   }
-}int treeops_width(void) { return TREEOPS_WIDTH; }
+}
+int treeops_width(void) { return TREEOPS_WIDTH; }
+int treeops_n_features(void) { return TREEOPS_N_FEATURES; }
 """
 
 
@@ -77,12 +79,12 @@ def compile_forest(booster: xgb.Booster, n_features: int, out_path: Path, *, cc:
 
         def build(c_file: Path) -> Path:
             obj = c_file.with_suffix(".o")
-            _run([cc, *flags, "-c", str(c_file), "-o", str(obj)])
+            run_compiler([cc, *flags, "-c", str(c_file), "-o", str(obj)])
             return obj
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             objects = list(pool.map(build, sources))
-        _run([cc, "-shared", "-o", str(out_path), *map(str, objects), "-lm"])
+        run_compiler([cc, "-shared", "-o", str(out_path), *map(str, objects), "-lm"])
     return out_path
 
 
@@ -103,7 +105,8 @@ def compiled_scorer(path: Path, width: int | None = None) -> Callable[[np.ndarra
     return score
 
 
-def _run(command: list[str]) -> None:
+def run_compiler(command: list[str]) -> None:
+    """Run one compiler command; its stderr tail becomes an ExportError."""
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise ExportError(f"compiling the forest failed: {' '.join(command[:3])} ...: {done.stderr[-2000:]}")
+        raise ExportError(f"{command[0]} failed building {command[command.index('-o') + 1]}: {done.stderr[-2000:]}")

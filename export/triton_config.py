@@ -34,6 +34,7 @@ class ServingSettings:
     """
 
     max_batch_size: int = 1024
+    dynamic_batching: bool = True
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     instance_count: int = 2
@@ -73,8 +74,9 @@ def model_config(
         cfg.output.add(name=t.name, data_type=mc.DataType.Value(t.data_type), dims=list(t.dims))
     kind = mc.ModelInstanceGroup.KIND_GPU if serving.instance_kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     cfg.instance_group.add(count=serving.instance_count, kind=kind)
-    cfg.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
-    cfg.dynamic_batching.preferred_batch_size.extend(serving.preferred_batch_sizes)
+    if serving.dynamic_batching:
+        cfg.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
+        cfg.dynamic_batching.preferred_batch_size.extend(serving.preferred_batch_sizes)
     cfg.version_policy.specific.versions.extend(sorted(set(versions)))
     for key, value in (parameters or {}).items():
         cfg.parameters[key].string_value = value

@@ -52,7 +52,7 @@ from tritonclient.grpc import service_pb2
 from export.compiled_forest import COMPILED_FILE, compiled_scorer
 from export.triton_config import ServingSettings
 from loadtest.bench_model import (
-    BENCH_MODEL, BenchModelSpec, Runtime, export_bench_model, synthetic_rows, train_bench_model,
+    BENCH_MODEL, RUNTIME_TARGETS, BenchModelSpec, Runtime, export_bench_model, synthetic_rows, train_bench_model,
 )
 from loadtest.errors import RequestFailedError, SettingsError
 from server.installation import find_triton
@@ -74,9 +74,10 @@ Client = Literal["h2", "grpc-aio"]
 class BenchSettings:
     """What one serving benchmark run does; sizes fit a 2-core machine (about a minute) by default.
 
-    model: the forest to train and serve; runtime: model.py's runtime ("onnxruntime", or "compiled": the
-    forest compiled with tl2cgen, see export.compiled_forest); serving: its config.pbtxt
-    settings (batching, instances);
+    model: the forest to train and serve; runtime: what scores it in Triton ("onnxruntime" or "compiled":
+    ONNX Runtime or the tl2cgen forest in the Python backend's model.py; "native": the forest in treeops'
+    own C backend, see loadtest.bench_model.RUNTIME_TARGETS); serving: its config.pbtxt settings
+    (batching, instances);
     triton: tritonserver flags (ports, repository, TLS and admin key are chosen by the benchmark);
     sequential_requests / health_requests: timed calls of the sequential steps (after `warmup_requests`);
     concurrency: closed-loop levels of the single-row sweep, each measured for `step_s` after `warmup_s`;
@@ -118,8 +119,8 @@ class BenchSettings:
             problems.append(f"batch_rows must be 1..max_batch_size ({self.serving.max_batch_size}), got {self.batch_rows}")
         if min(self.batch_concurrency, self.client_processes, self.connections, self.floor_repeats) < 1:
             problems.append("batch_concurrency, client_processes, connections and floor_repeats must be >= 1")
-        if self.runtime not in ("onnxruntime", "compiled"):
-            problems.append(f"runtime must be 'onnxruntime' or 'compiled', got {self.runtime!r}")
+        if self.runtime not in RUNTIME_TARGETS:
+            problems.append(f"runtime must be one of {sorted(RUNTIME_TARGETS)}, got {self.runtime!r}")
         if self.client not in ("h2", "grpc-aio"):
             problems.append(f"client must be 'h2' or 'grpc-aio', got {self.client!r}")
         if self.model_source is not None and not Path(self.model_source).is_file():
@@ -218,8 +219,9 @@ class BenchResult:
         ort1 = self.floor("onnxruntime", 1)
         ortn = self.floor("onnxruntime", self.settings.batch_rows)
         xgbn = self.floor("xgboost", self.settings.batch_rows)
-        served1 = self.floor(self.settings.runtime, 1)
-        servedn = self.floor(self.settings.runtime, self.settings.batch_rows)
+        served_floor = "onnxruntime" if self.settings.runtime == "onnxruntime" else "compiled"  # native: same forest.so
+        served1 = self.floor(served_floor, 1)
+        servedn = self.floor(served_floor, self.settings.batch_rows)
         best = max(self.sweep, key=lambda s: s.req_per_s)
         return {
             "sequential_p50_over_health_p50": self.sequential.p50_us / self.health.p50_us,
@@ -930,7 +932,7 @@ def _run(settings: BenchSettings, work: Path) -> BenchResult:
     rows = synthetic_rows(max(4096, s.batch_rows * 2), s.model.features, s.model.seed + 3)
     with serve_bench_model(s, work) as (server, parity_diff, booster):
         version_dir = work / "model_repository" / BENCH_MODEL / "1"
-        compiled = version_dir / COMPILED_FILE if s.runtime == "compiled" else None
+        compiled = version_dir / COMPILED_FILE if s.runtime != "onnxruntime" else None
         floors = measure_floors(version_dir / "model.onnx", booster, rows, s.batch_rows, s.floor_repeats,
                                 compiled=compiled)
         log.info("floors: %s", ", ".join(f"{f.runtime} {f.rows} rows {f.p50_us:.1f} us" for f in floors))

@@ -1,9 +1,9 @@
 """The serving benchmark's own model: a seeded synthetic xgboost forest exported like production.
 
 Kept apart from `bench.py` so tests and experiments can build and export the same model without
-starting a server. The export goes through the real target (`PythonOnnxTarget`), the parity gate
-on the written artifact, and `ModelRepository.write_config`, so the benchmark measures exactly
-what `treeops export` would serve.
+starting a server. The export goes through the real targets (python-onnx, python-compiled,
+native-compiled), the parity gate on the written artifact, and `ModelRepository.write_config`, so
+the benchmark measures exactly what `treeops export` would serve.
 """
 
 from __future__ import annotations
@@ -14,18 +14,27 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
 import xgboost as xgb
 
-from export.compiled_forest import COMPILED_FILE, compile_forest, compiled_scorer
+from export.raw_graph import serving_graph
 from export.parity import ParityReport, check_parity, gate_rows, require
 from export.repository import ModelRepository
+from export.targets.base import ExportTarget
+from export.targets.native_compiled import NativeCompiledTarget
+from export.targets.onnx_file import ONNX_FILE, OnnxFileTarget
+from export.targets.python_compiled import PythonCompiledTarget
 from export.targets.python_onnx import PythonOnnxTarget
 from export.triton_config import ServingSettings
 
 log = logging.getLogger(__name__)
 
 BENCH_MODEL = "bench"
-Runtime = Literal["onnxruntime", "compiled"]
+Runtime = Literal["onnxruntime", "compiled", "native"]
+#: The export target serving each runtime: ONNX Runtime or the tl2cgen forest in the Python backend's
+#: model.py, or the forest in treeops' native Triton backend.
+RUNTIME_TARGETS: dict[str, type[ExportTarget]] = {
+    "onnxruntime": PythonOnnxTarget, "compiled": PythonCompiledTarget, "native": NativeCompiledTarget}
 
 
 @dataclass(frozen=True)
@@ -78,27 +87,23 @@ def export_bench_model(
     seed: int = 0,
     runtime: Runtime = "onnxruntime",
 ) -> ParityReport:
-    """Write `booster` as `<root>/<model_name>/<version>` with the python-onnx target and its config.
+    """Write `booster` as `<root>/<model_name>/<version>` with the target of `runtime` and its config.
 
-    `runtime="compiled"` adds `forest.so` (`compile_forest`) and selects it in the config; the
-    parity gate then scores that library. The artifact must pass the export parity gate
-    (`check_parity` on held-out-like, edge and property rows), exactly as `treeops export`
-    requires; ParityError otherwise.
+    `model.onnx` is always written (the ONNX Runtime floor is measured in every run). The artifact
+    must pass the export parity gate (`check_parity` on held-out-like, edge and property rows) on the
+    served runtime's own scorer, exactly as `treeops export` requires; ParityError otherwise.
     """
-    target = PythonOnnxTarget()
+    target = RUNTIME_TARGETS[runtime]()
     repository = ModelRepository(root)
     width = target.n_outputs(booster)
     rows = gate_rows(booster, synthetic_rows(500, n_features, seed + 2), n_property=500, seed=seed)
     with repository.stage_version(model_name, version) as staging:
+        if not isinstance(target, OnnxFileTarget):
+            onnx.save_model(serving_graph(booster, n_features, None), staging / ONNX_FILE)
         target.write_artifacts(booster, n_features, staging)
-        scorer = target.scorer(staging)
-        if runtime == "compiled":
-            compile_forest(booster, n_features, staging / COMPILED_FILE)
-            scorer = compiled_scorer(staging / COMPILED_FILE, width)
-        report = check_parity(booster, scorer, rows)
+        report = check_parity(booster, target.scorer(staging), rows)
         require(report, f"benchmark model {model_name} version {version} ({runtime})")
-    parameters = {"runtime": runtime} if runtime != "onnxruntime" else {}
-    repository.write_config(target.model_config(model_name, n_features, width, serving, [version], parameters))
+    repository.write_config(target.model_config(model_name, n_features, width, serving, [version], {}))
     log.info("benchmark model written to %s (parity max diff %.2g)", repository.version_dir(model_name, version),
              report.max_abs_diff)
     return report

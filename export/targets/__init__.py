@@ -5,6 +5,7 @@ from __future__ import annotations
 from export.errors import ExportError
 from export.targets.base import ExportTarget
 from export.targets.fil import FilTarget
+from export.targets.native_compiled import NativeCompiledTarget
 from export.targets.onnxruntime import OnnxRuntimeTarget
 from export.targets.python_compiled import PythonCompiledTarget
 from export.targets.python_onnx import PythonOnnxTarget
@@ -14,6 +15,7 @@ TARGETS: dict[str, type[ExportTarget]] = {
     OnnxRuntimeTarget.name: OnnxRuntimeTarget,
     FilTarget.name: FilTarget,
     PythonCompiledTarget.name: PythonCompiledTarget,
+    NativeCompiledTarget.name: NativeCompiledTarget,
 }
 
 

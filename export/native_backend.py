@@ -1,0 +1,28 @@
+"""The `treeops_forest` Triton backend: `triton_native_backend.c` built into a version folder.
+
+Triton looks for `libtriton_<backend>.so` in the model's version folder before its backend
+directory, so each version carries the backend it was exported and tested with; the library
+loads the version's `forest.so` (export/compiled_forest.py) and scores requests in the server
+process: no Python, no inter-process hop in the request path.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from export.compiled_forest import run_compiler
+from export.errors import ExportError
+
+BACKEND_NAME = "treeops_forest"
+BACKEND_LIBRARY = f"libtriton_{BACKEND_NAME}.so"
+BACKEND_SOURCE = Path(__file__).resolve().with_name("triton_native_backend.c")
+
+
+def build_backend(out_dir: Path, *, cc: str = "gcc") -> Path:
+    """Compile the backend into `out_dir/libtriton_treeops_forest.so` (Triton's symbols resolve at load)."""
+    if shutil.which(cc) is None:
+        raise ExportError(f"the native backend needs a C compiler: {cc!r} is not on PATH (apt-get install gcc)")
+    out = Path(out_dir) / BACKEND_LIBRARY
+    run_compiler([cc, "-O2", "-fPIC", "-shared", "-std=c11", "-o", str(out), str(BACKEND_SOURCE), "-ldl"])
+    return out

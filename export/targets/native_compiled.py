@@ -1,0 +1,66 @@
+"""A tl2cgen-compiled forest served by treeops' own Triton backend (C): no Python in the request path.
+
+The fastest target here (loadtest/bench.py): Triton calls the forest in its own process instead
+of passing each batch to a Python-backend stub. Needs tl2cgen and a C compiler at export time;
+the version folder (forest.so + libtriton_treeops_forest.so) is specific to the exporting
+machine's architecture and runs on CPU instances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import xgboost as xgb
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.compiled_forest import COMPILED_FILE, compile_forest, compiled_scorer
+from export.errors import UnsupportedModelError
+from export.native_backend import BACKEND_NAME, build_backend
+from export.parity import Scorer
+from export.targets.base import ExportTarget
+from export.triton_config import ServingSettings, TensorSpec, model_config
+from training.features import FittedFeatures
+
+
+class NativeCompiledTarget(ExportTarget):
+    """`forest.so` plus `libtriton_treeops_forest.so` in the version folder; `backend: "treeops_forest"`."""
+
+    name = "native-compiled"
+
+    def write_artifacts(
+        self, booster: xgb.Booster, n_features: int, version_dir: Path, raw_features: FittedFeatures | None = None
+    ) -> None:
+        if raw_features is not None:
+            raise UnsupportedModelError("the native-compiled target serves feature tensors only; "
+                                        "export raw inputs with --target python-onnx")
+        compile_forest(booster, n_features, version_dir / COMPILED_FILE)
+        build_backend(version_dir)
+
+    def scorer(self, version_dir: Path) -> Scorer:
+        return compiled_scorer(version_dir / COMPILED_FILE)
+
+    def model_config(
+        self,
+        model_name: str,
+        n_features: int,
+        n_outputs: int,
+        serving: ServingSettings,
+        versions: Sequence[int],
+        parameters: Mapping[str, str],
+        inputs: Sequence[TensorSpec] | None = None,
+    ) -> mc.ModelConfig:
+        if inputs is not None:
+            raise UnsupportedModelError("the native-compiled target takes one feature tensor")
+        if serving.instance_kind != "cpu":
+            raise UnsupportedModelError("the native-compiled target runs on CPU instances; "
+                                        "for GPU nodes export with --target fil")
+        return model_config(
+            model_name,
+            backend=BACKEND_NAME,
+            inputs=[TensorSpec(self.input_name, (n_features,))],
+            outputs=[TensorSpec(self.output_name, (n_outputs,))],
+            serving=serving,
+            versions=versions,
+            parameters=parameters,
+        )
