@@ -1,10 +1,11 @@
 """Serving benchmark: a real Triton serving a 200-tree forest, measured against in-process floors of the same run.
 
 One run (`run_serving_benchmark`):
-1. trains the benchmark forest (loadtest.bench_model) and exports it through the real python-onnx
-   target, parity gate included, into a temporary repository;
-2. measures the in-process floor: ONNX Runtime (configured as model.py configures it) and
-   xgboost `inplace_predict` (1 thread) on 1 and on `batch_rows` rows;
+1. trains the benchmark forest (loadtest.bench_model) and exports it through the real target of
+   the chosen runtime (default: native-compiled), parity gate included, into a temporary repository;
+2. measures the in-process floor: ONNX Runtime (configured as model.py configures it), xgboost
+   `inplace_predict` (1 thread) and, for the compiled runtimes, the tl2cgen forest, on 1 and on
+   `batch_rows` rows;
 3. starts tritonserver on free ports and measures, each step with Triton's own statistics
    (queue / compute_input / compute_infer / compute_output per request, diffed over the step)
    and the CPU time the client and the server processes spent per request:
@@ -89,7 +90,7 @@ class BenchSettings:
     """
 
     model: BenchModelSpec = field(default_factory=BenchModelSpec)
-    runtime: Runtime = "onnxruntime"
+    runtime: Runtime = "native"
     serving: ServingSettings = field(default_factory=ServingSettings)
     triton: TritonSettings = field(default_factory=TritonSettings)
     sequential_requests: int = 2000
@@ -271,8 +272,9 @@ class BenchResult:
         out = [
             f"serving benchmark: {m.trees} trees depth {m.depth}, {m.features} features; {self.cpu_count} CPUs shared "
             f"by server and client ({s.client_processes} process(es), {s.client} client)",
-            f"runtime: {s.runtime}; config: max_queue_delay_us={s.serving.max_queue_delay_us} preferred={list(s.serving.preferred_batch_sizes)}"
-            f" instances={s.serving.instance_count}",
+            f"runtime: {s.runtime}; config: dynamic_batching={s.serving.dynamic_batching} "
+            f"max_queue_delay_us={s.serving.max_queue_delay_us} preferred={list(s.serving.preferred_batch_sizes)} "
+            f"instances={s.serving.instance_count}; latency summaries {'on' if s.triton.summary_latencies else 'off'}",
             "in-process floor (1 thread, median):",
         ]
         for f in self.floors:

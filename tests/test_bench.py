@@ -42,8 +42,9 @@ def test_benchmark_runs_end_to_end_and_writes_consistent_json(tmp_path):
     assert set(data) >= {"settings", "floors", "health", "sequential", "sweep", "batch", "health_loaded", "reference",
                          "ratios", "targets", "triton_command"}
     assert [s["concurrency"] for s in data["sweep"]] == [1, 4]
+    assert data["settings"]["runtime"] == "native"  # the default: treeops' C backend
     assert {(f["runtime"], f["rows"]) for f in data["floors"]} == {
-        ("onnxruntime", 1), ("onnxruntime", 16), ("xgboost", 1), ("xgboost", 16)}
+        (runtime, rows) for runtime in ("onnxruntime", "xgboost", "compiled") for rows in (1, 16)}
     assert all(f["p50_us"] > 0 and f["rows_per_s"] > 0 for f in data["floors"])
 
     steps = [result.health, result.sequential, *result.sweep, result.batch, result.health_loaded, result.reference]
@@ -74,16 +75,21 @@ def test_benchmark_runs_end_to_end_and_writes_consistent_json(tmp_path):
 
 @pytest.mark.triton
 @pytest.mark.slow
-def test_benchmark_with_compiled_forest_and_two_client_processes(tmp_path):
-    pytest.importorskip("tl2cgen", reason="the compiled runtime needs tl2cgen==1.0.0")
-    settings = _tiny(runtime="compiled", client_processes=2, concurrency=(4,), reference_client=False,
-                     serving=ServingSettings(max_batch_size=64, max_queue_delay_us=0, instance_count=2))
+@pytest.mark.parametrize("runtime", ["compiled", "onnxruntime"])
+def test_benchmark_with_python_backend_runtimes_and_two_client_processes(runtime, tmp_path):
+    settings = _tiny(runtime=runtime, client_processes=2, concurrency=(4,), reference_client=False,
+                     serving=ServingSettings(max_batch_size=64, max_queue_delay_us=0, instance_count=2,
+                                             dynamic_batching=False))
     result = run_serving_benchmark(settings, workdir=tmp_path / "work")
     assert result.reference is None
-    assert {(f.runtime, f.rows) for f in result.floors} >= {("compiled", 1), ("compiled", 16)}
+    assert {(f.runtime, f.rows) for f in result.floors} >= {("onnxruntime", 1), ("onnxruntime", 16)}
+    assert (("compiled", 16) in {(f.runtime, f.rows) for f in result.floors}) == (runtime == "compiled")
     assert result.sweep[0].requests > 0 and result.sweep[0].failures == 0
+    assert result.sweep[0].triton.mean_batch_rows == 1.0  # no dynamic batcher: one request per execution
     assert (tmp_path / "work" / "triton.log").exists()
-    assert 'key: "runtime"' in (tmp_path / "work" / "model_repository" / "bench" / "config.pbtxt").read_text()
+    config = (tmp_path / "work" / "model_repository" / "bench" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and "dynamic_batching" not in config
+    assert ('key: "runtime"' in config) == (runtime == "compiled")
 
 
 def test_compiled_forest_passes_the_parity_gate(tmp_path):

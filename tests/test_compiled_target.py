@@ -8,6 +8,7 @@ import mlflow
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import xgboost as xgb
 from tritonclient.utils import InferenceServerException
 
 from export.errors import UnsupportedModelError
@@ -105,3 +106,24 @@ def test_native_target_refuses_gpu_instances_and_raw_inputs():
         target.model_config("m", 4, 2, ServingSettings(instance_kind="gpu"), [1], {})
     with pytest.raises(UnsupportedModelError, match="feature tensor"):
         target.model_config("m", 4, 2, ServingSettings(), [1], {}, inputs=[])
+
+
+def test_two_native_versions_loaded_together_each_score_their_own_forest(trained, tmp_path):
+    """Each version's backend loads its own forest.so (same file name, other folder): no cross-talk."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(400, 5)).astype(np.float32)
+    boosters = {version: xgb.train({"objective": "binary:logistic", "max_depth": 3, "seed": version},
+                                   xgb.DMatrix(x, label=(x[:, version] > 0)), 10) for version in (1, 2)}
+    repo, target = ModelRepository(tmp_path / "repo"), get_target("native-compiled")
+    for version, booster in boosters.items():
+        with repo.stage_version("twin", version) as staging:
+            target.write_artifacts(booster, 5, staging)
+    repo.write_config(target.model_config("twin", 5, 2, ServingSettings(max_batch_size=64), [1, 2], {}))
+    with _server(repo.root, tmp_path, trained) as server:
+        client = grpcclient.InferenceServerClient(server.settings.grpc_url)
+        for version, booster in boosters.items():
+            tensor = grpcclient.InferInput("features", [64, 5], "FP32")
+            tensor.set_data_from_numpy(x[:64])
+            served = client.infer("twin", [tensor], model_version=str(version)).as_numpy("probabilities")[:, 1]
+            np.testing.assert_allclose(served, booster.inplace_predict(x[:64]), atol=1e-6)
+    assert not np.allclose(boosters[1].inplace_predict(x), boosters[2].inplace_predict(x), atol=1e-3)

@@ -135,7 +135,7 @@ def export_cmd(
     model_name: ModelOpt = "fraud",
     alias: Annotated[str, typer.Option(help="registry alias to export")] = "champion",
     version: Annotated[int | None, typer.Option(help="export this version number instead of the alias")] = None,
-    target: Annotated[str, typer.Option(help="python-onnx (runs here), python-compiled (tl2cgen forest, runs here), onnxruntime or fil (NGC)")] = "python-onnx",
+    target: Annotated[str, typer.Option(help="python-onnx (runs here, raw inputs too), native-compiled (fastest on CPU: tl2cgen forest in treeops' C backend), python-compiled, onnxruntime or fil (NGC)")] = "python-onnx",
     raw_inputs: Annotated[bool, typer.Option(help="serve raw transaction fields; stateless features run in the graph")] = False,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
@@ -468,7 +468,8 @@ def bench_serving(
     trees: Annotated[int, typer.Option(min=1)] = 200,
     depth: Annotated[int, typer.Option(min=1)] = 6,
     features: Annotated[int, typer.Option(min=1)] = 30,
-    runtime: Annotated[str, typer.Option(help="onnxruntime, or compiled (needs tl2cgen + gcc)")] = "onnxruntime",
+    runtime: Annotated[str, typer.Option(help="native (tl2cgen forest in treeops' C backend), compiled (the same forest "
+                                             "in the Python backend) or onnxruntime (Python backend); compiled ones need gcc")] = "native",
     concurrency: Annotated[str, typer.Option(help="comma-separated closed-loop levels")] = "1,2,4,8,16,32,64",
     step_s: Annotated[float, typer.Option(min=0.1, help="seconds per sweep step")] = 3.0,
     requests: Annotated[int, typer.Option(min=1, help="sequential calls for the latency steps")] = 2000,
@@ -477,6 +478,8 @@ def bench_serving(
     client_processes: Annotated[int, typer.Option(min=1)] = 1,
     max_queue_delay_us: Annotated[int | None, typer.Option(help="override the dynamic batcher delay")] = None,
     instance_count: Annotated[int | None, typer.Option(min=1, help="override the model instances")] = None,
+    dynamic_batching: Annotated[bool, typer.Option(help="dynamic batcher on (default) or Triton's default scheduler")] = True,
+    summary_latencies: Annotated[bool, typer.Option(help="Triton's p50..p999 latency summaries (off by default: costly)")] = False,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -487,10 +490,11 @@ def bench_serving(
     from loadtest.bench import BenchSettings, run_serving_benchmark
     from loadtest.bench_model import BenchModelSpec
     from loadtest.errors import SettingsError
+    from server.settings import TritonSettings
 
     ws = Workspace.resolve(workspace)
     overrides = {k: v for k, v in (("max_queue_delay_us", max_queue_delay_us), ("instance_count", instance_count))
-                 if v is not None}
+                 if v is not None} | {"dynamic_batching": dynamic_batching}
     try:
         levels = tuple(int(c) for c in concurrency.split(","))
     except ValueError:
@@ -500,6 +504,7 @@ def bench_serving(
         serving=dataclasses.replace(ServingSettings(), **overrides), concurrency=levels, step_s=step_s,
         sequential_requests=requests, health_requests=requests, batch_rows=batch_rows,
         batch_concurrency=batch_concurrency, client_processes=client_processes,
+        triton=TritonSettings(summary_latencies=summary_latencies),
     )
     result = run_serving_benchmark(settings, out_path=out or ws.reports_dir / "bench_serving.json")
     _emit(as_json, result.to_dict(), result.lines())
