@@ -11,9 +11,11 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +69,7 @@ def compile_forest(booster: xgb.Booster, n_features: int, out_path: Path, *, cc:
     from export.targets.fil import legacy_xgboost_json
 
     width = n_outputs(booster)
-    with tempfile.TemporaryDirectory(prefix="treeops-forest-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="treeops-forest-") as scratch, _stdout_to_stderr():
         src = Path(scratch)
         (src / "model.json").write_text(json.dumps(legacy_xgboost_json(probability_booster(booster))))
         model = treelite.frontend.load_xgboost_model(str(src / "model.json"))
@@ -89,8 +91,15 @@ def compile_forest(booster: xgb.Booster, n_features: int, out_path: Path, *, cc:
 
 
 def compiled_scorer(path: Path, width: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """Score rows with the compiled forest at `path`, exactly as model.py's "compiled" runtime does."""
-    library = ctypes.CDLL(str(path))
+    """Score rows with the compiled forest at `path`, exactly as model.py's "compiled" runtime does.
+
+    A private copy is loaded: a loaded library stays mapped for the life of the process, and a
+    repository file rewritten in place later would otherwise crash this process (SIGBUS).
+    """
+    with tempfile.TemporaryDirectory(prefix="treeops-scorer-") as scratch:
+        private = Path(scratch) / Path(path).name
+        shutil.copyfile(path, private)
+        library = ctypes.CDLL(str(private))
     width = width if width is not None else library.treeops_width()
     predict = library.predict_rows
     predict.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
@@ -103,6 +112,22 @@ def compiled_scorer(path: Path, width: int | None = None) -> Callable[[np.ndarra
         return out
 
     return score
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what treelite and tl2cgen print (Python prints and their C++ loggers) to stderr, so that
+    stdout keeps only a command's own output (`treeops ... --json`)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def run_compiler(command: list[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -114,3 +115,25 @@ def test_request_headers_are_a_plain_hpack_block():
     block = grpc_request_headers("127.0.0.1:8001", "/inference.GRPCInferenceService/ModelInfer")
     assert block.startswith(b"\x83\x86\x04")  # :method POST, :scheme http, literal :path
     assert b"application/grpc" in block and b"trailers" in block
+
+
+def test_scorer_survives_its_file_being_rewritten_in_place(tmp_path):
+    """The parity gate's scorer loads a private copy: rewriting the repository file in place (as a corrupted
+    version would be) must neither change its scores nor crash the process at exit (SIGBUS)."""
+    pytest.importorskip("tl2cgen", reason="the compiled runtime needs tl2cgen==1.0.0")
+    script = f"""
+import numpy as np
+from pathlib import Path
+from export.compiled_forest import compile_forest, compiled_scorer
+from loadtest.bench_model import BenchModelSpec, synthetic_rows, train_bench_model
+spec = BenchModelSpec(trees=8, depth=3, features=6, train_rows=500, seed=1)
+path = compile_forest(train_bench_model(spec), 6, Path({str(tmp_path)!r}) / "forest.so")
+score = compiled_scorer(path, 2)
+x = synthetic_rows(50, 6, 2)
+before = score(x)
+path.write_bytes(b"corrupted in place")
+assert np.array_equal(score(x), before)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.returncode, done.stderr[-2000:])
