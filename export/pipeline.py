@@ -22,14 +22,28 @@ from export.triton_config import ServingSettings, TensorSpec
 log = logging.getLogger(__name__)
 
 
+#: Feature-tensor models: the forest compiled to C, served by treeops' own Triton backend (fastest on CPU,
+#: see README "Performance"). Raw-input models: the ONNX graph with the feature steps, in the Python backend.
+DEFAULT_TARGET = "native-compiled"
+RAW_INPUTS_TARGET = "python-onnx"
+
+
 @dataclass(frozen=True)
 class ExportSettings:
-    """Target, serving shape and parity limits for one export."""
+    """Target, serving shape and parity limits for one export.
 
-    target: str = "python-onnx"
+    target: an export target name (export.targets.TARGETS); None picks DEFAULT_TARGET, or
+    RAW_INPUTS_TARGET with `raw_inputs`.
+    """
+
+    target: str | None = None
     serving: ServingSettings = field(default_factory=ServingSettings)
     tolerance: float = 1e-5
     raw_inputs: bool = False  # serve raw transaction fields; stateless features computed in the graph
+
+    @property
+    def target_name(self) -> str:
+        return self.target or (RAW_INPUTS_TARGET if self.raw_inputs else DEFAULT_TARGET)
 
 
 @dataclass(frozen=True)
@@ -70,7 +84,7 @@ def export_version(
     same MLflow run is left as it is. The model's `config.pbtxt` is not touched.
     """
     ref = registry.resolve(model_name, alias=alias, version=version)
-    target = get_target(settings.target)
+    target = get_target(settings.target_name)
     report: ParityReport | None = None
     present = ref.version in repository.versions(model_name)
     if present:
@@ -95,7 +109,7 @@ def export_version(
         )
     raw = bundle.fitted if settings.raw_inputs else None
     if raw is not None and not target.supports_raw_inputs:
-        raise ExportError(f"target {settings.target!r} cannot serve raw inputs; use python-onnx or onnxruntime")
+        raise ExportError(f"target {settings.target_name!r} cannot serve raw inputs; use python-onnx or onnxruntime")
     inputs = [r.tensor_spec() for r in raw_inputs(raw)] if raw is not None else None
     with repository.stage_version(model_name, ref.version) as staging:
         target.write_artifacts(bundle.booster, n_features, staging, raw)
@@ -107,13 +121,13 @@ def export_version(
                                   threshold=bundle.objective.threshold)
         if report is not None:
             write_json(staging / PARITY_FILE, report.to_dict())
-            require(report, f"{settings.target} export of {model_name} version {ref.version}")
+            require(report, f"{settings.target_name} export of {model_name} version {ref.version}")
         write_json(staging / FEATURES_FILE, bundle.features)
         write_json(staging / METADATA_FILE, {
             "model_name": model_name,
             "version": ref.version,
             "run_id": ref.run_id,
-            "target": settings.target,
+            "target": settings.target_name,
             "n_features": n_features,
             "n_outputs": bundle.objective.n_outputs,
             "input_name": target.input_name,

@@ -7,8 +7,9 @@
  * Per model: dlopen <repository>/<model>/<version>/forest.so and look up predict_rows, treeops_width
  * and treeops_n_features. Per request: one FP32 input [rows, n_features] -> every requested output
  * as FP32 [rows, width], computed row by row (a row's scores never depend on its batch), written
- * straight into Triton's output buffer. Statistics are reported so Triton's queue/compute figures
- * stay meaningful.
+ * straight into Triton's output buffer. Statistics are reported so Triton's figures attribute the
+ * time: compute_input = waiting for earlier requests of the same execution, compute_infer = reading
+ * the input and scoring, compute_output = sending the response (Triton serializes it for the client).
  *
  * Only the Triton C API functions used here are declared below (TRITONBACKEND API 1.x, as in
  * tritonbackend.h / tritonserver.h); the library resolves them from the running tritonserver.
@@ -275,11 +276,12 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_ModelInstan
     TRITONBACKEND_Request* request = requests[r];
     const uint64_t compute_start = now_ns();
     TRITONBACKEND_Response* response = NULL;
-    uint64_t rows = 0;
+    uint64_t rows = 0, scored = 0;
     bool ok = false;
     TRITONSERVER_Error* new_err = TRITONBACKEND_ResponseNew(&response, request);
     if (new_err == NULL) {
       TRITONSERVER_Error* failure = score_request(forest, request, response, &rows);
+      scored = now_ns();
       TRITONSERVER_Error* send_err = TRITONBACKEND_ResponseSend(response, RESPONSE_COMPLETE_FINAL, failure);
       ok = failure == NULL && send_err == NULL;
       if (send_err != NULL) log_error(TRITONBACKEND_ResponseDelete(response), "deleting an unsent response");
@@ -288,10 +290,10 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_ModelInstan
     } else {
       log_error(new_err, "creating a response");
     }
-    const uint64_t compute_end = now_ns();
+    const uint64_t sent = now_ns();
     batch_rows += rows;
     log_error(TRITONBACKEND_ModelInstanceReportStatistics(instance, request, ok, exec_start, compute_start,
-                                                          compute_end, compute_end),
+                                                          scored ? scored : sent, sent),
               "reporting request statistics");
     log_error(TRITONBACKEND_RequestRelease(request, REQUEST_RELEASE_ALL), "releasing a request");
   }

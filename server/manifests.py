@@ -164,8 +164,8 @@ def _pod(spec: K8sSpec, settings: TritonSettings, labels: dict[str, str], ports:
 
 def _sync_container(spec: K8sSpec, storage_env: list[dict[str, Any]]) -> dict[str, Any]:
     args = ["sync", "--model-name", spec.model_name, "--workspace", str(WORKSPACE)]
-    if spec.gpu:
-        args += ["--instance-kind", "gpu"]
+    if spec.gpu:  # the FIL backend runs the forest on the GPU
+        args += ["--target", "fil", "--instance-kind", "gpu"]
     return {
         "name": "sync-model-repository",
         "image": spec.sync_image,

@@ -37,7 +37,7 @@ class TrainedWorkspace:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedWorkspace:
-    """20k generated rows trained, registered as fraud@champion and exported (python-onnx)."""
+    """20k generated rows trained, registered as fraud@champion and exported (the default target)."""
     ws = Workspace(tmp_path_factory.mktemp("workspace"))
     data = write_transactions(generate_transactions(GenerateSpec(rows=20_000, seed=3)), ws.data_dir / "train.parquet")
     outcome = train_and_register(data, "is_fraud", MODEL, params=TrainParams(num_boost_round=60),

@@ -13,7 +13,7 @@ from export import registry
 from export.errors import ModelNotFoundError, ParityError, RepositoryError, UnsupportedModelError
 from export.onnx_convert import to_onnx
 from export.parity import check_parity, edge_rows, require
-from export.pipeline import export_model
+from export.pipeline import DEFAULT_TARGET, export_model
 from export.repository import ModelRepository
 from export.targets import TARGETS, get_target
 from export.triton_config import ServingSettings, TensorSpec, model_config, parse, render
@@ -92,9 +92,8 @@ def test_unknown_model_and_alias_list_what_exists(trained):
 
 def test_export_writes_a_complete_version_with_metadata(trained):
     version_dir = trained.repository.version_dir("fraud", trained.outcome.registered.version)
-    # Triton's Python-backend stub runs isolated from PYTHON* variables and caches model.py's bytecode.
-    assert sorted(p.name for p in version_dir.iterdir() if p.name != "__pycache__") == [
-        "feature_spec.json", "model.onnx", "model.py", "parity.json", "treeops.json"]
+    assert sorted(p.name for p in version_dir.iterdir()) == [  # the default target: native-compiled
+        "feature_spec.json", "forest.so", "libtriton_treeops_forest.so", "parity.json", "treeops.json"]
     meta = json.loads((version_dir / "treeops.json").read_text())
     assert meta["run_id"] == trained.outcome.registered.run_id
     parity = json.loads((version_dir / "parity.json").read_text())
@@ -118,7 +117,7 @@ def test_export_is_idempotent_and_refuses_a_foreign_repository(trained, tmp_path
 def test_failed_export_leaves_no_version_folder(trained, tmp_path, monkeypatch):
     mlflow.set_tracking_uri(trained.ws.tracking_uri)
     repo = ModelRepository(tmp_path / "repo")
-    target = get_target("python-onnx")
+    target = get_target(DEFAULT_TARGET)
     monkeypatch.setattr(type(target), "scorer", lambda self, d: (lambda a: np.full((len(a), 2), 0.5, np.float32)))
     with pytest.raises(ParityError):
         export_model("fraud", repo)

@@ -56,6 +56,6 @@ def test_train_and_export_through_a_tracking_server(mlflow_server, tmp_path, tre
     assert list((server_root / "artifacts").rglob("feature_spec.json"))
     exported = treeops("export", workspace=tmp_path, mlflow_uri=url)
     assert exported.returncode == 0, exported.stderr[-2000:]
-    assert (tmp_path / "model_repository" / "fraud" / "1" / "model.onnx").exists()
+    assert (tmp_path / "model_repository" / "fraud" / "1" / "forest.so").exists()
     listed = treeops("models", workspace=tmp_path, mlflow_uri=url)
     assert listed.returncode == 0 and "champion" in listed.stdout

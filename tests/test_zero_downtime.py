@@ -137,7 +137,7 @@ def test_failed_load_keeps_the_old_version_serving(live):
     served_before = repo.read_config(MODEL)
     audit = AuditLog(ws.audit_log)
     promote(MODEL, repo, audit, force=True, reason="will fail to load")  # exports v3 through the gate
-    (repo.version_dir(MODEL, 3) / "model.onnx").write_bytes(b"corrupted after the parity gate")
+    (repo.version_dir(MODEL, 3) / "forest.so").write_bytes(b"corrupted after the parity gate")
     with SteadyLoad(server.settings.grpc_url, rows) as load:
         time.sleep(0.5)
         with pytest.raises(RolloutError, match="previous config was restored"):

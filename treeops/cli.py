@@ -135,7 +135,9 @@ def export_cmd(
     model_name: ModelOpt = "fraud",
     alias: Annotated[str, typer.Option(help="registry alias to export")] = "champion",
     version: Annotated[int | None, typer.Option(help="export this version number instead of the alias")] = None,
-    target: Annotated[str, typer.Option(help="python-onnx (runs here, raw inputs too), native-compiled (fastest on CPU: tl2cgen forest in treeops' C backend), python-compiled, onnxruntime or fil (NGC)")] = "python-onnx",
+    target: Annotated[str | None, typer.Option(
+        help="native-compiled (default: tl2cgen forest in treeops' C backend, fastest on CPU, needs gcc), "
+             "python-onnx (default with --raw-inputs), python-compiled, onnxruntime or fil (NGC, GPU)")] = None,
     raw_inputs: Annotated[bool, typer.Option(help="serve raw transaction fields; stateless features run in the graph")] = False,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
@@ -317,7 +319,7 @@ def _rollout(ws: Workspace, model_name: str, triton_url: str | None, retain: int
     mlflow.set_tracking_uri(ws.tracking_uri)
     repo = ModelRepository(ws.model_repository)
     serving = ServingSettings(instance_kind=instance_kind) if instance_kind else ServingSettings()
-    export = ExportSettings(target=target or current_target(repo, model_name) or "python-onnx", serving=serving)
+    export = ExportSettings(target=target or current_target(repo, model_name), serving=serving)
     return rollout(model_name, repo, _model_control(triton_url), SyncSettings(retain_versions=retain, export=export))
 
 
@@ -326,7 +328,7 @@ def sync(
     model_name: ModelOpt = "fraud",
     triton_url: TritonUrlOpt = None,
     retain: RetainOpt = 2,
-    target: Annotated[str | None, typer.Option(help="export target (default: what the repository serves, else python-onnx)")] = None,
+    target: Annotated[str | None, typer.Option(help="export target (default: what the repository serves, else native-compiled)")] = None,
     instance_kind: Annotated[str | None, typer.Option(help="cpu or gpu model instances (gpu for GPU nodes)")] = None,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
