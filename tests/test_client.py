@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -57,19 +60,61 @@ def test_async_client_splits_large_inputs_in_order(triton):
 
 @pytest.mark.triton
 def test_an_expired_deadline_is_reported_without_retries(triton):
-    # gRPC keeps deadlines to the millisecond, so a 1 us deadline is ~1 ms: score 1,024 rows (several ms)
-    # to make sure it expires.
-    big = np.random.default_rng(0).normal(size=(1024, N_FEATURES)).astype(np.float32)
+    # gRPC keeps deadlines to the millisecond, so a 1 us deadline is ~1 ms, and Triton answers a row faster than
+    # that: the calls go through a proxy that holds every answer for 50 ms, so the deadline always expires first.
+    rows = np.random.default_rng(0).normal(size=(4, N_FEATURES)).astype(np.float32)
 
-    async def score():
-        async with AsyncScoringClient(triton.settings.grpc_url, timeout_s=1e-6, retries=3) as client:
-            return await client.score(big)
+    async def score(url: str):
+        async with AsyncScoringClient(url, timeout_s=1e-6, retries=3) as client:
+            return await client.score(rows)
 
-    with pytest.raises(ScoringError, match=r"\(1 attempt\): StatusCode.DEADLINE_EXCEEDED"):
-        asyncio.run(score())
-    with ScoringClient(triton.settings.grpc_url, timeout_s=1e-6) as client:
+    with SlowProxy(triton.settings.grpc_url, delay_s=0.05) as url:
         with pytest.raises(ScoringError, match=r"\(1 attempt\): StatusCode.DEADLINE_EXCEEDED"):
-            client.score(big)
+            asyncio.run(score(url))
+        with ScoringClient(url, timeout_s=1e-6) as client:
+            with pytest.raises(ScoringError, match=r"\(1 attempt\): StatusCode.DEADLINE_EXCEEDED"):
+                client.score(rows)
+        with ScoringClient(url, timeout_s=5) as client:  # the same path answers within a usual deadline
+            assert client.score(rows).positive.shape == (4,)
+
+
+class SlowProxy:
+    """A TCP proxy to `upstream` ("host:port") that delays every chunk the server sends by `delay_s`."""
+
+    def __init__(self, upstream: str, delay_s: float) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream, self.delay_s = (host, int(port)), delay_s
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.closed = threading.Event()
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return f"127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.closed.set()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, server, 0.0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, self.delay_s), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, delay_s: float) -> None:
+        try:
+            while chunk := src.recv(65536):
+                time.sleep(delay_s)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            src.close()
+            dst.close()
 
 
 @pytest.mark.triton

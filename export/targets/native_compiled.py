@@ -11,34 +11,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.compiled_forest import COMPILED_FILE, compile_forest, compiled_scorer
 from export.errors import UnsupportedModelError
 from export.native_backend import BACKEND_NAME, build_backend
-from export.parity import Scorer
-from export.targets.base import ExportTarget
+from export.targets.compiled_forest_target import CompiledForestTarget
 from export.triton_config import ServingSettings, TensorSpec, model_config
-from training.features import FittedFeatures
 
 
-class NativeCompiledTarget(ExportTarget):
+class NativeCompiledTarget(CompiledForestTarget):
     """`forest.so` plus `libtriton_treeops_forest.so` in the version folder; `backend: "treeops_forest"`."""
 
     name = "native-compiled"
 
-    def write_artifacts(
-        self, booster: xgb.Booster, n_features: int, version_dir: Path, raw_features: FittedFeatures | None = None
-    ) -> None:
-        if raw_features is not None:
-            raise UnsupportedModelError("the native-compiled target serves feature tensors only; "
-                                        "export raw inputs with --target python-onnx")
-        compile_forest(booster, n_features, version_dir / COMPILED_FILE)
+    def write_runtime(self, version_dir: Path) -> None:
         build_backend(version_dir)
-
-    def scorer(self, version_dir: Path) -> Scorer:
-        return compiled_scorer(version_dir / COMPILED_FILE)
 
     def model_config(
         self,

@@ -11,34 +11,21 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.compiled_forest import COMPILED_FILE, compile_forest, compiled_scorer
 from export.errors import UnsupportedModelError
-from export.parity import Scorer
-from export.targets.base import ExportTarget
+from export.targets.compiled_forest_target import CompiledForestTarget
 from export.targets.python_onnx import TRITON_MODEL_SOURCE, PythonOnnxTarget
 from export.triton_config import ServingSettings, TensorSpec
-from training.features import FittedFeatures
 
 
-class PythonCompiledTarget(ExportTarget):
+class PythonCompiledTarget(CompiledForestTarget):
     """`forest.so` plus the `model.py` that calls it; `backend: "python"`, parameter `runtime: compiled`."""
 
     name = "python-compiled"
 
-    def write_artifacts(
-        self, booster: xgb.Booster, n_features: int, version_dir: Path, raw_features: FittedFeatures | None = None
-    ) -> None:
-        if raw_features is not None:
-            raise UnsupportedModelError("the python-compiled target serves feature tensors only; "
-                                        "export raw inputs with --target python-onnx")
-        compile_forest(booster, n_features, version_dir / COMPILED_FILE)
+    def write_runtime(self, version_dir: Path) -> None:
         shutil.copyfile(TRITON_MODEL_SOURCE, version_dir / "model.py")
-
-    def scorer(self, version_dir: Path) -> Scorer:
-        return compiled_scorer(version_dir / COMPILED_FILE)
 
     def model_config(
         self,
