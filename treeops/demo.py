@@ -63,11 +63,11 @@ class DemoSummary:
             f"  served model         {MODEL} version {v['served_version']} (@champion) from {v['model_repository']}",
             f"  trained this run     version {v['registered_version']} (@{v['registered_alias']})",
             f"  test metrics         ROC AUC {v['roc_auc']:.4f}, PR AUC {v['pr_auc']:.4f}, log loss {v['log_loss']:.4f}",
-            f"  parity (ONNX vs xgb) max |diff| {v['parity_max_abs_diff']:.2e} on {v['parity_rows']} rows, "
+            f"  parity (file vs xgb) max |diff| {v['parity_max_abs_diff']:.2e} on {v['parity_rows']} rows, "
             f"{v['parity_flipped']} flipped",
             f"  served vs xgboost    max |diff| {v['served_max_abs_diff']:.2e} on {v['scored_rows']} rows over gRPC",
-            f"  gRPC single row      p50 {v['score_p50_us']:.0f} us, p99 {v['score_p99_us']:.0f} us "
-            f"(health round trip p50 {v['health_p50_us']:.0f} us)",
+            f"  ScoringClient 1 row  p50 {v['score_p50_us']:.0f} us, p99 {v['score_p99_us']:.0f} us "
+            f"(health round trip p50 {v['health_p50_us']:.0f} us; server-side figures: treeops bench serving)",
         ]
         if "loadtest" in v:
             lt = v["loadtest"]
