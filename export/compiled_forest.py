@@ -63,8 +63,7 @@ def compile_forest(booster: xgb.Booster, n_features: int, out_path: Path, *, cc:
         import treelite
     except ImportError as exc:
         raise ExportError(f"the compiled runtime needs tl2cgen and treelite: pip install tl2cgen==1.0.0 ({exc})") from exc
-    if shutil.which(cc) is None:
-        raise ExportError(f"the compiled runtime needs a C compiler: {cc!r} is not on PATH (apt-get install gcc)")
+    require_compiler(cc)
     from export.onnx_convert import n_outputs, probability_booster, task_of
     from export.targets.fil import legacy_xgboost_json
 
@@ -128,6 +127,12 @@ def _stdout_to_stderr() -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def require_compiler(cc: str) -> None:
+    """Fail early, with the fix, where the C compiler the compiled targets need is missing."""
+    if shutil.which(cc) is None:
+        raise ExportError(f"the compiled targets need a C compiler: {cc!r} is not on PATH (apt-get install gcc)")
 
 
 def run_compiler(command: list[str]) -> None:

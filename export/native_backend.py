@@ -8,11 +8,9 @@ process: no Python, no inter-process hop in the request path.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from export.compiled_forest import run_compiler
-from export.errors import ExportError
+from export.compiled_forest import require_compiler, run_compiler
 
 BACKEND_NAME = "treeops_forest"
 BACKEND_LIBRARY = f"libtriton_{BACKEND_NAME}.so"
@@ -21,8 +19,7 @@ BACKEND_SOURCE = Path(__file__).resolve().with_name("triton_native_backend.c")
 
 def build_backend(out_dir: Path, *, cc: str = "gcc") -> Path:
     """Compile the backend into `out_dir/libtriton_treeops_forest.so` (Triton's symbols resolve at load)."""
-    if shutil.which(cc) is None:
-        raise ExportError(f"the native backend needs a C compiler: {cc!r} is not on PATH (apt-get install gcc)")
+    require_compiler(cc)
     out = Path(out_dir) / BACKEND_LIBRARY
     run_compiler([cc, "-O2", "-fPIC", "-shared", "-std=c11", "-o", str(out), str(BACKEND_SOURCE), "-ldl"])
     return out

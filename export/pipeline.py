@@ -108,8 +108,7 @@ def export_version(
             f"objective {bundle.objective.to_dict()} expects {bundle.objective.n_outputs}; the version is inconsistent"
         )
     raw = bundle.fitted if settings.raw_inputs else None
-    if raw is not None and not target.supports_raw_inputs:
-        raise ExportError(f"target {settings.target_name!r} cannot serve raw inputs; use python-onnx or onnxruntime")
+    target.require_feature_tensor(raw)  # before any file is written
     inputs = [r.tensor_spec() for r in raw_inputs(raw)] if raw is not None else None
     with repository.stage_version(model_name, ref.version) as staging:
         target.write_artifacts(bundle.booster, n_features, staging, raw)

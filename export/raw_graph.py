@@ -148,13 +148,8 @@ BUILDERS: dict[str, Builder] = {
 }
 
 
-def is_stateful(feature: Feature) -> bool:
-    """History features (declared `stateful` in the spec) depend on earlier rows of the same card."""
-    return feature.stateful
-
-
 def _compile_feature(g: _Graph, feature: Feature, fitted: FittedFeatures) -> str:
-    if is_stateful(feature):
+    if feature.stateful:
         return g.input(RawInput(feature.name, "float", f"client-supplied: {feature.description}", stateful=True))
     if feature.categorical:
         if not feature.expr.meta.is_column():

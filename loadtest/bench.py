@@ -51,6 +51,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 
 from export.compiled_forest import COMPILED_FILE, compiled_scorer
+from export.onnx_convert import INPUT_NAME, OUTPUT_NAME, serving_session
 from export.triton_config import ServingSettings
 from loadtest.bench_model import (
     BENCH_MODEL, RUNTIME_TARGETS, BenchModelSpec, Runtime, export_bench_model, synthetic_rows, train_bench_model,
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 LIVE_METHOD = "/inference.GRPCInferenceService/ServerLive"
-_INPUT, _OUTPUT = "features", "probabilities"
 #: Distinct payloads cycled through by the load generator (each a different slice of the rows).
 _PAYLOADS = 64
 
@@ -319,18 +319,18 @@ def _is_tuning_flag(arg: str) -> bool:
 
 
 def measure_floors(model_path: Path, booster: Any, rows: np.ndarray, batch_rows: int, repeats: int,
-                   intra_op_threads: int = 1, compiled: Path | None = None) -> list[Floor]:
+                   compiled: Path | None = None) -> list[Floor]:
     """Median time of ONNX Runtime (as model.py configures it), xgboost (1 thread) and, given its path, the
     compiled forest, on 1 and `batch_rows` rows."""
-    session = onnx_session(model_path, intra_op_threads)
-    forest = compiled_scorer(compiled, 2) if compiled is not None else None
+    session = serving_session(model_path)
+    forest = compiled_scorer(compiled) if compiled is not None else None
     booster = booster.copy()
     booster.set_param({"nthread": 1})
     floors = []
     for n in sorted({1, batch_rows}):
         x = np.ascontiguousarray(rows[:n], dtype=np.float32)
         runs: dict[str, Callable[[], Any]] = {
-            "onnxruntime": lambda x=x: session.run([_OUTPUT], {_INPUT: x}),
+            "onnxruntime": lambda x=x: session.run([OUTPUT_NAME], {INPUT_NAME: x}),
             "xgboost": lambda x=x: booster.inplace_predict(x),
         }
         if forest is not None:
@@ -339,18 +339,6 @@ def measure_floors(model_path: Path, booster: Any, rows: np.ndarray, batch_rows:
             p50 = _median_us(fn, repeats if n == 1 else max(repeats // 4, 5))
             floors.append(Floor(runtime, n, p50, n / p50 * 1e6))
     return floors
-
-
-def onnx_session(model_path: Path, intra_op_threads: int = 1) -> Any:
-    """An ONNX Runtime CPU session configured as model.py configures it (its thread count decides the bits:
-    with several threads the tree sums run in another order)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
 def _median_us(fn: Callable[[], Any], repeats: int) -> float:
@@ -376,8 +364,8 @@ def infer_payloads(rows: np.ndarray, rows_per_request: int, model: str = BENCH_M
         start = (i * rows_per_request) % span
         x = np.ascontiguousarray(rows[start : start + rows_per_request], dtype=np.float32)
         request = service_pb2.ModelInferRequest(model_name=model)
-        request.inputs.add(name=_INPUT, datatype="FP32", shape=list(x.shape))
-        request.outputs.add(name=_OUTPUT)
+        request.inputs.add(name=INPUT_NAME, datatype="FP32", shape=list(x.shape))
+        request.outputs.add(name=OUTPUT_NAME)
         request.raw_input_contents.append(x.tobytes())
         payloads.append(request.SerializeToString())
     return payloads
@@ -939,8 +927,7 @@ def _run(settings: BenchSettings, work: Path) -> BenchResult:
                                 compiled=compiled)
         log.info("floors: %s", ", ".join(f"{f.runtime} {f.rows} rows {f.p50_us:.1f} us" for f in floors))
         url = server.settings.grpc_url
-        served = compiled_scorer(compiled, 2) if compiled is not None else _onnx_scorer(version_dir / "model.onnx")
-        check_served_scores(url, rows[: s.batch_rows], served)
+        check_served_scores(url, rows[: s.batch_rows], RUNTIME_TARGETS[s.runtime]().scorer(version_dir))
         single, batch = infer_payloads(rows, 1), infer_payloads(rows, s.batch_rows)
         live = [service_pb2.ServerLiveRequest().SerializeToString()]
         payload_sets = {
@@ -990,11 +977,6 @@ def _logged(step: Step, failures: list[str]) -> Step:
         log.warning("%s: %d failed requests, first: %s", step.name, len(failures), failures[0])
     log.info("%s", _step_line(step))
     return step
-
-
-def _onnx_scorer(model_path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    session = onnx_session(model_path)
-    return lambda x: session.run([_OUTPUT], {_INPUT: x})[0]
 
 
 def check_served_scores(url: str, x: np.ndarray, score: Callable[[np.ndarray], np.ndarray]) -> None:

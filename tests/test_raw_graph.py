@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.errors import FeatureCompileError
 from export.onnx_convert import OUTPUT_NAME
 from export.raw_graph import (
-    BUILDERS, TIMESTAMP_INPUT, compile_raw_model, feature_model, is_stateful, raw_feeds, raw_inputs,
+    BUILDERS, TIMESTAMP_INPUT, compile_raw_model, feature_model, raw_feeds, raw_inputs,
 )
 from export.triton_config import ServingSettings, TensorSpec, model_config, parse, render
 from training.features import FRAUD_FEATURES, RAW_SCHEMA, Feature, FittedFeatures
@@ -80,7 +80,7 @@ def test_raw_graph_scores_equal_features_plus_xgboost_on_every_row(setup):
 def test_inputs_come_from_the_spec(setup):
     fitted, _, _ = setup
     inputs = {r.name: r for r in raw_inputs(fitted)}
-    stateful = [f.name for f in FRAUD_FEATURES.features if is_stateful(f)]
+    stateful = [f.name for f in FRAUD_FEATURES.features if f.stateful]
     assert stateful == ["card_txn_index", "seconds_since_prev_card_txn", "amount_to_card_mean"]
     assert [n for n, r in inputs.items() if r.stateful] == stateful
     assert {n: r.dtype for n, r in inputs.items() if not r.stateful} == {

@@ -79,7 +79,7 @@ def test_scoring_dicts_of_raw_fields_equals_the_dataframe_route(triton, champion
     np.testing.assert_array_equal(from_dicts.probabilities, from_frame.probabilities)
 
 
-def test_metrics_endpoint_counts_requests_and_publishes_latency_summaries(triton, champion):
+def test_metrics_endpoint_counts_requests_and_their_durations(triton, champion):
     import urllib.request
 
     _, features, raw = champion

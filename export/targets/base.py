@@ -10,6 +10,7 @@ import numpy as np
 import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
+from export.errors import UnsupportedModelError
 from export.onnx_convert import INPUT_NAME, OUTPUT_NAME
 from export.onnx_convert import n_outputs as served_width
 from export.parity import Scorer
@@ -37,6 +38,12 @@ class ExportTarget(ABC):
     ) -> None:
         """Write the files Triton loads into `version_dir` (a staging folder); with `raw_features`, the
         model takes raw fields and computes the stateless features itself (only where supported)."""
+
+    def require_feature_tensor(self, raw: object | None) -> None:
+        """Refuse raw fields (`raw_features` or raw input specs) where the target does not serve them."""
+        if raw is not None and not self.supports_raw_inputs:
+            raise UnsupportedModelError(f"the {self.name} target serves one feature tensor; export raw inputs with "
+                                        "--target python-onnx or onnxruntime")
 
     def raw_scorer(self, version_dir: Path) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
         """An in-process scorer of a written raw-input model (feeds by input name), where supported."""

@@ -8,7 +8,6 @@ from pathlib import Path
 import xgboost as xgb
 
 from export.compiled_forest import COMPILED_FILE, compile_forest, compiled_scorer
-from export.errors import UnsupportedModelError
 from export.parity import Scorer
 from export.targets.base import ExportTarget
 from training.features import FittedFeatures
@@ -20,9 +19,7 @@ class CompiledForestTarget(ExportTarget):
     def write_artifacts(
         self, booster: xgb.Booster, n_features: int, version_dir: Path, raw_features: FittedFeatures | None = None
     ) -> None:
-        if raw_features is not None:
-            raise UnsupportedModelError(f"the {self.name} target serves feature tensors only; "
-                                        "export raw inputs with --target python-onnx")
+        self.require_feature_tensor(raw_features)
         compile_forest(booster, n_features, version_dir / COMPILED_FILE)
         self.write_runtime(version_dir)
 

@@ -47,9 +47,7 @@ class FilTarget(ExportTarget):
     def write_artifacts(
         self, booster: xgb.Booster, n_features: int, version_dir: Path, raw_features: FittedFeatures | None = None
     ) -> None:
-        if raw_features is not None:
-            raise UnsupportedModelError("the fil target serves feature tensors only; export raw inputs with "
-                                        "--target python-onnx or onnxruntime")
+        self.require_feature_tensor(raw_features)
         task_of(booster)  # refuses objectives the served probabilities would get wrong
         model = legacy_xgboost_json(booster)
         (version_dir / MODEL_FILE).write_text(json.dumps(model))
@@ -77,8 +75,7 @@ class FilTarget(ExportTarget):
         parameters: Mapping[str, str],
         inputs: Sequence[TensorSpec] | None = None,
     ) -> mc.ModelConfig:
-        if inputs is not None:
-            raise UnsupportedModelError("the fil backend takes one feature tensor; raw inputs are not supported")
+        self.require_feature_tensor(inputs)
         classifier = n_outputs > 1  # every classifier here serves probabilities; a regressor serves 1 value
         fil = {
             "model_type": "xgboost_json",

@@ -37,8 +37,7 @@ class NativeCompiledTarget(CompiledForestTarget):
         parameters: Mapping[str, str],
         inputs: Sequence[TensorSpec] | None = None,
     ) -> mc.ModelConfig:
-        if inputs is not None:
-            raise UnsupportedModelError("the native-compiled target takes one feature tensor")
+        self.require_feature_tensor(inputs)
         if serving.instance_kind != "cpu":
             raise UnsupportedModelError("the native-compiled target runs on CPU instances; "
                                         "for GPU nodes export with --target fil")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.errors import UnsupportedModelError
 from export.targets.compiled_forest_target import CompiledForestTarget
 from export.targets.python_onnx import TRITON_MODEL_SOURCE, PythonOnnxTarget
 from export.triton_config import ServingSettings, TensorSpec
@@ -37,7 +36,6 @@ class PythonCompiledTarget(CompiledForestTarget):
         parameters: Mapping[str, str],
         inputs: Sequence[TensorSpec] | None = None,
     ) -> mc.ModelConfig:
-        if inputs is not None:
-            raise UnsupportedModelError("the python-compiled target takes one feature tensor")
+        self.require_feature_tensor(inputs)
         return PythonOnnxTarget().model_config(model_name, n_features, n_outputs, serving, versions,
                                                {**parameters, "runtime": "compiled"})
