@@ -64,8 +64,7 @@ def compile_forest(booster: xgb.Booster, n_features: int, out_path: Path, *, cc:
     except ImportError as exc:
         raise ExportError(f"the compiled runtime needs tl2cgen and treelite: pip install tl2cgen==1.0.0 ({exc})") from exc
     require_compiler(cc)
-    from export.onnx_convert import n_outputs, probability_booster, task_of
-    from export.targets.fil import legacy_xgboost_json
+    from export.booster import legacy_xgboost_json, n_outputs, probability_booster, task_of
 
     width = n_outputs(booster)
     with tempfile.TemporaryDirectory(prefix="treeops-forest-") as scratch, _stdout_to_stderr():

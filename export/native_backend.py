@@ -1,4 +1,4 @@
-"""The `treeops_forest` Triton backend: `triton_native_backend.c` built into a version folder.
+"""The `treeops_forest` Triton backend: `backends/treeops_forest.c` built into a version folder.
 
 Triton looks for `libtriton_<backend>.so` in the model's version folder before its backend
 directory, so each version carries the backend it was exported and tested with; the library
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import backends
 from export.compiled_forest import require_compiler, run_compiler
 
 BACKEND_NAME = "treeops_forest"
 BACKEND_LIBRARY = f"libtriton_{BACKEND_NAME}.so"
-BACKEND_SOURCE = Path(__file__).resolve().with_name("triton_native_backend.c")
+BACKEND_SOURCE = Path(backends.__file__).resolve().with_name("treeops_forest.c")
 
 
 def build_backend(out_dir: Path, *, cc: str = "gcc") -> Path:

@@ -12,12 +12,12 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
 import xgboost as xgb
 
+from export.booster import n_outputs, probability_booster, task_of
 from export.errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -26,59 +26,6 @@ INPUT_NAME = "features"
 PROBABILITIES = "probabilities"
 #: The single output of every exported graph.
 OUTPUT_NAME = PROBABILITIES
-
-Task = Literal["binary", "multiclass", "regression"]
-
-#: Objectives whose ONNX output matches xgboost; each is covered by tests/test_parity_properties.py.
-TASKS: dict[str, Task] = {
-    "binary:logistic": "binary",
-    "multi:softprob": "multiclass",
-    "multi:softmax": "multiclass",  # served as probabilities: converted as multi:softprob (same trees)
-    "reg:squarederror": "regression",
-    "reg:absoluteerror": "regression",
-    "reg:pseudohubererror": "regression",
-}
-SUPPORTED_OBJECTIVES = tuple(TASKS)
-REJECTED = {
-    "reg:logistic": "the converter scores it wrong (max difference 2.6 seen); train with binary:logistic",
-    "binary:logitraw": "the converter refuses raw logits; train with binary:logistic",
-}
-
-
-def objective_of(booster: xgb.Booster) -> str:
-    return json.loads(booster.save_config())["learner"]["objective"]["name"]
-
-
-def task_of(booster: xgb.Booster) -> Task:
-    """binary, multiclass or regression; unsupported objectives raise UnsupportedModelError with the fix."""
-    objective = objective_of(booster)
-    if objective in REJECTED:
-        raise UnsupportedModelError(f"objective {objective!r} cannot be exported: {REJECTED[objective]}")
-    if objective not in TASKS:
-        raise UnsupportedModelError(
-            f"objective {objective!r} is not supported; train with one of {list(SUPPORTED_OBJECTIVES)}"
-        )
-    return TASKS[objective]
-
-
-def n_outputs(booster: xgb.Booster) -> int:
-    """Width of the served output: 2 probabilities (binary), num_class (multi-class), 1 value (regression)."""
-    task = task_of(booster)
-    if task == "binary":
-        return 2
-    if task == "multiclass":
-        return int(json.loads(booster.save_config())["learner"]["learner_model_param"]["num_class"])
-    return 1
-
-
-def probability_booster(booster: xgb.Booster) -> xgb.Booster:
-    """A copy whose predictions are what is served: multi:softmax becomes multi:softprob (same trees)."""
-    plain = booster.copy()
-    if objective_of(booster) == "multi:softmax":
-        # multi:softmax predicts class ids and onnxmltools then emits raw margins as "probabilities".
-        plain.set_param({"objective": "multi:softprob"})
-    return plain
-
 
 def to_onnx(booster: xgb.Booster, n_features: int) -> onnx.ModelProto:
     """Convert `booster` to a graph `features` [N, n_features] -> `probabilities` [N, n_outputs]."""

@@ -16,7 +16,7 @@ import numpy as np
 import xgboost as xgb
 
 from export.errors import ParityError
-from export.onnx_convert import probability_booster, task_of
+from export.booster import probability_booster, task_of
 
 log = logging.getLogger(__name__)
 

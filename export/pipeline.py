@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from export import registry
+from registry import versions as registry
 from export.errors import ExportError
 from export.parity import ParityReport, check_parity, gate_rows, require
 from export.repository import FEATURES_FILE, METADATA_FILE, PARITY_FILE, ModelRepository, write_json

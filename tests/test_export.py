@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
-from export import registry
+from registry import versions as registry
 from export.errors import ModelNotFoundError, ParityError, RepositoryError, UnsupportedModelError
 from export.onnx_convert import to_onnx
 from export.parity import check_parity, edge_rows, require

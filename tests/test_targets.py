@@ -17,7 +17,8 @@ from export.errors import UnsupportedModelError
 from export.parity import check_parity, gate_rows
 from export.repository import ModelRepository
 from export.targets import TARGETS, get_target
-from export.targets.fil import MODEL_FILE, legacy_xgboost_json
+from export.booster import legacy_xgboost_json
+from export.targets.fil import MODEL_FILE
 from export.triton_config import ServingSettings, parse, render
 from server.installation import find_triton
 from server.launcher import TritonServer, free_port

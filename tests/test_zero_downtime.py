@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from export.pipeline import export_model
-from export.promotion import AuditLog, promote, rollback
+from registry.promotion import AuditLog, promote, rollback
 from export.repository import ModelRepository
-from export.sync import SyncSettings
+from registry.sync import SyncSettings
 from server.admin import AdminClient
 from server.client import ScoringClient, load_features
 from server.errors import ScoringError
 from server.installation import find_triton
 from server.launcher import TritonServer, free_port
-from server.rollout import RolloutError, rollout
+from registry.rollout import RolloutError, rollout
 from server.settings import TritonSettings
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register

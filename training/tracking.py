@@ -12,14 +12,13 @@ from pathlib import Path
 
 import polars as pl
 
+from registry.aliases import CHALLENGER, CHAMPION
 from training.errors import TrackingError
 from training.train import TrainParams, TrainResult
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "treeops"
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 FEATURES_ARTIFACT = "features/feature_spec.json"
 HOLDOUT_ARTIFACT = "holdout/holdout.parquet"
 RAW_HOLDOUT_ARTIFACT = "holdout/raw.parquet"

@@ -312,9 +312,9 @@ def _rollout(ws: Workspace, model_name: str, triton_url: str | None, retain: int
 
     from export.pipeline import ExportSettings
     from export.repository import ModelRepository
-    from export.sync import SyncSettings, current_target
+    from registry.sync import SyncSettings, current_target
     from export.triton_config import ServingSettings
-    from server.rollout import rollout
+    from registry.rollout import rollout
 
     mlflow.set_tracking_uri(ws.tracking_uri)
     repo = ModelRepository(ws.model_repository)
@@ -357,9 +357,9 @@ def promote(
     """Move `challenger` to `champion` if it beats it on the holdout and passes parity; then sync."""
     import mlflow
 
-    from export.promotion import AuditLog, promote as promote_version, rollback as rollback_version
+    from registry.promotion import AuditLog, promote as promote_version, rollback as rollback_version
     from export.repository import ModelRepository
-    from server.rollout import RolloutError
+    from registry.rollout import RolloutError
 
     ws = Workspace.resolve(workspace)
     mlflow.set_tracking_uri(ws.tracking_uri)
@@ -392,7 +392,7 @@ def rollback(
     """Point `champion` back at the previous champion; then sync."""
     import mlflow
 
-    from export.promotion import AuditLog, rollback as rollback_version
+    from registry.promotion import AuditLog, rollback as rollback_version
 
     ws = Workspace.resolve(workspace)
     mlflow.set_tracking_uri(ws.tracking_uri)
@@ -413,7 +413,7 @@ def models(
     """List registered versions with their aliases and key metrics."""
     import mlflow
 
-    from export.registry import list_versions
+    from registry.versions import list_versions
 
     ws = Workspace.resolve(workspace)
     mlflow.set_tracking_uri(ws.tracking_uri)

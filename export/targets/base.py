@@ -12,7 +12,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import UnsupportedModelError
 from export.onnx_convert import INPUT_NAME, OUTPUT_NAME
-from export.onnx_convert import n_outputs as served_width
+from export.booster import n_outputs as served_width
 from export.parity import Scorer
 from export.triton_config import ServingSettings, TensorSpec
 from training.features import FittedFeatures

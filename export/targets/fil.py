@@ -21,7 +21,7 @@ import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import UnsupportedModelError
-from export.onnx_convert import objective_of, task_of
+from export.booster import legacy_xgboost_json, task_of
 from export.parity import Scorer
 from export.targets.base import ExportTarget
 from export.triton_config import ServingSettings, TensorSpec, model_config
@@ -98,48 +98,3 @@ class FilTarget(ExportTarget):
         for group in cfg.instance_group:
             group.kind = kind
         return cfg
-
-
-def legacy_xgboost_json(booster: xgb.Booster) -> dict[str, Any]:
-    """The booster as XGBoost JSON that Treelite 4.3 (Triton 24.10's FIL) and xgboost 3.x both read."""
-    model = json.loads(bytes(booster.save_raw("json")))
-    learner = model["learner"]
-    if learner["gradient_booster"].get("name") != "gbtree":
-        raise UnsupportedModelError(
-            f"the fil target exports gbtree boosters only, not {learner['gradient_booster'].get('name')!r}; "
-            "train with booster='gbtree' or use the onnxruntime target"
-        )
-    forest = learner["gradient_booster"]["model"]
-    cats = forest.pop("cats", None)
-    if cats and any(cats.get(k) for k in ("enc", "feature_segments", "sorted_idx")):
-        raise UnsupportedModelError(
-            "the model has categorical splits, which Triton 24.10's FIL cannot read; encode categories as "
-            "float codes (as the feature spec does) or use the onnxruntime target"
-        )
-    if objective_of(booster) == "multi:softmax":
-        learner["objective"]["name"] = "multi:softprob"  # serve probabilities, as the ONNX targets do
-    param = learner["learner_model_param"]
-    intercepts = [float(v) for v in str(param["base_score"]).strip("[]").split(",")]
-    if len(intercepts) == 1:
-        param["base_score"] = repr(float(np.float32(intercepts[0])))
-    else:
-        _fold_intercepts(forest, intercepts)
-        param["base_score"] = "0"
-    return model
-
-
-def _fold_intercepts(forest: dict[str, Any], intercepts: list[float]) -> None:
-    """Add class k's intercept (a margin) to every leaf of class k's first tree."""
-    done: set[int] = set()
-    for tree, group in zip(forest["trees"], forest["tree_info"]):
-        if group in done:
-            continue
-        done.add(group)
-        offset = np.float32(intercepts[group])
-        for i, left in enumerate(tree["left_children"]):
-            if left == -1:  # a leaf: its value is stored in split_conditions (and base_weights)
-                tree["split_conditions"][i] = float(np.float32(tree["split_conditions"][i]) + offset)
-                tree["base_weights"][i] = float(np.float32(tree["base_weights"][i]) + offset)
-    missing = set(range(len(intercepts))) - done
-    if missing:
-        raise UnsupportedModelError(f"classes {sorted(missing)} have no trees; retrain with more boosting rounds")

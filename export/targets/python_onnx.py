@@ -9,12 +9,13 @@ from pathlib import Path
 import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
+import backends
 from export.targets.onnx_file import OnnxFileTarget
 from export.triton_config import ServingSettings, TensorSpec, model_config
 from training.features import FittedFeatures
 
 #: Runs inside Triton (imports triton_python_backend_utils), so it is copied, never imported.
-TRITON_MODEL_SOURCE = Path(__file__).resolve().parents[1] / "triton_python_model.py"
+TRITON_MODEL_SOURCE = Path(backends.__file__).resolve().with_name("python_model.py")
 
 
 class PythonOnnxTarget(OnnxFileTarget):

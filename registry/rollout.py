@@ -8,7 +8,7 @@ import time
 from typing import Protocol
 
 from export.repository import ModelRepository
-from export.sync import SyncResult, SyncSettings, prune, sync_repository
+from registry.sync import SyncResult, SyncSettings, prune, sync_repository
 from server.errors import ServerError
 
 log = logging.getLogger(__name__)

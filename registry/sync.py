@@ -8,12 +8,12 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from export import registry
+from registry import versions as registry
 from export.errors import ModelNotFoundError
 from export.pipeline import ExportSettings, export_version, write_served_config
 from export.repository import ModelRepository
 from export.triton_config import parse
-from training.tracking import CHALLENGER, CHAMPION
+from registry.aliases import CHALLENGER, CHAMPION
 
 log = logging.getLogger(__name__)
 

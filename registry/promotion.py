@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from export import registry
+from registry import versions as registry
 from export.errors import ExportError
 from export.pipeline import ExportSettings, export_version
 from export.repository import ModelRepository
-from training.tracking import CHALLENGER, CHAMPION
+from registry.aliases import CHALLENGER, CHAMPION
 from training.objectives import LOWER_IS_BETTER
 
 log = logging.getLogger(__name__)
