@@ -30,3 +30,7 @@ class ContractViolationError(DataError):
         self.saved = saved
         where = f"full report: {saved}" if saved else f"`treeops validate --data {report.source}` lists example rows"
         super().__init__(f"{report.summary()}; fix the data ({where})")
+
+
+class DistributedError(TrainingError):
+    """The Dask cluster cannot be reached or lost its workers."""

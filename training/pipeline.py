@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import polars as pl
 
 from training import tracking
 from training.contract import enforce, fraud_contract, validate_file
@@ -37,9 +40,13 @@ class TrainOutcome:
 
 def choose_spec(data: Path | str, target: str, requested: str = "auto") -> FeatureSpec:
     """`auto`: a named spec whose raw columns the file has (e.g. card transactions), else every column."""
-    schema = scan_table(data).collect_schema()
+    return choose_spec_for_schema(scan_table(data).collect_schema(), target, requested, where=str(data))
+
+
+def choose_spec_for_schema(schema: Mapping[str, pl.DataType], target: str, requested: str, where: str) -> FeatureSpec:
+    """`choose_spec` for a table whose schema is known (e.g. the first file of a Parquet dataset)."""
     if target not in schema:
-        raise DataError(f"target column {target!r} is not in {data}; columns: {list(schema)}")
+        raise DataError(f"target column {target!r} is not in {where}; columns: {list(schema)}")
     if requested == "auto":
         # Most of a named spec's columns present: use it, so the data contract names the missing ones.
         fits = [s for s in SPECS.values() if 2 * len(set(s.raw_schema) & set(schema)) >= len(s.raw_schema)]

@@ -62,6 +62,7 @@ def log_and_register(
     data_source: str,
     data_sample: pl.DataFrame | None = None,
     contract: dict | None = None,
+    run_id: str | None = None,
 ) -> RegisteredModel:
     """Log params, metrics, feature spec, holdout and model in one run; register and alias it.
 
@@ -73,7 +74,10 @@ def log_and_register(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name(EXPERIMENT).experiment_id) as run:
+    # `run_id` resumes a run the caller opened (the dask engine records its cluster there first).
+    started = (mlflow.start_run(run_id=run_id) if run_id else
+               mlflow.start_run(experiment_id=mlflow.get_experiment_by_name(EXPERIMENT).experiment_id))
+    with started as run:
         mlflow.log_params({**params.booster_params(result.objective), "num_boost_round": params.num_boost_round,
                            "early_stopping_rounds": params.early_stopping_rounds, "data_source": data_source})
         mlflow.log_params({f"rows_{k}": v for k, v in result.rows.items()})

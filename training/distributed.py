@@ -1,0 +1,366 @@
+"""Training on a Dask cluster: the same feature spec per entity partition, XGBoost's own Dask interface.
+
+Each partition (rows whose entity key hashes to it, sorted by the spec's order) lives on one
+worker for the whole run: features are computed there with the spec's Polars expressions,
+vocabularies are the union of the partitions' training-slice vocabularies (equal to the
+single-machine fit), and the train/valid/test split uses one global cut-off in the spec's
+order, found by counting on the workers. The client holds only counts, vocabularies, cut-offs,
+the capped test holdout and the booster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from training.dataset import ParquetDataset
+from training.errors import DataError, DistributedError
+from training.features import SPECS, FeatureSpec, FittedFeatures
+from training.objectives import Objective, infer_objective
+from training.train import RAW_HOLDOUT_ROWS, TrainParams, TrainResult, xgb_safe
+
+log = logging.getLogger(__name__)
+
+#: Test rows gathered to the client for the holdout artifact (the newest ones; metrics use every test row).
+HOLDOUT_MAX_ROWS = 1_000_000
+#: Rows per partition the default partition count aims at: a partition is one task's memory.
+ROWS_PER_PARTITION = 5_000_000
+TRAIN, VALID, TEST = 0, 1, 2
+_SPLIT = "__split"
+
+
+@dataclass(frozen=True)
+class DaskSettings:
+    """Where training runs: `scheduler` (tcp://HOST:8786) or, when None, a LocalCluster of `workers`.
+
+    `partitions` defaults to the worker count, more when a partition would exceed ROWS_PER_PARTITION rows;
+    `threads_per_worker` is also XGBoost's nthread on each worker.
+    """
+
+    scheduler: str | None = None
+    workers: int = 2
+    partitions: int | None = None
+    threads_per_worker: int = 1
+    connect_timeout_s: float = 10.0
+    memory_limit: str = "auto"
+
+    def describe(self) -> dict[str, str]:
+        return {"engine": "dask", "scheduler": self.scheduler or "local"}
+
+
+@contextmanager
+def dask_client(settings: DaskSettings) -> Iterator[Any]:
+    """A `distributed.Client`: connected to `settings.scheduler`, or to a LocalCluster that lives as long as it.
+
+    Work stealing is off for a LocalCluster (and must be off on an external scheduler:
+    DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING=False), so tasks run where they are pinned.
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    if settings.scheduler:
+        try:
+            client = Client(settings.scheduler, timeout=settings.connect_timeout_s)
+        except (OSError, TimeoutError) as exc:
+            raise DistributedError(
+                f"cannot reach the Dask scheduler at {settings.scheduler} within {settings.connect_timeout_s:g} s "
+                f"({type(exc).__name__}); check the address and that `dask scheduler` runs there"
+            ) from exc
+        with client:
+            yield client
+        return
+    with dask.config.set({"distributed.scheduler.work-stealing": False}):
+        cluster = LocalCluster(n_workers=settings.workers, threads_per_worker=settings.threads_per_worker,
+                               processes=True, dashboard_address=None, memory_limit=settings.memory_limit)
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+class Partitions:
+    """One future per entity partition, each pinned to one worker; `map` runs a function next to each."""
+
+    def __init__(self, client: Any, futures: Sequence[Any], workers: Sequence[str]) -> None:
+        self.client = client
+        self.futures = list(futures)
+        self.workers = list(workers)
+
+    def map(self, fn: Any, *args: Any) -> list[Any]:
+        return [self.client.submit(fn, f, *args, workers=[w], allow_other_workers=False, pure=False)
+                for f, w in zip(self.futures, self.workers)]
+
+    def gather(self, fn: Any, *args: Any) -> list[Any]:
+        return self.client.gather(self.map(fn, *args))
+
+
+def sorted_workers(client: Any) -> list[str]:
+    """Worker addresses in a fixed order (by name, then address), so partition i always has the same home."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    return sorted(info, key=lambda a: (str(info[a].get("name", "")), a))
+
+
+def load_partitions(client: Any, dataset: ParquetDataset, spec: FeatureSpec, target: str, entity_key: str,
+                    n_partitions: int) -> Partitions:
+    """Read, sort and featurise every partition on its worker; the frames stay there."""
+    workers = sorted_workers(client)
+    if not workers:
+        raise DistributedError("the Dask cluster has no workers; start some (`dask worker SCHEDULER`) and retry")
+    homes = [workers[i % len(workers)] for i in range(n_partitions)]
+    futures = [client.submit(_load_partition, dataset, spec.name, target, entity_key, i, n_partitions,
+                             workers=[w], allow_other_workers=False, pure=False)
+               for i, w in enumerate(homes)]
+    return Partitions(client, futures, homes)
+
+
+def _load_partition(dataset: ParquetDataset, spec_name: str, target: str, key: str, index: int,
+                    partitions: int) -> pl.DataFrame:
+    spec = SPECS[spec_name]
+    raw = dataset.partition(key, index, partitions).sort(list(spec.order_by))
+    order = [pl.col(c).alias(_order_col(i)) for i, c in enumerate(spec.order_by)]
+    return spec.compute(raw.with_columns(order), keep=(target, *map(_order_col, range(len(spec.order_by))))).collect()
+
+
+def _order_col(i: int) -> str:
+    return f"__order_{i}"
+
+
+# --- the global time-ordered split ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """Rows before `valid_from` (in the spec's order) train, before `test_from` validate, the rest test."""
+
+    rows: dict[str, int]
+    valid_from: tuple
+    test_from: tuple
+
+
+def global_split(parts: Partitions, n: int, params: TrainParams) -> Split:
+    """The single-machine split sizes, with the cut-offs found as exact order statistics across partitions."""
+    n_test = int(n * params.test_fraction)
+    n_valid = int(n * params.valid_fraction)
+    n_train = n - n_test - n_valid
+    if min(n_train, n_valid, n_test) < 10:
+        raise DataError(f"{n} rows is too few to split into train/valid/test; provide at least 100 rows")
+    return Split({"train": n_train, "valid": n_valid, "test": n_test},
+                 _kth_key(parts, n_train), _kth_key(parts, n_train + n_valid))
+
+
+def _kth_key(parts: Partitions, k: int) -> tuple:
+    """The order key of the row at global position k (0-based): binary search on the first order column."""
+    bounds = parts.gather(_first_bounds)
+    lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
+    while lo < hi:  # smallest t with count(first <= t) > k
+        mid = (lo + hi) // 2
+        if sum(parts.gather(_count_first_le, mid)) > k:
+            hi = mid
+        else:
+            lo = mid + 1
+    before = sum(parts.gather(_count_first_le, lo - 1))
+    tied = pl.concat(parts.gather(_rows_with_first, lo)).sort(pl.all())
+    return tuple(tied.row(k - before))
+
+
+def _first_physical(part: pl.DataFrame) -> pl.Series:
+    return part[_order_col(0)].to_physical().cast(pl.Int64)
+
+
+def _first_bounds(part: pl.DataFrame) -> tuple[int, int]:
+    first = _first_physical(part)
+    return (int(first.min()), int(first.max())) if len(first) else (2**62, -(2**62))
+
+
+def _count_first_le(part: pl.DataFrame, t: int) -> int:
+    return int((_first_physical(part) <= t).sum())
+
+
+def _rows_with_first(part: pl.DataFrame, t: int) -> pl.DataFrame:
+    cols = [c for c in part.columns if c.startswith("__order_")]
+    return part.filter(_first_physical(part) == t).select(cols).with_columns(
+        pl.col(_order_col(0)).to_physical().cast(pl.Int64))
+
+
+def _before(cols: Sequence[str], key: tuple) -> pl.Expr:
+    """Lexicographic `(cols) < key`; the first order column compared by its physical value."""
+    exprs = [pl.col(c).to_physical().cast(pl.Int64) if i == 0 else pl.col(c) for i, c in enumerate(cols)]
+    out = exprs[-1] < key[-1]
+    for i in reversed(range(len(cols) - 1)):
+        out = (exprs[i] < key[i]) | ((exprs[i] == key[i]) & out)
+    return out
+
+
+def _with_split(part: pl.DataFrame, split: Split) -> pl.DataFrame:
+    cols = [c for c in part.columns if c.startswith("__order_")]
+    code = (pl.when(_before(cols, split.valid_from)).then(TRAIN)
+            .when(_before(cols, split.test_from)).then(VALID).otherwise(TEST))
+    return part.with_columns(code.cast(pl.Int8).alias(_SPLIT))
+
+
+# --- fitting and the matrices --------------------------------------------------------------------
+
+
+def _train_vocabulary(part: pl.DataFrame, spec_name: str, split: Split) -> dict[str, tuple[str, ...]]:
+    rows = _with_split(part, split).filter(pl.col(_SPLIT) == TRAIN)
+    return dict(SPECS[spec_name].fit(rows).vocabularies)
+
+
+def fit_globally(parts: Partitions, spec: FeatureSpec, split: Split) -> FittedFeatures:
+    """Vocabularies of the training rows of all partitions: the sorted union, as the single-machine fit."""
+    vocab: dict[str, set[str]] = {c: set() for c in spec.categorical}
+    for part_vocab in parts.gather(_train_vocabulary, spec.name, split):
+        for c, values in part_vocab.items():
+            vocab[c].update(values)
+    return FittedFeatures(spec, {c: tuple(sorted(v)) for c, v in vocab.items()})
+
+
+def _label_summary(part: pl.DataFrame, target: str) -> tuple[int, pl.Series]:
+    col = part[target]
+    return col.null_count(), col.drop_nulls().unique().head(1000)
+
+
+def infer_global_objective(parts: Partitions, target: str, params: TrainParams) -> Objective:
+    """The objective the single-machine engine infers: from null counts and (capped) distinct labels."""
+    summaries = parts.gather(_label_summary, target)
+    nulls = sum(s[0] for s in summaries)
+    if nulls:
+        raise DataError(f"target column {target!r} has {nulls} missing values")
+    distinct = pl.concat([s[1] for s in summaries]).unique()
+    return infer_objective(distinct, params.objective, params.threshold)
+
+
+def encoded_partition(part: pl.DataFrame, fitted: FittedFeatures, split: Split) -> pl.DataFrame:
+    """Encoded float32 features plus the order columns and split code of one partition."""
+    labelled = _with_split(part, split)
+    extra = labelled.select(pl.col("^__order_.*$"), _SPLIT)
+    return pl.concat([fitted.encode(labelled.lazy()).collect(), extra], how="horizontal")
+
+
+def _split_arrays(part: pl.DataFrame, fitted: FittedFeatures, split: Split, objective: Objective, target: str,
+                  code: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = _with_split(part, split).filter(pl.col(_SPLIT) == code)
+    return fitted.matrix(rows), objective.encode_labels(rows[target])
+
+
+def _dask_arrays(parts: Partitions, fitted: FittedFeatures, split: Split, objective: Objective, target: str,
+                 code: int) -> tuple[Any, Any]:
+    """X and y of one split as dask arrays whose blocks stay on their partitions' workers."""
+    import dask
+    import dask.array as da
+
+    pairs = parts.map(_split_arrays, fitted, split, objective, target, code)
+    lengths = parts.client.gather([parts.client.submit(_length, p, workers=[w], pure=False)
+                                   for p, w in zip(pairs, parts.workers)])
+    n_features = len(fitted.spec.features)
+    xs, ys = [], []
+    for pair, w, n in zip(pairs, parts.workers, lengths):
+        if n == 0:
+            continue
+        x = parts.client.submit(_item, pair, 0, workers=[w], allow_other_workers=False, pure=False)
+        y = parts.client.submit(_item, pair, 1, workers=[w], allow_other_workers=False, pure=False)
+        xs.append(da.from_delayed(dask.delayed(x), shape=(n, n_features), dtype=np.float32))
+        ys.append(da.from_delayed(dask.delayed(y), shape=(n,), dtype=np.float32))
+    return da.concatenate(xs), da.concatenate(ys)
+
+
+def _length(pair: tuple[np.ndarray, np.ndarray]) -> int:
+    return len(pair[1])
+
+
+def _item(pair: tuple, i: int) -> Any:
+    return pair[i]
+
+
+def _test_rows(part: pl.DataFrame, split: Split, limit: int) -> pl.DataFrame:
+    rows = _with_split(part, split).filter(pl.col(_SPLIT) == TEST)
+    return rows.tail(limit)
+
+
+def _raw_test_head(dataset: ParquetDataset, spec_name: str, key: str, index: int, partitions: int, split: Split,
+                   limit: int) -> pl.DataFrame:
+    spec = SPECS[spec_name]
+    raw = dataset.partition(key, index, partitions).sort(list(spec.order_by))
+    order = [pl.col(c).alias(_order_col(i)) for i, c in enumerate(spec.order_by)]
+    cols = [_order_col(i) for i in range(len(spec.order_by))]
+    return (raw.with_columns(order).filter(~_before(cols, split.test_from)).head(limit)
+            .select(*spec.raw_schema, *cols).collect())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def default_partitions(rows: int, workers: int) -> int:
+    """At least one partition per worker, and no partition above ROWS_PER_PARTITION rows."""
+    return workers * max(1, math.ceil(rows / (workers * ROWS_PER_PARTITION)))
+
+
+@dataclass
+class DistributedRun:
+    """A trained result plus what the cluster did: the lineage MLflow records."""
+
+    result: TrainResult
+    workers: int
+    partitions: int
+    worker_peak_rss_mib: list[float]
+
+
+def train_distributed(client: Any, dataset: ParquetDataset, spec: FeatureSpec, target: str, entity_key: str,
+                      params: TrainParams, partitions: int | None = None) -> DistributedRun:
+    """Features per partition, global split and vocabularies, xgboost.dask training, test metrics."""
+    import xgboost as xgb
+    from xgboost import dask as dxgb
+
+    if not spec.order_by:
+        raise DataError(f"the dask engine needs a feature spec with a time order; {spec.name!r} has none "
+                        "(use the default engine for it)")
+    n = dataset.count_rows()
+    n_workers = len(sorted_workers(client))
+    n_parts = partitions or default_partitions(n, max(1, n_workers))
+    parts = load_partitions(client, dataset, spec, target, entity_key, n_parts)
+    split = global_split(parts, n, params)
+    objective = infer_global_objective(parts, target, params)
+    fitted = fit_globally(parts, spec, split)
+    names = [xgb_safe(name) for name in spec.names]
+    x_train, y_train = _dask_arrays(parts, fitted, split, objective, target, TRAIN)
+    x_valid, y_valid = _dask_arrays(parts, fitted, split, objective, target, VALID)
+    dtrain = dxgb.DaskQuantileDMatrix(client, x_train, y_train, feature_names=names)
+    dvalid = dxgb.DaskQuantileDMatrix(client, x_valid, y_valid, feature_names=names, ref=dtrain)
+    booster_params = {**params.booster_params(objective), "nthread": params.nthread or 1}
+    out = dxgb.train(client, booster_params, dtrain, num_boost_round=params.num_boost_round,
+                     evals=[(dvalid, "valid")], early_stopping_rounds=params.early_stopping_rounds,
+                     verbose_eval=False)
+    del dtrain, dvalid
+    booster = out["booster"]
+    best = booster.best_iteration
+    booster = booster[: best + 1]
+    x_test, y_test = _dask_arrays(parts, fitted, split, objective, target, TEST)
+    pred_all = dxgb.predict(client, booster, dxgb.DaskDMatrix(client, x_test, feature_names=names)).compute()
+    metrics = objective.metrics(y_test.compute(), pred_all)
+    metrics["best_iteration"] = float(best)
+    per_part = HOLDOUT_MAX_ROWS // n_parts + 1
+    tests = pl.concat(parts.gather(_test_rows, split, per_part))
+    order = [c for c in tests.columns if c.startswith("__order_")]
+    holdout = tests.sort(order).tail(HOLDOUT_MAX_ROWS).select(*spec.names, target)
+    raw_parts = client.gather([client.submit(_raw_test_head, dataset, spec.name, entity_key, i, n_parts, split,
+                                             RAW_HOLDOUT_ROWS, workers=[w], allow_other_workers=False, pure=False)
+                               for i, w in enumerate(parts.workers)])
+    raw_holdout = pl.concat(raw_parts).sort(order).head(RAW_HOLDOUT_ROWS).select(*spec.raw_schema)
+    test_pred = booster.predict(xgb.DMatrix(fitted.matrix(holdout), feature_names=names))
+    peaks = client.run(peak_rss_mib)
+    workers = sorted_workers(client)
+    log.info("trained %s model on %d partitions / %d workers with %d trees; test %s %.4f", objective.kind,
+             n_parts, len(workers), best + 1, objective.primary_metric, metrics[objective.primary_metric])
+    result = TrainResult(booster, target, objective, fitted, metrics, holdout, raw_holdout, test_pred, split.rows)
+    return DistributedRun(result, len(workers), n_parts, [round(peaks[w], 1) for w in workers if w in peaks])
