@@ -86,13 +86,21 @@ def generate(
 
 @app.command()
 def train(
-    data: Annotated[str, typer.Option(help="CSV or Parquet file: a local path or s3://bucket/key")],
+    data: Annotated[str, typer.Option(
+        help="CSV or Parquet file: a local path or s3://bucket/key (dask: a folder or glob of Parquet files)")],
     target: Annotated[str, typer.Option(help="label column")] = "is_fraud",
     model_name: ModelOpt = "fraud",
     objective: Annotated[str, typer.Option(help="auto, binary, multiclass or regression")] = "auto",
     features: Annotated[str, typer.Option(help="feature spec: auto, columns (every column) or a named spec")] = "auto",
     seed: Annotated[int, typer.Option(help="training seed")] = 7,
     max_rounds: Annotated[int, typer.Option(help="maximum boosting rounds (early stopping may use fewer)")] = 200,
+    engine: Annotated[str, typer.Option(help="single (one process) or dask (a Parquet dataset on a Dask cluster)")] = "single",
+    scheduler: Annotated[str | None, typer.Option(
+        help="dask: address of an existing scheduler (tcp://HOST:8786); without it a local cluster starts")] = None,
+    workers: Annotated[int, typer.Option(help="dask: workers of the local cluster", min=1)] = 2,
+    partitions: Annotated[int | None, typer.Option(
+        help="dask: entity partitions (default: one per worker, more above 5M rows each)", min=1)] = None,
+    entity_key: Annotated[str, typer.Option(help="dask: column whose hash partitions the rows")] = "card_id",
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -102,9 +110,20 @@ def train(
 
     ws = Workspace.resolve(workspace)
     params = TrainParams(objective=objective, seed=seed, num_boost_round=max_rounds)
-    outcome = train_and_register(data, target, model_name, params=params, features=features,
-                                 tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root,
-                                 reports_dir=ws.reports_dir)
+    if engine == "dask":
+        from training.dask_pipeline import train_and_register_dask
+        from training.distributed import DaskSettings
+
+        settings = DaskSettings(scheduler=scheduler, workers=workers, partitions=partitions)
+        outcome = train_and_register_dask(data, target, model_name, settings=settings, entity_key=entity_key,
+                                          params=params, features=features, tracking_uri=ws.tracking_uri,
+                                          artifact_root=ws.artifact_root)
+    elif engine == "single":
+        outcome = train_and_register(data, target, model_name, params=params, features=features,
+                                     tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root,
+                                     reports_dir=ws.reports_dir)
+    else:
+        raise typer.BadParameter(f"unknown engine {engine!r}; choose single or dask", param_hint="--engine")
     shown = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items() if k != "best_iteration")
     _emit(as_json, outcome.to_dict(), [
         f"registered {model_name} version {outcome.registered.version} as @{outcome.registered.alias} "
