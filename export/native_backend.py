@@ -8,6 +8,7 @@ process: no Python, no inter-process hop in the request path.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import backends
@@ -18,9 +19,17 @@ BACKEND_LIBRARY = f"libtriton_{BACKEND_NAME}.so"
 BACKEND_SOURCE = Path(backends.__file__).resolve().with_name("treeops_forest.c")
 
 
-def build_backend(out_dir: Path, *, cc: str = "gcc") -> Path:
-    """Compile the backend into `out_dir/libtriton_treeops_forest.so` (Triton's symbols resolve at load)."""
+#: Warnings are errors; only the TRITONBACKEND_* entry points are exported.
+COMPILE_FLAGS = ("-O2", "-fPIC", "-shared", "-std=c11", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden")
+
+
+def build_backend(out_dir: Path, *, cc: str = "gcc", defines: Mapping[str, str] | None = None) -> Path:
+    """Compile the backend into `out_dir/libtriton_treeops_forest.so` (Triton's symbols resolve at load).
+
+    `defines` become `-DNAME=VALUE` (e.g. TREEOPS_BACKEND_API_MINOR, the TRITONBACKEND API minor it requires).
+    """
     require_compiler(cc)
     out = Path(out_dir) / BACKEND_LIBRARY
-    run_compiler([cc, "-O2", "-fPIC", "-shared", "-std=c11", "-o", str(out), str(BACKEND_SOURCE), "-ldl"])
+    macros = [f"-D{name}={value}" for name, value in (defines or {}).items()]
+    run_compiler([cc, *COMPILE_FLAGS, *macros, "-o", str(out), str(BACKEND_SOURCE), "-ldl"])
     return out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from registry import versions as registry
 from export.errors import ExportError
+from export.manifest import MANIFEST_KEY, file_manifest
 from export.parity import ParityReport, check_parity, gate_rows, require
 from export.repository import FEATURES_FILE, METADATA_FILE, PARITY_FILE, ModelRepository, write_json
 from export.raw_graph import raw_feeds, raw_inputs
@@ -137,6 +138,7 @@ def export_version(
             "aliases_at_export": list(ref.aliases),
             "feature_spec_hash": bundle.features.get("spec_hash"),
             "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            MANIFEST_KEY: file_manifest(staging),  # checked by the backends before they load anything
         })
     if report is not None:
         _log_parity(ref.run_id, report)

@@ -19,7 +19,8 @@ import xgboost as xgb
 
 from export.raw_graph import serving_graph
 from export.parity import ParityReport, check_parity, gate_rows, require
-from export.repository import ModelRepository
+from export.manifest import MANIFEST_KEY, file_manifest
+from export.repository import METADATA_FILE, ModelRepository, write_json
 from export.targets.base import ExportTarget
 from export.targets.native_compiled import NativeCompiledTarget
 from export.targets.onnx_file import ONNX_FILE, OnnxFileTarget
@@ -103,6 +104,9 @@ def export_bench_model(
         target.write_artifacts(booster, n_features, staging)
         report = check_parity(booster, target.scorer(staging), rows)
         require(report, f"benchmark model {model_name} version {version} ({runtime})")
+        write_json(staging / METADATA_FILE, {  # what the backends check at load (names, file manifest)
+            "target": target.name, "n_features": n_features, "n_outputs": width, "input_name": target.input_name,
+            "output_name": target.output_name, MANIFEST_KEY: file_manifest(staging)})
     repository.write_config(target.model_config(model_name, n_features, width, serving, [version], {}))
     log.info("benchmark model written to %s (parity max diff %.2g)", repository.version_dir(model_name, version),
              report.max_abs_diff)
