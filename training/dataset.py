@@ -53,7 +53,7 @@ def open_dataset(source: str, schema: Mapping[str, pl.DataType], entity_key: str
     first: dict[str, pl.DataType] | None = None
     for path in files:
         have = file_schema(path)
-        missing = [c for c in (*schema, entity_key) if c not in have]
+        missing = [c for c in dict.fromkeys((*schema, entity_key)) if c not in have]
         if missing:
             what = "entity key" if entity_key in missing else "required column(s)"
             raise DataError(f"Parquet file {path} lacks {what} {missing}; it has {list(have)}; "

@@ -1,0 +1,211 @@
+"""The dask engine on a real LocalCluster: same features as one process, a served model, determinism, faults."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from export.pipeline import export_model
+from export.repository import ModelRepository
+from server.client import ScoringClient, load_features, score_raw
+from server.launcher import free_port
+from training.dask_pipeline import train_and_register_dask
+from training.dataset import open_dataset
+from training.distributed import (DaskSettings, dask_client, encoded_partition, fit_globally, global_split,
+                                  load_partitions, train_distributed)
+from training.errors import DataError, DistributedError
+from training.features import FRAUD_FEATURES
+from training.generate import GenerateSpec, generate_transactions
+from training.tracking import EXPERIMENT
+from training.train import TrainParams
+from treeops.workspace import Workspace
+
+from conftest import TrainedWorkspace, serving
+
+pytestmark = [pytest.mark.slow]
+
+TARGET = "is_fraud"
+SPEC = FRAUD_FEATURES
+#: Rows of the feature-equality test: 1M as the issue asks (about 40 s here on 2 shared cores);
+#: TREEOPS_DASK_EQUALITY_ROWS lowers it on a slower machine.
+EQUALITY_ROWS = int(os.environ.get("TREEOPS_DASK_EQUALITY_ROWS", "1000000"))
+
+
+def write_dataset(frame: pl.DataFrame, folder: Path, files: int) -> Path:
+    """`frame` as `files` Parquet files in file order (so every card's rows span several files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    size = -(-frame.height // files)
+    for i in range(files):
+        frame.slice(i * size, size).write_parquet(folder / f"part-{i:03d}.parquet")
+    return folder
+
+
+def dask_processes() -> list[psutil.Process]:
+    """Live child processes of this test process that a LocalCluster spawned (nannies and workers)."""
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "spawn_main" in cmd or "distributed" in cmd:
+            out.append(child)
+    return out
+
+
+def assert_no_dask_processes(timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while dask_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = dask_processes()
+    assert not left, f"the local cluster left processes behind: {[p.pid for p in left]}"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    frame = generate_transactions(GenerateSpec(rows=60_000, seed=3))
+    return write_dataset(frame, tmp_path_factory.mktemp("dask") / "transactions", files=3)
+
+
+def test_distributed_features_equal_single_machine(tmp_path: Path) -> None:
+    """Same rows, same float32 features, same split and vocabularies as the one-process path, on 1M rows."""
+    frame = generate_transactions(GenerateSpec(rows=EQUALITY_ROWS, seed=5))
+    folder = write_dataset(frame, tmp_path / "ds", files=4)
+    params = TrainParams()
+    # The one-process definition (training/train.py): global time order, vocabularies of the train slice.
+    ordered = frame.lazy().sort(list(SPEC.order_by))
+    computed = SPEC.compute(ordered, keep=(TARGET, "transaction_id")).collect()
+    n = computed.height
+    n_test, n_valid = int(n * params.test_fraction), int(n * params.valid_fraction)
+    n_train = n - n_test - n_valid
+    single_fit = SPEC.fit(computed.head(n_train))
+    split_codes = np.repeat([0, 1, 2], [n_train, n_valid, n_test])
+    by_id = np.argsort(computed["transaction_id"].to_numpy(), kind="stable")
+    single_x = single_fit.matrix(computed)[by_id]
+    single_split = split_codes[by_id]
+    del computed
+
+    ds = open_dataset(str(folder), {**SPEC.raw_schema, TARGET: None}, "card_id")
+    with dask_client(DaskSettings(workers=2)) as client:
+        parts = load_partitions(client, ds, SPEC, TARGET, "card_id", 4)
+        split = global_split(parts, ds.count_rows(), params)
+        fitted = fit_globally(parts, SPEC, split)
+        frames = parts.gather(encoded_partition, fitted, split)
+    assert_no_dask_processes()
+    merged = pl.concat(frames).sort("__order_1")  # order_by = (timestamp, transaction_id)
+    assert merged.height == n and all(f.height for f in frames), "every row in exactly one non-empty partition"
+    assert merged["__order_1"].to_numpy().tolist() == np.sort(frame["transaction_id"].to_numpy()).tolist()
+    assert fitted.vocabularies == single_fit.vocabularies
+    assert split.rows == {"train": n_train, "valid": n_valid, "test": n_test}
+    np.testing.assert_array_equal(merged["__split"].to_numpy(), single_split)
+    x = np.ascontiguousarray(merged.select(SPEC.names).to_numpy(), dtype=np.float32)
+    assert x.dtype == single_x.dtype and x.shape == single_x.shape
+    assert np.array_equal(x, single_x, equal_nan=True), "distributed features differ from the one-process ones"
+    assert np.isnan(x).any(), "the comparison covers missing values too"
+
+
+def test_cli_dask_train_register_export_serve(dataset: Path, tmp_path: Path, treeops) -> None:
+    """`treeops train --engine dask` -> registered version -> exported (parity gate) -> Triton scores = booster."""
+    ws = Workspace(tmp_path / "ws")
+    done = treeops("train", "--engine", "dask", "--workers", "2", "--data", str(dataset), "--max-rounds", "40",
+                   "--json", workspace=ws.root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    mv = MlflowClient().get_model_version_by_alias("fraud", "champion")
+    run = MlflowClient().get_run(mv.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["engine"] == "dask" and run.data.params["scheduler"] == "local"
+    assert run.data.params["workers"] == "2" and run.data.params["partitions"] == "2"
+    assert 50 < run.data.metrics["worker_peak_rss_mib"] < 4096
+    assert {"worker_0_peak_rss_mib", "worker_1_peak_rss_mib", "client_peak_rss_mib"} <= set(run.data.metrics)
+
+    repo = ModelRepository(ws.model_repository)
+    export_model("fraud", repo)
+    booster = mlflow.xgboost.load_model("models:/fraud@champion")
+    features = load_features(repo.version_dir("fraud", int(mv.version)))
+    raw = pl.read_parquet(dataset).select(*SPEC.raw_schema).tail(400)
+    trained = TrainedWorkspace(ws, dataset, None, repo)  # type: ignore[arg-type]
+    with serving(trained, ws.reports_dir / "triton.log") as server:
+        with ScoringClient(server.settings.grpc_url) as client:
+            scores = score_raw(client, features, raw)
+    np.testing.assert_allclose(scores.positive, booster.inplace_predict(features.matrix_raw(raw)), atol=1e-5)
+    assert scores.model_version == str(mv.version)
+
+
+def test_same_data_seed_and_workers_give_the_same_model(dataset: Path) -> None:
+    """Two runs, each on a fresh 2-worker LocalCluster: bit-identical boosters."""
+    ds = open_dataset(str(dataset), {**SPEC.raw_schema, TARGET: None}, "card_id")
+    models = []
+    for _ in range(2):
+        with dask_client(DaskSettings(workers=2)) as client:
+            run = train_distributed(client, ds, SPEC, TARGET, "card_id", TrainParams(num_boost_round=30, seed=11))
+        models.append(run.result.booster.save_raw("json"))
+    assert_no_dask_processes()
+    assert models[0] == models[1]
+
+
+def _fails_cleanly(data: Path | str, tmp_path: Path, **settings: object) -> str:
+    """Run the engine, expect a one-line training error; check no version, a FAILED run and no processes."""
+    ws = Workspace(tmp_path / "ws")
+    with pytest.raises((DataError, DistributedError)) as info:
+        train_and_register_dask(str(data), TARGET, "fraud", settings=DaskSettings(**settings),
+                                params=TrainParams(num_boost_round=5), tracking_uri=ws.tracking_uri,
+                                artifact_root=ws.artifact_root)
+    assert_no_dask_processes()
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    client = MlflowClient()
+    assert client.search_registered_models() == [] or not client.search_model_versions("name='fraud'")
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    message = str(info.value)
+    assert "\n" not in message and runs[0].data.tags["error"]
+    return message
+
+
+def test_unreachable_scheduler(dataset: Path, tmp_path: Path) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    message = _fails_cleanly(dataset, tmp_path, scheduler=address, connect_timeout_s=2)
+    assert f"cannot reach the Dask scheduler at {address}" in message
+
+
+def test_corrupt_partition_file_is_named(dataset: Path, tmp_path: Path) -> None:
+    folder = write_dataset(pl.read_parquet(dataset), tmp_path / "ds", files=2)
+    bad = folder / "part-009.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    message = _fails_cleanly(folder, tmp_path)
+    assert f"Parquet file {bad} cannot be read" in message
+
+
+def test_partition_with_a_different_schema_is_named(dataset: Path, tmp_path: Path) -> None:
+    frame = pl.read_parquet(dataset)
+    folder = write_dataset(frame, tmp_path / "ds", files=2)
+    odd = folder / "part-009.parquet"
+    frame.head(100).with_columns(pl.col("amount").cast(pl.String)).write_parquet(odd)
+    message = _fails_cleanly(folder, tmp_path)
+    assert f"Parquet file {odd}: column 'amount' is String" in message
+
+
+def test_missing_entity_key_is_named(dataset: Path, tmp_path: Path) -> None:
+    frame = pl.read_parquet(dataset)
+    folder = write_dataset(frame, tmp_path / "ds", files=2)
+    odd = folder / "part-009.parquet"
+    frame.head(100).drop("card_id").write_parquet(odd)
+    message = _fails_cleanly(folder, tmp_path)
+    assert f"Parquet file {odd} lacks entity key ['card_id']" in message
+
+
+def test_failure_on_the_cluster_shuts_it_down(dataset: Path, tmp_path: Path) -> None:
+    """Missing labels are found by the workers: the error comes back, the run fails, the cluster is gone."""
+    frame = pl.read_parquet(dataset).with_columns(
+        pl.when(pl.col("transaction_id") % 1000 == 0).then(None).otherwise(pl.col(TARGET)).alias(TARGET))
+    folder = write_dataset(frame, tmp_path / "ds", files=2)
+    message = _fails_cleanly(folder, tmp_path)
+    assert f"target column {TARGET!r} has 60 missing values" in message
