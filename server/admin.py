@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from tritonclient.utils import InferenceServerException
 
 from server.client import PemFile, tls_options
-from server.errors import ServerError
+from server.errors import ServerError, effective_grpc_status
 from server.settings import ADMIN_KEY_ENV, DEFAULT_ADMIN_HEADER, TritonSettings
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,15 @@ class AdminError(ServerError):
 
 
 class AdminKeyError(AdminError):
-    """Triton refused an admin call because the admin key was missing or wrong."""
+    """Triton refused an admin call because the admin key was missing or wrong.
+
+    `status` is what the refusal means in gRPC terms (UNAUTHENTICATED: no key sent; PERMISSION_DENIED: a wrong
+    key), not Triton's UNAVAILABLE, which would look transient: retrying cannot help.
+    """
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -109,12 +117,14 @@ class AdminClient:
             raise self._failure(what, exc) from exc
 
     def _failure(self, what: str, exc: InferenceServerException) -> AdminError:
-        status, message = exc.status(), (exc.message() or "").strip().rstrip(";")
-        if "is restricted, expecting header" in message:
+        message = (exc.message() or "").strip().rstrip(";")
+        status = effective_grpc_status(str(exc.status()), message, key_sent=self._key is not None)
+        if status in {"StatusCode.UNAUTHENTICATED", "StatusCode.PERMISSION_DENIED"}:
             sent = "no admin key was sent" if self._key is None else "the admin key sent does not match"
             return AdminKeyError(
-                f"admin key rejected by Triton at {self.url} ({what}): {sent}; set {ADMIN_KEY_ENV} "
-                "to the key the server was started with"
+                f"admin key rejected by Triton at {self.url} ({what}, {status.removeprefix('StatusCode.')}): {sent}; "
+                f"set {ADMIN_KEY_ENV} to the key the server was started with",
+                status,
             )
         if status == "StatusCode.UNAVAILABLE":
             tls = "ssl=True" if self.ssl else "ssl=False (pass ssl=True if the server uses TLS)"

@@ -21,3 +21,30 @@ class TritonStartError(ServerError):
 
 class ScoringError(ServerError):
     """A scoring request failed or the input rows are unusable."""
+
+
+class StaleServerError(ServerError):
+    """A tritonserver started earlier for the same workspace is still running."""
+
+
+class InsecureAdminError(ServerError):
+    """Triton would start with its admin APIs open: no admin key and no explicit opt-in."""
+
+
+class TritonUnhealthyError(ServerError):
+    """A running tritonserver stopped answering its liveness endpoint, or exited unexpectedly."""
+
+
+#: Triton 2.51 answers a restricted gRPC call without the right key with UNAVAILABLE and this message.
+RESTRICTED_MESSAGE = "is restricted, expecting header"
+
+
+def effective_grpc_status(status: str, message: str, key_sent: bool) -> str:
+    """The gRPC status a client should act on: Triton's UNAVAILABLE for a refused key becomes an auth status.
+
+    `status` as tritonclient gives it ("StatusCode.UNAVAILABLE"); a refused call is UNAUTHENTICATED when no key
+    was sent and PERMISSION_DENIED when a wrong one was; neither is retryable.
+    """
+    if RESTRICTED_MESSAGE in message:
+        return "StatusCode.PERMISSION_DENIED" if key_sent else "StatusCode.UNAUTHENTICATED"
+    return status

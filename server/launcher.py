@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -10,21 +11,28 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from server.errors import PortInUseError, TritonStartError
+from server.errors import InsecureAdminError, PortInUseError, TritonStartError, TritonUnhealthyError
 from server.installation import TritonInstallation
-from server.settings import TritonSettings
+from server.server_record import ServerRecord, check_stale
+from server.settings import ADMIN_KEY_ENV, SupervisionSettings, TritonSettings
 
 log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: Triton 2.51 logs this once no inference is in flight on shutdown, right before it unloads every model.
+UNLOADING_LINE = b"All models are stopped, unloading models"
 
 
 class TritonServer:
     """One tritonserver process in its own process group (so its stub processes go with it).
 
-    Use as a context manager, or call `start()` and `stop()`; `stop()` sends SIGTERM, lets
-    in-flight requests finish within `exit_timeout_s`, then kills whatever is left of the group.
+    Use as a context manager, or call `start()` and `stop()`. tritonserver is SIGKILLed when the
+    thread that called `start()` dies (PR_SET_PDEATHSIG), so a launcher killed with -9 leaves no
+    server holding the ports; start it from a thread that lives as long as the server. The pid and
+    ports are recorded next to the log (`record_path`) so a later start reports, or stops, a stale one.
     """
 
     def __init__(self, settings: TritonSettings, installation: TritonInstallation, log_path: Path) -> None:
@@ -33,6 +41,7 @@ class TritonServer:
         self.settings = settings
         self.installation = installation
         self.log_path = log_path
+        self.record_path = log_path.with_suffix(".pid.json")
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -46,17 +55,21 @@ class TritonServer:
     def start(self, timeout_s: float = 60.0, models: Iterable[str] = ()) -> TritonServer:
         """Start tritonserver and wait until it (and `models`) are ready, or raise TritonStartError."""
         s = self.settings
-        ensure_ports_free(s.host, {"gRPC": s.grpc_port, "HTTP": s.http_port, "metrics": s.metrics_port})
+        _check_admin_surface(s)
+        check_stale(self.record_path, stop_timeout_s=s.exit_timeout_s + 10)
+        ports = {"gRPC": s.grpc_port, "HTTP": s.http_port, "metrics": s.metrics_port}
+        ensure_ports_free(s.host, ports)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_path, "ab")
         log.info("starting %s %s (log: %s)", self.installation.binary, " ".join(s.to_args(redact=True)), self.log_path)
         try:
             self._proc = subprocess.Popen(
                 self.command, env=self.installation.environment(), stdout=log_file, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with(os.getpid()),
             )
         finally:
             log_file.close()
+        ServerRecord(self._proc.pid, os.getpid(), ports).write(self.record_path)
         try:
             self.wait_ready(timeout_s, models)
         except BaseException:
@@ -72,7 +85,7 @@ class TritonServer:
         while True:
             if self._proc is not None and self._proc.poll() is not None:
                 raise TritonStartError(
-                    f"tritonserver exited with code {self._proc.returncode} during start-up; "
+                    f"tritonserver {describe_exit(self._proc.returncode)} during start-up; "
                     f"last log lines:\n{self.log_tail()}"
                 )
             if all(self._http_ok(p) for p in paths):
@@ -92,20 +105,97 @@ class TritonServer:
             return 0
         return self._proc.wait()
 
-    def stop(self) -> None:
-        """SIGTERM, wait for a graceful exit, then SIGKILL the whole process group."""
+    def supervise(self, supervision: SupervisionSettings) -> None:
+        """Block while Triton runs and answers `/v2/health/live`.
+
+        Returns when tritonserver exits with code 0; raises TritonUnhealthyError (after stopping it) when it
+        exits otherwise or fails `liveness_failures` checks in a row, e.g. stopped (SIGSTOP) or wedged.
+        """
+        proc = self._proc
+        if proc is None:
+            return
+        failures = 0
+        while True:
+            try:
+                code = proc.wait(timeout=supervision.liveness_interval_s)
+            except subprocess.TimeoutExpired:
+                code = None
+            if code == 0:
+                log.info("tritonserver pid %d exited with code 0", proc.pid)
+                return
+            if code is not None:
+                self.stop()
+                raise TritonUnhealthyError(
+                    f"tritonserver pid {proc.pid} {describe_exit(code)}; see {self.log_path}:\n{self.log_tail(10)}"
+                )
+            problem = self._liveness_problem(supervision.liveness_timeout_s)
+            failures = failures + 1 if problem else 0
+            if problem:
+                log.warning("liveness check %d/%d of tritonserver pid %d failed: %s",
+                            failures, supervision.liveness_failures, proc.pid, problem)
+            if failures >= supervision.liveness_failures:
+                self.stop(graceful=False)
+                raise TritonUnhealthyError(
+                    f"tritonserver pid {proc.pid} failed {failures} liveness checks in a row "
+                    f"(http://{self.settings.http_url}/v2/health/live: {problem}), so it was killed; "
+                    f"see {self.log_path}; tune TREEOPS_SERVE_LIVENESS_INTERVAL_S / _FAILURES"
+                )
+
+    def stop(self, graceful: bool = True) -> None:
+        """Stop Triton so that clients see UNAVAILABLE, never NOT_FOUND; then SIGKILL its whole process group.
+
+        Graceful: SIGTERM makes Triton wait (up to `exit_timeout_s`) for in-flight inferences; once it logs
+        that none is left it unloads every model but keeps its ports open for up to a second more, answering
+        NOT_FOUND "no available versions". The launcher kills the group at that log line, so the ports close
+        (UNAVAILABLE) instead. Not graceful (a wedged server): SIGKILL at once.
+        """
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
+        ours = proc.poll() is None
+        if ours and graceful:
+            log_offset = self._log_size()
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.settings.exit_timeout_s + 10)
-            except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not exit in time; killing it")
+            if not self._await_unload(proc, log_offset, timeout_s=self.settings.exit_timeout_s + 10):
+                log.warning("tritonserver did not finish its in-flight requests in time; killing it")
         _kill_group(proc.pid)
         proc.wait()
-        log.info("Triton stopped (exit code %s)", proc.returncode)
+        self.record_path.unlink(missing_ok=True)
+        if ours or proc.returncode == 0:
+            log.info("Triton stopped")
+        else:
+            log.error("tritonserver pid %d %s", proc.pid, describe_exit(proc.returncode))
+
+    def _await_unload(self, proc: subprocess.Popen[bytes], log_offset: int, timeout_s: float) -> bool:
+        """Wait until tritonserver exits or logs UNLOADING_LINE after `log_offset`; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        seen = b""
+        with open(self.log_path, "rb") as log_file:
+            log_file.seek(log_offset)
+            while time.monotonic() < deadline:
+                seen = seen[-len(UNLOADING_LINE):] + log_file.read()
+                if UNLOADING_LINE in seen or proc.poll() is not None:
+                    return True
+                time.sleep(0.002)
+        return False
+
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def _liveness_problem(self, timeout_s: float) -> str | None:
+        """None when `/v2/health/live` answers 200 within `timeout_s`, else what went wrong."""
+        url = f"http://{self.settings.http_url}/v2/health/live"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                return None if resp.status == 200 else f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            return f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return f"no answer within {timeout_s:g}s" if isinstance(reason, TimeoutError) else str(reason)
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -152,6 +242,61 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def describe_exit(code: int) -> str:
+    """'exited with code 3' or 'was killed by SIGKILL' for a Popen return code."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _check_admin_surface(settings: TritonSettings) -> None:
+    """Refuse to start with every admin API open unless asked to; warn when asked to, or when others can read the key."""
+    if settings.admin_key is not None:
+        if not _proc_hides_other_users():
+            log.warning("the admin key is on tritonserver's command line (Triton 2.51 reads it from no file or "
+                        "environment variable): other users of this machine can read /proc/<pid>/cmdline unless /proc "
+                        "is mounted with hidepid=2; in a container, only processes in the pod can")
+        return
+    if not settings.insecure_admin:
+        raise InsecureAdminError(
+            f"no admin key: Triton's admin APIs ({', '.join(settings.admin_apis)}) would let anyone who reaches "
+            f"gRPC {settings.grpc_url} or HTTP {settings.http_url} unload models; set {ADMIN_KEY_ENV} "
+            "(`openssl rand -hex 32`) or pass --insecure-admin to run them open"
+        )
+    log.warning("admin APIs are open without a key (--insecure-admin): anyone who reaches gRPC %s or HTTP %s "
+                "can load and unload models", settings.grpc_url, settings.http_url)
+
+
+def _proc_hides_other_users(mounts: Path = Path("/proc/mounts")) -> bool:
+    """Whether /proc is mounted with hidepid (2/invisible or 1/noaccess), hiding other users' command lines."""
+    try:
+        lines = mounts.read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 4 and fields[1] == "/proc" and fields[2] == "proc":
+            options = dict(o.partition("=")[::2] for o in fields[3].split(","))
+            return options.get("hidepid", "0") not in {"0", "off"}
+    return False
+
+
+def _die_with(parent_pid: int) -> Callable[[], None]:
+    """A preexec_fn that makes the child receive SIGKILL when the thread that started it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent_pid:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def _kill_group(pgid: int) -> None:

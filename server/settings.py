@@ -59,6 +59,11 @@ class TritonSettings(BaseSettings):
         None,
         description=f"value of `admin_header` required by the `admin_apis` (env {ADMIN_KEY_ENV}); None: all open",
     )
+    insecure_admin: bool = Field(
+        False,
+        description="start without admin_key, leaving the admin APIs (load, unload, ...) open to anyone who reaches "
+        "the ports; the launcher refuses a keyless start unless this is set, and warns when it is",
+    )
     admin_header: str = Field(
         DEFAULT_ADMIN_HEADER, pattern=r"^[a-z0-9][a-z0-9-]*$",
         description="HTTP header / gRPC metadata key carrying the admin key (lowercase, as gRPC requires)",
@@ -150,3 +155,15 @@ class TritonSettings(BaseSettings):
     @property
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+class SupervisionSettings(BaseSettings):
+    """How `treeops serve` watches the tritonserver it started. Env prefix `TREEOPS_SERVE_`."""
+
+    model_config = SettingsConfigDict(env_prefix="TREEOPS_SERVE_", extra="forbid")
+
+    liveness_interval_s: float = Field(5.0, gt=0, description="seconds between `/v2/health/live` checks")
+    liveness_timeout_s: float = Field(2.0, gt=0, description="seconds one liveness check may take")
+    liveness_failures: int = Field(
+        3, ge=1, description="consecutive failed liveness checks after which serve stops Triton and exits non-zero"
+    )

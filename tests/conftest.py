@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -57,8 +58,13 @@ def triton(trained: TrainedWorkspace) -> Iterator[TritonServer]:
 
 @contextmanager
 def serving(trained: TrainedWorkspace, log_path: Path, **fields: object) -> Iterator[TritonServer]:
-    """A tritonserver of its own on free ports, serving the trained repository; checks cleanup."""
+    """A tritonserver of its own on free ports, serving the trained repository; checks cleanup.
+
+    Admin APIs need a key generated for this server (`server.settings.admin_key`) unless `fields` say otherwise.
+    """
     fields.setdefault("exit_timeout_s", 2)
+    if not fields.get("insecure_admin"):
+        fields.setdefault("admin_key", secrets.token_urlsafe(32))
     settings = TritonSettings(model_repository=trained.ws.model_repository, grpc_port=free_port(),
                               http_port=free_port(), metrics_port=free_port(), **fields)
     server = TritonServer(settings, find_triton(None, trained.ws.triton_dir), log_path)

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import xgboost as xgb
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from export.errors import UnsupportedModelError
 from export.native_backend import BACKEND_LIBRARY
-from export.pipeline import ExportSettings, export_model
-from export.repository import ModelRepository
+from export.manifest import MANIFEST_KEY, file_manifest
+from export.native_backend import build_backend
+from export.pipeline import ExportSettings, export_model, write_served_config
+from export.repository import METADATA_FILE, ModelRepository, write_json
 from export.targets import get_target
 from export.triton_config import ServingSettings
 from server.client import ScoringClient, load_features
@@ -42,7 +47,8 @@ def _export(trained, root, target: str):
 
 def _server(root, tmp_path, trained) -> TritonServer:
     settings = TritonSettings(model_repository=root, grpc_port=free_port(), http_port=free_port(),
-                              metrics_port=free_port(), exit_timeout_s=5, strict_readiness=False)
+                              metrics_port=free_port(), exit_timeout_s=5, strict_readiness=False,
+                              admin_key=secrets.token_urlsafe(32))
     return TritonServer(settings, find_triton(None, trained.ws.triton_dir), tmp_path / "triton.log")
 
 
@@ -118,6 +124,8 @@ def test_two_native_versions_loaded_together_each_score_their_own_forest(trained
     for version, booster in boosters.items():
         with repo.stage_version("twin", version) as staging:
             target.write_artifacts(booster, 5, staging)
+            write_json(staging / METADATA_FILE, {"input_name": target.input_name, "output_name": target.output_name,
+                                                 MANIFEST_KEY: file_manifest(staging)})
     repo.write_config(target.model_config("twin", 5, 2, ServingSettings(max_batch_size=64), [1, 2], {}))
     with _server(repo.root, tmp_path, trained) as server:
         client = grpcclient.InferenceServerClient(server.settings.grpc_url)
@@ -127,3 +135,107 @@ def test_two_native_versions_loaded_together_each_score_their_own_forest(trained
             served = client.infer("twin", [tensor], model_version=str(version)).as_numpy("probabilities")[:, 1]
             np.testing.assert_allclose(served, booster.inplace_predict(x[:64]), atol=1e-6)
     assert not np.allclose(boosters[1].inplace_predict(x), boosters[2].inplace_predict(x), atol=1e-3)
+
+
+def _index(client: grpcclient.InferenceServerClient, model: str) -> dict[str, object]:
+    """Triton's repository index entries of `model` by version ('' where Triton gives none)."""
+    return {m.version: m for m in client.get_model_repository_index().models if m.name == model}
+
+
+@pytest.mark.parametrize("target", ["native-compiled", "python-compiled"])
+def test_a_damaged_version_file_fails_only_that_version_and_names_the_file(target, trained, tmp_path):
+    """Export records each file's size and SHA-256; a truncated forest.so (which crashed tritonserver with
+    SIGBUS) or one changed byte makes only that version UNAVAILABLE, with the file named; the rest serve."""
+    repo, result, booster = _export(trained, tmp_path / "repo", target)
+    good = result.version
+    truncated, flipped = good + 1, good + 2
+    for version in (truncated, flipped):
+        shutil.copytree(result.version_dir, repo.version_dir("fraud", version))
+    forest = repo.version_dir("fraud", truncated) / "forest.so"
+    forest.write_bytes(forest.read_bytes()[: forest.stat().st_size // 2])
+    damaged = bytearray((repo.version_dir("fraud", flipped) / "forest.so").read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    (repo.version_dir("fraud", flipped) / "forest.so").write_bytes(bytes(damaged))
+    write_served_config("fraud", repo, [good, truncated, flipped], {}, ServingSettings(instance_count=1))
+    x = np.random.default_rng(2).normal(size=(8, booster.num_features())).astype(np.float32)
+    with _server(repo.root, tmp_path, trained) as server:
+        client = grpcclient.InferenceServerClient(server.settings.grpc_url)
+        index = _index(client, "fraud")
+        short, changed = index[str(truncated)], index[str(flipped)]
+        assert short.state == "UNAVAILABLE" and f"{truncated}/forest.so has" in short.reason, short
+        assert "bytes" in short.reason and "treeops.json" in short.reason, short
+        assert changed.state == "UNAVAILABLE" and f"{flipped}/forest.so has SHA-256" in changed.reason, changed
+        assert index[str(good)].state == "READY", index
+        tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        served = client.infer("fraud", [tensor], model_version=str(good)).as_numpy("probabilities")[:, 1]
+        np.testing.assert_allclose(served, booster.inplace_predict(x), atol=1e-5)
+        assert client.is_server_live() and server.is_running()
+
+
+def _mapped(pid: int, path) -> bool:
+    return str(path) in open(f"/proc/{pid}/maps").read()
+
+
+def test_a_config_that_disagrees_with_the_forest_or_an_old_triton_api_is_refused_naming_why(trained, tmp_path):
+    """ModelInitialize checks the config against the forest and the names export recorded; the Triton API
+    minor is checked; what a refused load opened (forest.so) is closed again. The good model serves."""
+    repo, result, booster = _export(trained, tmp_path / "repo", "native-compiled")
+    n, version, target = booster.num_features(), result.version, get_target("native-compiled")
+
+    cases = {
+        "dims": (lambda c: c.input[0].dims.__setitem__(0, n - 1),
+                 f"config input 'features' has dims [{n - 1}] but forest.so has {n} features"),
+        "dtype": (lambda c: setattr(c.input[0], "data_type", mc.TYPE_FP64), "data_type is TYPE_FP64"),
+        "input_name": (lambda c: setattr(c.input[0], "name", "x"),
+                       "config input name is 'x' but the version was exported with 'features'"),
+        "width": (lambda c: c.output[0].dims.__setitem__(0, 3),
+                  "config output 'probabilities' has dims [3] but forest.so has 2 outputs per row"),
+        "old_api": (None, "needs TRITONBACKEND API 1.999 or a later 1.x, but this tritonserver has 1."),
+    }
+    for name, (mutate, _) in cases.items():
+        shutil.copytree(result.version_dir, repo.version_dir(name, version))
+        cfg = target.model_config(name, n, 2, ServingSettings(instance_count=1, warmup=False), [version], {})
+        if mutate is not None:
+            mutate(cfg)
+        repo.write_config(cfg)
+    build_backend(repo.version_dir("old_api", version), defines={"TREEOPS_BACKEND_API_MINOR": "999"})
+    with _server(repo.root, tmp_path, trained) as server:
+        client = grpcclient.InferenceServerClient(server.settings.grpc_url)
+        for name, (_, reason) in cases.items():
+            (entry,) = _index(client, name).values()
+            assert entry.state == "UNAVAILABLE" and reason in entry.reason, (name, entry)
+            assert not _mapped(server.pid, repo.version_dir(name, version) / "forest.so"), name
+        assert _mapped(server.pid, result.version_dir / "forest.so")  # the check can see a loaded forest
+        assert client.is_model_ready("fraud") and client.is_server_live()
+
+
+def test_statistics_split_a_batch_into_input_scoring_and_output_as_the_api_defines(trained, tmp_path):
+    """Triton's compute_input is reading the inputs, compute_infer the scoring: with 8 requests in one
+    execution, compute_input no longer counts the scoring of the requests before each one."""
+    repo, result, booster = _export(trained, tmp_path / "repo", "native-compiled")
+    n = booster.num_features()
+    shutil.copytree(result.version_dir, repo.version_dir("batched", result.version))
+    serving = ServingSettings(max_batch_size=4096, max_queue_delay_us=300_000, instance_count=1, warmup=False)
+    repo.write_config(get_target("native-compiled").model_config("batched", n, 2, serving, [result.version], {}))
+    x = np.random.default_rng(4).normal(size=(8, 256, n)).astype(np.float32)
+    with _server(repo.root, tmp_path, trained) as server:
+        server.wait_ready(90, ["batched"])
+
+        def infer(rows: np.ndarray) -> np.ndarray:
+            client = grpcclient.InferenceServerClient(server.settings.grpc_url)
+            tensor = grpcclient.InferInput("features", list(rows.shape), "FP32")
+            tensor.set_data_from_numpy(rows)
+            return client.infer("batched", [tensor]).as_numpy("probabilities")
+
+        with ThreadPoolExecutor(8) as pool:
+            served = list(pool.map(infer, x))
+        stats = grpcclient.InferenceServerClient(server.settings.grpc_url).get_inference_statistics(
+            "batched").model_stats[0]
+    for rows, scores in zip(x, served):
+        np.testing.assert_allclose(scores[:, 1], booster.inplace_predict(rows), atol=1e-5)
+    s = stats.inference_stats
+    assert s.success.count == 8 and stats.execution_count < 8, stats  # requests shared executions
+    assert s.compute_input.ns > 0 and s.compute_infer.ns > 0 and s.compute_output.ns > 0, s
+    assert s.compute_input.ns < s.compute_infer.ns / 2, s  # gathering rows is cheap next to scoring them
+    assert s.compute_input.ns + s.compute_infer.ns + s.compute_output.ns < s.success.ns, s

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import mlflow
 import numpy as np
 import pytest
@@ -38,7 +40,7 @@ def test_raw_input_version_scores_like_polars_features_plus_xgboost(tmp_path):
     features = load_features(result.version_dir)
     test_set = generate_transactions(GenerateSpec(rows=3_000, seed=77))  # unseen data, other cards and days
     settings = TritonSettings(model_repository=ws.model_repository, grpc_port=free_port(), http_port=free_port(),
-                              metrics_port=free_port(), exit_timeout_s=5)
+                              metrics_port=free_port(), exit_timeout_s=5, admin_key=secrets.token_urlsafe(32))
     with TritonServer(settings, find_triton(None, ws.triton_dir), ws.reports_dir / "triton.log") as server:
         server.wait_ready(90, ["raw"])
         with ScoringClient(settings.grpc_url, "raw", retries=0, max_rows_per_request=256) as client:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import subprocess
 
@@ -134,7 +135,8 @@ def test_real_triton_accepts_the_native_configs_up_to_the_missing_backend(traine
             target.write_artifacts(booster, N_FEATURES, staging)
         repo.write_config(target.model_config(f"m_{name}", N_FEATURES, 2, ServingSettings(), [1], {}))
     settings = TritonSettings(model_repository=root, grpc_port=free_port(), http_port=free_port(),
-                              metrics_port=free_port(), exit_timeout_s=2, strict_readiness=False, exit_on_error=False)
+                              metrics_port=free_port(), exit_timeout_s=2, strict_readiness=False, exit_on_error=False,
+                              admin_key=secrets.token_urlsafe(32))
     server = TritonServer(settings, find_triton(None, trained.ws.triton_dir), tmp_path / "triton.log")
     server.start(timeout_s=90, models=["fraud"])
     pid = server.pid

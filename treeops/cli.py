@@ -180,13 +180,20 @@ def export_cmd(
     _emit(as_json, result.to_dict(), lines)
 
 
-def _triton(ws: Workspace, grpc_port: int, http_port: int, metrics_port: int, binary: Path | None = None):
+def _triton(ws: Workspace, grpc_port: int, http_port: int, metrics_port: int, binary: Path | None = None, *,
+            insecure_admin: bool = False, ephemeral_key: bool = False):
+    """The workspace's Triton; `ephemeral_key`: without TREEOPS_TRITON_ADMIN_KEY, a random key for this run."""
+    import secrets
+
     from server.installation import find_triton
     from server.launcher import TritonServer
     from server.settings import TritonSettings
 
     settings = TritonSettings(model_repository=ws.model_repository, grpc_port=grpc_port, http_port=http_port,
-                              metrics_port=metrics_port)
+                              metrics_port=metrics_port, insecure_admin=insecure_admin)
+    if ephemeral_key and settings.admin_key is None:
+        log.info("admin APIs restricted to a key generated for this run; set TREEOPS_TRITON_ADMIN_KEY to choose it")
+        settings = settings.model_copy(update={"admin_key": pydantic.SecretStr(secrets.token_urlsafe(32))})
     return TritonServer(settings, find_triton(binary, ws.triton_dir), ws.reports_dir / "triton.log")
 
 
@@ -197,19 +204,28 @@ def serve(
     metrics_port: MetricsPort = 8002,
     triton_binary: Annotated[Path | None, typer.Option(help="tritonserver binary (default: TRITONSERVER_PATH, NGC, wheel)")] = None,
     timeout_s: Annotated[float, typer.Option(help="seconds to wait for readiness")] = 120,
+    insecure_admin: Annotated[bool, typer.Option(help="start without TREEOPS_TRITON_ADMIN_KEY: admin APIs open to all")] = False,
+    liveness_interval_s: Annotated[float | None, typer.Option(help="seconds between liveness checks (default 5)")] = None,
+    liveness_failures: Annotated[int | None, typer.Option(help="failed checks in a row that stop serve (default 3)")] = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
-    """Run Triton on the workspace's model repository in the foreground until SIGINT/SIGTERM."""
+    """Run Triton on the workspace's model repository in the foreground until SIGINT/SIGTERM.
+
+    Exits non-zero when tritonserver dies or stops answering `/v2/health/live`.
+    """
+    from server.settings import SupervisionSettings
+
     ws = Workspace.resolve(workspace)
-    server = _triton(ws, grpc_port, http_port, metrics_port, triton_binary)
+    overrides = {k: v for k, v in (("liveness_interval_s", liveness_interval_s),
+                                   ("liveness_failures", liveness_failures)) if v is not None}
+    supervision = SupervisionSettings(**overrides)
+    server = _triton(ws, grpc_port, http_port, metrics_port, triton_binary, insecure_admin=insecure_admin)
     _stop_on_sigterm()
     try:
         server.start(timeout_s=timeout_s)
         typer.echo(f"serving {ws.model_repository}: gRPC {server.settings.grpc_url}, HTTP {server.settings.http_url}, "
                    f"metrics {server.settings.metrics_url} (Ctrl-C to stop)")
-        code = server.wait()
-        if code:
-            raise typer.Exit(EXIT_ERROR)
+        server.supervise(supervision)
     except KeyboardInterrupt:
         typer.echo("stopping Triton")
     finally:
@@ -225,8 +241,8 @@ def score(
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compute features for raw transactions with the served model's spec and score them over gRPC."""
-    from server.client import ScoringClient, score_raw
+    """Score raw transactions over gRPC with the inputs the served model's signature names (features or raw fields)."""
+    from server.client import ScoringClient
     from server.repository_view import served_features
     from training.ingest import load_raw
 
@@ -235,11 +251,13 @@ def score(
     version, features = served_features(ws.model_repository, model_name)
     raw = load_raw(path, features.spec.raw_schema).head(rows).collect()
     with ScoringClient(grpc_url, model_name) as client:
-        scores = score_raw(client, features, raw)
+        signature = client.served_signature()
+        scores = client.score_raw(features, raw)
     ids = raw["transaction_id"].to_list()
     probs = scores.positive.tolist()
-    _emit(as_json, {"model_version": scores.model_version, "transaction_id": ids, "probability": probs},
-          [f"model {model_name} version {scores.model_version} answered:"]
+    _emit(as_json, {"model_version": scores.model_version, "signature": signature.to_dict(), "transaction_id": ids,
+                    "probability": probs},
+          [f"model {model_name} version {scores.model_version} ({signature.describe()}) answered:"]
           + [f"  transaction {i}: p(fraud) = {p:.5f}" for i, p in zip(ids, probs)])
 
 
@@ -258,7 +276,8 @@ def loadtest(
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Locust against a running Triton; prints the SLO verdict and exits 1 on any breach."""
+    """Locust against a running Triton, requests built from the served model's signature; prints the SLO verdict
+    (and the most frequent errors of failed requests) and exits 1 on any breach."""
     from loadtest.pipeline import loadtest_served_model
 
     ws = Workspace.resolve(workspace)
@@ -278,7 +297,8 @@ def result_summary(result) -> dict[str, Any]:
     a = result.aggregate
     return {"passed": result.passed, "requests": a.requests, "failures": a.failures, "rps": a.rps,
             "p50_ms": a.p50_ms, "p95_ms": a.p95_ms, "p99_ms": a.p99_ms,
-            "checks": [c.__dict__ for c in result.checks], "html_report": str(result.html_report),
+            "checks": [c.__dict__ for c in result.checks], "errors": [e.__dict__ for e in result.errors],
+            "html_report": str(result.html_report),
             "stats_csv": str(result.stats_csv)}
 
 
@@ -464,7 +484,7 @@ def demo(
                             loadtest_s=loadtest_s, keep_serving=keep_serving)
     if keep_serving:
         _stop_on_sigterm()
-    summary = run_demo(ws, settings, _triton(ws, grpc_port, http_port, metrics_port))
+    summary = run_demo(ws, settings, _triton(ws, grpc_port, http_port, metrics_port, ephemeral_key=True))
     _emit(as_json, summary.to_dict(), summary.lines())
 
 
