@@ -9,7 +9,7 @@ import pytest
 import typer
 import yaml
 
-from training.k8s_manifests import FILE_NAME, MANIFEST_DIR, DaskK8sSpec, render, to_yaml
+from training.k8s_manifests import CLUSTER_FILE, JOB_FILE, MANIFEST_DIR, DaskK8sSpec, render_files
 from treeops.cli import app
 
 K8S_VERSION = "1.31"
@@ -18,10 +18,14 @@ K8S_VERSION = "1.31"
 def _docs() -> dict[str, dict]:
     """Documents by kind; the two Services as `Service` (the scheduler's) and `Service/headless`."""
     docs = {}
-    for d in yaml.safe_load_all((MANIFEST_DIR / FILE_NAME).read_text()):
+    for d in _all():
         headless = d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"
         docs[d["kind"] + ("/headless" if headless else "")] = d
     return docs
+
+
+def _all() -> list[dict]:
+    return [d for name in (CLUSTER_FILE, JOB_FILE) for d in yaml.safe_load_all((MANIFEST_DIR / name).read_text())]
 
 
 def _container(doc: dict) -> dict:
@@ -29,9 +33,12 @@ def _container(doc: dict) -> dict:
     return container
 
 
-def test_committed_manifest_is_the_rendered_one():
-    assert (MANIFEST_DIR / FILE_NAME).read_text() == to_yaml(render(DaskK8sSpec())), (
-        f"training/k8s/{FILE_NAME} is stale: run `python -m training.k8s_manifests` and commit the result")
+def test_committed_manifests_are_the_rendered_ones():
+    rendered = render_files()
+    assert sorted(p.name for p in MANIFEST_DIR.glob("*.yaml")) == sorted(rendered)
+    for name, text in rendered.items():
+        assert (MANIFEST_DIR / name).read_text() == text, (
+            f"training/k8s/{name} is stale: run `python -m training.k8s_manifests` and commit the result")
 
 
 def test_manifest_validates_offline_against_kubernetes_schemas(monkeypatch):
@@ -39,7 +46,7 @@ def test_manifest_validates_offline_against_kubernetes_schemas(monkeypatch):
         raise AssertionError("kubernetes-validate tried to use the network")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    docs = list(yaml.safe_load_all((MANIFEST_DIR / FILE_NAME).read_text()))
+    docs = _all()
     assert [d["kind"] for d in docs] == ["Deployment", "Service", "Service", "StatefulSet", "Job"]
     for doc in docs:
         assert kubernetes_validate.validate(doc, K8S_VERSION, strict=True) == K8S_VERSION
