@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import pydantic
 import typer
 
+from bench.errors import BenchError
 from export.errors import ExportError
 from loadtest.errors import LoadtestError
 from monitoring.errors import MonitoringError
@@ -25,7 +26,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: figures next to 
 app.add_typer(bench_app, name="bench")
 log = logging.getLogger("treeops")
 
-EXPECTED_ERRORS = (TrainingError, ExportError, ServerError, LoadtestError, MonitoringError)
+EXPECTED_ERRORS = (TrainingError, ExportError, ServerError, LoadtestError, MonitoringError, BenchError)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_DRIFT = 3
@@ -496,7 +497,7 @@ def bench_training(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate N rows, compute features and train; rows/s for each step and the peak memory."""
-    from training.benchmark import run_training_benchmark
+    from bench.training import run_training_benchmark
 
     ws = Workspace.resolve(workspace)
     result = run_training_benchmark(rows, ws.data_dir, max_rounds=max_rounds)
@@ -509,8 +510,10 @@ def bench_serving(
     trees: Annotated[int, typer.Option(min=1)] = 200,
     depth: Annotated[int, typer.Option(min=1)] = 6,
     features: Annotated[int, typer.Option(min=1)] = 30,
-    runtime: Annotated[str, typer.Option(help="native (tl2cgen forest in treeops' C backend), compiled (the same forest "
-                                             "in the Python backend) or onnxruntime (Python backend); compiled ones need gcc")] = "native",
+    target: Annotated[str, typer.Option(help="export target that serves it, as `treeops export --target` names it: "
+                                            "native-compiled (tl2cgen forest in treeops' C backend), python-compiled "
+                                            "(the same forest in the Python backend) or python-onnx (ONNX Runtime in "
+                                            "the Python backend); the compiled ones need gcc")] = "native-compiled",
     concurrency: Annotated[str, typer.Option(help="comma-separated closed-loop levels")] = "1,2,4,8,16,32,64",
     step_s: Annotated[float, typer.Option(min=0.1, help="seconds per sweep step")] = 3.0,
     requests: Annotated[int, typer.Option(min=1, help="sequential calls for the latency steps")] = 2000,
@@ -521,6 +524,11 @@ def bench_serving(
     instance_count: Annotated[int | None, typer.Option(min=1, help="override the model instances")] = None,
     dynamic_batching: Annotated[bool, typer.Option(help="dynamic batcher on (default) or Triton's default scheduler")] = True,
     summary_latencies: Annotated[bool, typer.Option(help="Triton's p50..p999 latency summaries (off by default: costly)")] = False,
+    perf_analyzer: Annotated[bool, typer.Option(help="also drive NVIDIA perf_analyzer when installed (make perf-analyzer)")] = True,
+    perf_analyzer_concurrency: Annotated[str, typer.Option(help="comma-separated perf_analyzer levels")] = "1,32",
+    perf_analyzer_path: Annotated[Path | None, typer.Option(help="perf_analyzer binary (default: TREEOPS_PERF_ANALYZER, "
+                                                                 "<venv>/perf_analyzer, PATH)")] = None,
+    targets: Annotated[Path | None, typer.Option(help="serving targets TOML (default: bench/targets.toml)")] = None,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -528,24 +536,29 @@ def bench_serving(
     import dataclasses
 
     from export.triton_config import ServingSettings
-    from loadtest.bench import BenchSettings, run_serving_benchmark
-    from loadtest.bench_model import BenchModelSpec
-    from loadtest.errors import SettingsError
+    from bench.errors import SettingsError
+    from bench.model import BenchModelSpec
+    from bench.serving import BenchSettings, run_serving_benchmark
     from server.settings import TritonSettings
 
     ws = Workspace.resolve(workspace)
     overrides = {k: v for k, v in (("max_queue_delay_us", max_queue_delay_us), ("instance_count", instance_count))
                  if v is not None} | {"dynamic_batching": dynamic_batching}
-    try:
-        levels = tuple(int(c) for c in concurrency.split(","))
-    except ValueError:
-        raise SettingsError(f"--concurrency {concurrency!r}: give comma-separated integers, e.g. 1,8,32") from None
+
+    def levels(flag: str, text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(c) for c in text.split(","))
+        except ValueError:
+            raise SettingsError(f"{flag} {text!r}: give comma-separated integers, e.g. 1,8,32") from None
+
     settings = BenchSettings(
-        model=BenchModelSpec(trees=trees, depth=depth, features=features), runtime=runtime,
-        serving=dataclasses.replace(ServingSettings(), **overrides), concurrency=levels, step_s=step_s,
-        sequential_requests=requests, health_requests=requests, batch_rows=batch_rows,
+        model=BenchModelSpec(trees=trees, depth=depth, features=features), target=target,
+        serving=dataclasses.replace(ServingSettings(), **overrides), concurrency=levels("--concurrency", concurrency),
+        step_s=step_s, sequential_requests=requests, health_requests=requests, batch_rows=batch_rows,
         batch_concurrency=batch_concurrency, client_processes=client_processes,
-        triton=TritonSettings(summary_latencies=summary_latencies),
+        triton=TritonSettings(summary_latencies=summary_latencies), perf_analyzer=perf_analyzer,
+        perf_analyzer_concurrency=levels("--perf-analyzer-concurrency", perf_analyzer_concurrency),
+        perf_analyzer_path=perf_analyzer_path, targets_path=targets,
     )
     result = run_serving_benchmark(settings, out_path=out or ws.reports_dir / "bench_serving.json")
     _emit(as_json, result.to_dict(), result.lines())

@@ -7,8 +7,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
-
 from training.features import FRAUD_FEATURES
 from training.generate import GenerateSpec, generate_to_file
 from training.ingest import load_raw
@@ -79,6 +77,3 @@ def run_training_benchmark(rows: int, workdir: Path, seed: int = 7, max_rounds: 
         raw_in_memory_gib=raw_gib,
         peak_rss_gib=peak,
     )
-
-
-

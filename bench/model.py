@@ -1,7 +1,7 @@
 """The serving benchmark's own model: a seeded synthetic xgboost forest exported like production.
 
-Kept apart from `bench.py` so tests and experiments can build and export the same model without
-starting a server. The export goes through the real targets (python-onnx, python-compiled,
+Kept apart from the run (`bench.serving`) so tests and experiments can build and export the same
+model without starting a server. The export goes through the real targets (python-onnx, python-compiled,
 native-compiled), the parity gate on the written artifact, and `ModelRepository.write_config`, so
 the benchmark measures exactly what `treeops export` would serve.
 """
@@ -11,31 +11,29 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
 import xgboost as xgb
 
-from export.raw_graph import serving_graph
-from export.parity import ParityReport, check_parity, gate_rows, require
 from export.manifest import MANIFEST_KEY, file_manifest
+from export.parity import ParityReport, check_parity, gate_rows, require
+from export.raw_graph import serving_graph
 from export.repository import METADATA_FILE, ModelRepository, write_json
+from export.signature import ServedSignature
+from export.targets import TARGETS
 from export.targets.base import ExportTarget
-from export.targets.native_compiled import NativeCompiledTarget
 from export.targets.onnx_file import ONNX_FILE, OnnxFileTarget
-from export.targets.python_compiled import PythonCompiledTarget
-from export.targets.python_onnx import PythonOnnxTarget
 from export.triton_config import ServingSettings
 
 log = logging.getLogger(__name__)
 
 BENCH_MODEL = "bench"
-Runtime = Literal["onnxruntime", "compiled", "native"]
-#: The export target serving each runtime: ONNX Runtime or the tl2cgen forest in the Python backend's
-#: model.py, or the forest in treeops' native Triton backend.
-RUNTIME_TARGETS: dict[str, type[ExportTarget]] = {
-    "onnxruntime": PythonOnnxTarget, "compiled": PythonCompiledTarget, "native": NativeCompiledTarget}
+#: The export targets the benchmark serves, by the names `treeops export --target` takes: the forest in
+#: treeops' native Triton backend, or ONNX Runtime / the same forest in the Python backend's model.py.
+#: (onnxruntime and fil need backends the pip-installed Triton does not have.)
+BENCH_TARGETS: dict[str, type[ExportTarget]] = {
+    name: TARGETS[name] for name in ("native-compiled", "python-onnx", "python-compiled")}
 
 
 @dataclass(frozen=True)
@@ -86,28 +84,30 @@ def export_bench_model(
     model_name: str = BENCH_MODEL,
     version: int = 1,
     seed: int = 0,
-    runtime: Runtime = "onnxruntime",
+    target: str = "python-onnx",
 ) -> ParityReport:
-    """Write `booster` as `<root>/<model_name>/<version>` with the target of `runtime` and its config.
+    """Write `booster` as `<root>/<model_name>/<version>` with the export target `target` and its config.
 
     `model.onnx` is always written (the ONNX Runtime floor is measured in every run). The artifact
     must pass the export parity gate (`check_parity` on held-out-like, edge and property rows) on the
     served runtime's own scorer, exactly as `treeops export` requires; ParityError otherwise.
     """
-    target = RUNTIME_TARGETS[runtime]()
+    target_name, target = target, BENCH_TARGETS[target]()
     repository = ModelRepository(root)
     width = target.n_outputs(booster)
     rows = gate_rows(booster, synthetic_rows(500, n_features, seed + 2), n_property=500, seed=seed)
+    config = target.model_config(model_name, n_features, width, serving, [version], {})
     with repository.stage_version(model_name, version) as staging:
         if not isinstance(target, OnnxFileTarget):
             onnx.save_model(serving_graph(booster, n_features, None), staging / ONNX_FILE)
         target.write_artifacts(booster, n_features, staging)
         report = check_parity(booster, target.scorer(staging), rows)
-        require(report, f"benchmark model {model_name} version {version} ({runtime})")
+        require(report, f"benchmark model {model_name} version {version} ({target_name})")
         write_json(staging / METADATA_FILE, {  # what the backends check at load (names, file manifest)
-            "target": target.name, "n_features": n_features, "n_outputs": width, "input_name": target.input_name,
-            "output_name": target.output_name, MANIFEST_KEY: file_manifest(staging)})
-    repository.write_config(target.model_config(model_name, n_features, width, serving, [version], {}))
+            "target": target_name, "n_features": n_features, "n_outputs": width, "input_name": target.input_name,
+            "output_name": target.output_name, "signature": ServedSignature.from_config(config).to_dict(),
+            MANIFEST_KEY: file_manifest(staging)})
+    repository.write_config(config)
     log.info("benchmark model written to %s (parity max diff %.2g)", repository.version_dir(model_name, version),
              report.max_abs_diff)
     return report

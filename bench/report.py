@@ -1,0 +1,306 @@
+"""What one serving benchmark run measured: the figures, the human table and the verdicts against bench/targets.toml."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from bench.errors import RequestFailedError, SettingsError
+
+if TYPE_CHECKING:
+    from bench.settings import BenchSettings
+
+#: The serving targets every run is checked against (a data file, like loadtest/slo-ci.toml).
+DEFAULT_TARGETS = Path(__file__).with_name("targets.toml")
+
+
+@dataclass(frozen=True)
+class Floor:
+    """In-process time of one scoring call (median over repeats) and the rows/s it implies."""
+
+    runtime: str
+    rows: int
+    p50_us: float
+    rows_per_s: float
+
+
+@dataclass(frozen=True)
+class TritonStats:
+    """Triton's statistics over one step, per successful request in µs (`get_inference_statistics` diffs).
+
+    `request_us` is Triton's whole time for the request; `mean_batch_rows` is rows per model
+    execution (inference_count / execution_count).
+    """
+
+    requests: int
+    executions: int
+    queue_us: float
+    compute_input_us: float
+    compute_infer_us: float
+    compute_output_us: float
+    request_us: float
+    mean_batch_rows: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """One measured step: throughput, latency percentiles, CPU per request and Triton's view of it.
+
+    `client_cpu_us_per_req`: CPU of the load-generator process(es); `server_cpu_us_per_req`: CPU of
+    tritonserver and its Python stub processes; both per completed request of the window.
+    """
+
+    name: str
+    client: str
+    concurrency: int
+    rows_per_request: int
+    requests: int
+    failures: int
+    duration_s: float
+    req_per_s: float
+    rows_per_s: float
+    p50_us: float
+    p99_us: float
+    mean_us: float
+    client_cpu_us_per_req: float
+    server_cpu_us_per_req: float
+    triton: TritonStats | None
+
+
+@dataclass(frozen=True)
+class PerfAnalyzerStep:
+    """One perf_analyzer run at `concurrency` single-row requests (bench.perf_analyzer).
+
+    `req_per_s` and the latencies are perf_analyzer's own, from its last (stable) measurement window;
+    `requests`, the CPU per request and `triton` cover the whole invocation (warm-up and every window),
+    counted by Triton, so they compare with the light client's columns.
+    """
+
+    concurrency: int
+    req_per_s: float
+    p50_us: float
+    p90_us: float
+    p99_us: float
+    requests: int
+    client_cpu_us_per_req: float
+    server_cpu_us_per_req: float
+    triton: TritonStats | None
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Everything one run measured; `lines()` is the human table, `to_dict()` the JSON."""
+
+    settings: BenchSettings
+    floors: list[Floor]
+    health: Step
+    sequential: Step
+    sweep: list[Step]
+    batch: Step
+    health_loaded: Step
+    reference: Step | None
+    cpu_count: int
+    triton_command: list[str]
+    parity_max_abs_diff: float
+    perf_analyzer: list[PerfAnalyzerStep] = field(default_factory=list)
+    #: Why perf_analyzer's figures are missing and how to get them (None when it ran or was not asked for).
+    perf_analyzer_note: str | None = None
+
+    def floor(self, runtime: str, rows: int) -> Floor:
+        """The floor of `runtime` ("onnxruntime" or "xgboost") on `rows` rows (1 or batch_rows)."""
+        return next(f for f in self.floors if f.runtime == runtime and f.rows == rows)
+
+    def sweep_at(self, concurrency: int) -> Step | None:
+        return next((s for s in self.sweep if s.concurrency == concurrency), None)
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """Served figures against the floors and the bare round trip of the same run."""
+        ort1 = self.floor("onnxruntime", 1)
+        ortn = self.floor("onnxruntime", self.settings.batch_rows)
+        xgbn = self.floor("xgboost", self.settings.batch_rows)
+        served_floor = "onnxruntime" if self.settings.target == "python-onnx" else "compiled"  # both: the same forest.so
+        served1 = self.floor(served_floor, 1)
+        servedn = self.floor(served_floor, self.settings.batch_rows)
+        best = max(self.sweep, key=lambda s: s.req_per_s)
+        return {
+            "sequential_p50_over_health_p50": self.sequential.p50_us / self.health.p50_us,
+            "sequential_p50_over_onnxruntime_1_row": self.sequential.p50_us / ort1.p50_us,
+            "sequential_p50_over_served_runtime_1_row": self.sequential.p50_us / served1.p50_us,
+            "best_sweep_req_per_s_over_health_loaded": best.req_per_s / self.health_loaded.req_per_s,
+            "batch_rows_per_s_over_onnxruntime": self.batch.rows_per_s / ortn.rows_per_s,
+            "batch_rows_per_s_over_xgboost": self.batch.rows_per_s / xgbn.rows_per_s,
+            "batch_rows_per_s_over_served_runtime": self.batch.rows_per_s / servedn.rows_per_s,
+        }
+
+    @property
+    def targets(self) -> dict[str, dict[str, Any]]:
+        """The serving targets (`settings.targets_path`, default bench/targets.toml) against this run's figures."""
+        out = {}
+        for t in load_targets(self.settings.targets_path or DEFAULT_TARGETS):
+            measured = t.measure(self)
+            if measured is not None:
+                bound = t.max if t.max is not None else t.min
+                out[t.name] = {"measured": measured, "target": bound,
+                               "met": measured <= bound if t.max is not None else measured >= bound}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings.to_dict(),
+            "cpu_count": self.cpu_count,
+            "triton_command": self.triton_command,
+            "parity_max_abs_diff": self.parity_max_abs_diff,
+            "floors": [asdict(f) for f in self.floors],
+            "health": asdict(self.health),
+            "sequential": asdict(self.sequential),
+            "sweep": [asdict(s) for s in self.sweep],
+            "batch": asdict(self.batch),
+            "health_loaded": asdict(self.health_loaded),
+            "reference": asdict(self.reference) if self.reference else None,
+            "perf_analyzer": [asdict(p) for p in self.perf_analyzer],
+            "perf_analyzer_note": self.perf_analyzer_note,
+            "ratios": self.ratios,
+            "targets": self.targets,
+        }
+
+    def lines(self) -> list[str]:
+        s, m = self.settings, self.settings.model
+        out = [
+            f"serving benchmark: {m.trees} trees depth {m.depth}, {m.features} features; {self.cpu_count} CPUs shared "
+            f"by server and client ({s.client_processes} process(es), {s.client} client)",
+            f"target: {s.target}; config: dynamic_batching={s.serving.dynamic_batching} "
+            f"max_queue_delay_us={s.serving.max_queue_delay_us} preferred={list(s.serving.preferred_batch_sizes)} "
+            f"instances={s.serving.instance_count}; latency summaries {'on' if s.triton.summary_latencies else 'off'}",
+            "in-process floor (1 thread, median):",
+        ]
+        for f in self.floors:
+            out.append(f"  {f.runtime:<12}{f.rows:>5} rows {f.p50_us:>10.1f} us {f.rows_per_s:>12,.0f} rows/s")
+        out += ["over gRPC (cli/srv = CPU us per request; queue..out = Triton's us per request; batch = rows per execution):",
+                f"{'step':<17}{'conc':>5}{'rows':>5}{'req/s':>9}{'rows/s':>10}{'p50 us':>9}{'p99 us':>9}"
+                f"{'cli':>6}{'srv':>6}{'queue':>7}{'in':>6}{'infer':>7}{'out':>6}{'batch':>7}{'fail':>5}"]
+        steps = [self.health, self.sequential, *self.sweep, self.batch, self.health_loaded]
+        out += [step_line(step) for step in steps + ([self.reference] if self.reference else [])]
+        out += [_perf_analyzer_line(p) for p in self.perf_analyzer]
+        if self.perf_analyzer_note:
+            out.append(f"perf_analyzer: {self.perf_analyzer_note}")
+        r = self.ratios
+        out += [
+            f"sequential p50 / bare round trip p50: {r['sequential_p50_over_health_p50']:.2f}x "
+            f"(p50 {self.sequential.p50_us:.0f} us, p99 {self.sequential.p99_us:.0f} us)",
+            f"best sweep / bare round trip under the same load: {r['best_sweep_req_per_s_over_health_loaded']:.2f}",
+            f"{s.batch_rows}-row requests: {self.batch.rows_per_s:,.0f} rows/s = "
+            f"{r['batch_rows_per_s_over_onnxruntime']:.2f}x onnxruntime, {r['batch_rows_per_s_over_xgboost']:.2f}x "
+            "xgboost in-process (1 thread)",
+            "targets: " + ", ".join(f"{k} {'met' if v['met'] else 'NOT met'} ({v['measured']:,.2f})"
+                                    for k, v in self.targets.items()),
+        ]
+        return out
+
+
+def _triton_columns(t: TritonStats | None) -> str:
+    return (f"{t.queue_us:>7.0f}{t.compute_input_us:>6.0f}{t.compute_infer_us:>7.0f}{t.compute_output_us:>6.0f}"
+            f"{t.mean_batch_rows:>7.1f}") if t else f"{'-':>7}{'-':>6}{'-':>7}{'-':>6}{'-':>7}"
+
+
+def step_line(s: Step) -> str:
+    """One row of the table (the header is in `BenchResult.lines`)."""
+    tri = _triton_columns(s.triton)
+    name = s.name if s.client == "h2" or s.name in ("health", "sequential") else f"{s.name} {s.client}"
+    return (f"{name:<17}{s.concurrency:>5}{s.rows_per_request:>5}{s.req_per_s:>9,.0f}{s.rows_per_s:>10,.0f}"
+            f"{s.p50_us:>9.0f}{s.p99_us:>9.0f}{s.client_cpu_us_per_req:>6.0f}{s.server_cpu_us_per_req:>6.0f}"
+            f"{tri}{s.failures:>5}")
+
+
+def _perf_analyzer_line(p: PerfAnalyzerStep) -> str:
+    return (f"{f'perf_analyzer c{p.concurrency}':<17}{p.concurrency:>5}{1:>5}{p.req_per_s:>9,.0f}{p.req_per_s:>10,.0f}"
+            f"{p.p50_us:>9.0f}{p.p99_us:>9.0f}{p.client_cpu_us_per_req:>6.0f}{p.server_cpu_us_per_req:>6.0f}"
+            f"{_triton_columns(p.triton)}{0:>5}")
+
+
+
+def make_step(name: str, client: str, concurrency: int, rows_per_request: int,
+              latencies_ns: Sequence[int] | np.ndarray, failures: int, duration_s: float, client_cpu_s: float,
+              server_cpu_s: float, triton: TritonStats | None) -> Step:
+    """A Step from raw samples; RequestFailedError when nothing completed."""
+    lat = np.asarray(latencies_ns, dtype=np.float64) / 1e3
+    n = len(lat)
+    if n == 0:
+        raise RequestFailedError(f"step {name!r} completed no request in {duration_s:.1f}s ({failures} failures)")
+    return Step(
+        name=name, client=client, concurrency=concurrency, rows_per_request=rows_per_request, requests=n,
+        failures=failures, duration_s=duration_s, req_per_s=n / duration_s, rows_per_s=n * rows_per_request / duration_s,
+        p50_us=float(np.percentile(lat, 50)), p99_us=float(np.percentile(lat, 99)), mean_us=float(lat.mean()),
+        client_cpu_us_per_req=client_cpu_s / n * 1e6, server_cpu_us_per_req=server_cpu_s / n * 1e6, triton=triton,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Verdicts: the targets file
+
+
+def _sweep(r: BenchResult, t: Target) -> Step | None:
+    return r.sweep_at(t.concurrency) if t.concurrency is not None else None
+
+
+#: The figures a target can bound; None where the run did not measure the step.
+FIGURES: dict[str, Callable[[BenchResult, Target], float | None]] = {
+    "sequential_p50_over_health_p50": lambda r, t: r.sequential.p50_us / r.health.p50_us,
+    "sequential_p50_us": lambda r, t: r.sequential.p50_us,
+    "sequential_p99_us": lambda r, t: r.sequential.p99_us,
+    "batch_rows_per_s": lambda r, t: r.batch.rows_per_s,
+    "sweep_req_per_s": lambda r, t: s.req_per_s if (s := _sweep(r, t)) else None,
+    "sweep_p99_us": lambda r, t: s.p99_us if (s := _sweep(r, t)) else None,
+}
+
+
+class Target(BaseModel):
+    """One `[[target]]` of the targets file: a figure of the run and its bound (`max` or `min`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    figure: Literal[tuple(FIGURES)]  # type: ignore[valid-type]
+    max: float | None = None
+    min: float | None = None
+    concurrency: int | None = None  # the sweep step (figures sweep_*)
+    batch_rows: int | None = None  # held only by runs whose batch step has this many rows
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> Target:
+        if (self.max is None) == (self.min is None):
+            raise ValueError("give exactly one of max and min")
+        if self.figure.startswith("sweep_") and self.concurrency is None:
+            raise ValueError(f"figure {self.figure} needs concurrency (the sweep step)")
+        return self
+
+    def measure(self, result: BenchResult) -> float | None:
+        if self.batch_rows is not None and self.batch_rows != result.settings.batch_rows:
+            return None
+        return FIGURES[self.figure](result, self)
+
+
+def load_targets(path: Path) -> list[Target]:
+    """The `[[target]]` tables of `path`; SettingsError naming the file and the entry when one is invalid."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"benchmark targets {path}: {exc}; see bench/targets.toml for the format") from exc
+    unknown = set(data) - {"target"}
+    if unknown:
+        raise SettingsError(f"benchmark targets {path}: unknown keys {sorted(unknown)}; only [[target]] tables")
+    targets = []
+    for i, entry in enumerate(data.get("target", [])):
+        try:
+            targets.append(Target(**entry))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors())
+            raise SettingsError(f"benchmark targets {path}, target #{i + 1} ({entry.get('name', '?')}): {problems}; "
+                                f"figures: {', '.join(FIGURES)}") from None
+    return targets

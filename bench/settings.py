@@ -1,0 +1,108 @@
+"""What one serving benchmark run does: typed, validated settings (every problem listed at once)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from bench.errors import SettingsError
+from bench.model import BENCH_TARGETS, BenchModelSpec
+from bench.report import load_targets
+from export.triton_config import ServingSettings
+from server.settings import TritonSettings
+
+Client = Literal["h2", "grpc-aio"]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one serving benchmark run does; sizes fit a 2-core machine (about a minute) by default.
+
+    model: the forest to train and serve; target: the export target that serves it, named as `treeops export
+    --target` names it (native-compiled: the tl2cgen forest in treeops' C backend; python-compiled: the same
+    forest in the Python backend's model.py; python-onnx: ONNX Runtime in the Python backend); serving: its
+    config.pbtxt settings (batching, instances);
+    triton: tritonserver flags (ports, repository, TLS and admin key are chosen by the benchmark);
+    sequential_requests / health_requests: timed calls of the sequential steps (after `warmup_requests`);
+    concurrency: closed-loop levels of the single-row sweep, each measured for `step_s` after `warmup_s`;
+    batch_rows / batch_concurrency: the large-request step; client: load generator of the sweep and the
+    batch step ("h2": the minimal HTTP/2 client, "grpc-aio": grpc.aio); client_processes / connections:
+    load-generator processes and HTTP/2 connections per process; reference_client: also run the top
+    concurrency with grpc.aio; floor_repeats: timed calls per in-process floor figure; model_source: a
+    model.py served instead of the target's (A/B of the request path; None: the target's own);
+    perf_analyzer: also drive NVIDIA perf_analyzer (bench.perf_analyzer) at each of `perf_analyzer_concurrency`,
+    from `perf_analyzer_path` (None: looked up, see bench.perf_analyzer.find_perf_analyzer); when it is not
+    installed the run says how to install it and reports the light client's figures alone; targets_path: the
+    serving targets the run is checked against (None: bench/targets.toml).
+    """
+
+    model: BenchModelSpec = field(default_factory=BenchModelSpec)
+    target: str = "native-compiled"
+    serving: ServingSettings = field(default_factory=ServingSettings)
+    triton: TritonSettings = field(default_factory=TritonSettings)
+    sequential_requests: int = 2000
+    health_requests: int = 2000
+    warmup_requests: int = 200
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    step_s: float = 3.0
+    warmup_s: float = 0.5
+    batch_rows: int = 256
+    batch_concurrency: int = 8
+    client: Client = "h2"
+    client_processes: int = 1
+    connections: int = 1
+    reference_client: bool = True
+    floor_repeats: int = 300
+    model_source: Path | None = None
+    perf_analyzer: bool = True
+    perf_analyzer_concurrency: tuple[int, ...] = (1, 32)
+    perf_analyzer_path: Path | None = None
+    targets_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if min(self.sequential_requests, self.health_requests) < 1 or self.warmup_requests < 0:
+            problems.append("sequential_requests and health_requests must be >= 1, warmup_requests >= 0")
+        if not self.concurrency or min(self.concurrency) < 1:
+            problems.append(f"concurrency needs levels >= 1, got {self.concurrency}")
+        if self.step_s <= 0 or self.warmup_s < 0:
+            problems.append(f"step_s must be > 0 and warmup_s >= 0, got {self.step_s} and {self.warmup_s}")
+        if not 1 <= self.batch_rows <= self.serving.max_batch_size:
+            problems.append(f"batch_rows must be 1..max_batch_size ({self.serving.max_batch_size}), got {self.batch_rows}")
+        if min(self.batch_concurrency, self.client_processes, self.connections, self.floor_repeats) < 1:
+            problems.append("batch_concurrency, client_processes, connections and floor_repeats must be >= 1")
+        if self.target not in BENCH_TARGETS:
+            problems.append(f"target must be one of {', '.join(BENCH_TARGETS)}, got {self.target!r}")
+        if self.client not in ("h2", "grpc-aio"):
+            problems.append(f"client must be 'h2' or 'grpc-aio', got {self.client!r}")
+        if self.model_source is not None and not Path(self.model_source).is_file():
+            problems.append(f"model_source {self.model_source} is not a file")
+        if self.perf_analyzer and (not self.perf_analyzer_concurrency or min(self.perf_analyzer_concurrency) < 1):
+            problems.append(f"perf_analyzer_concurrency needs levels >= 1, got {self.perf_analyzer_concurrency}")
+        if self.perf_analyzer_path is not None and not Path(self.perf_analyzer_path).is_file():
+            problems.append(f"perf_analyzer_path {self.perf_analyzer_path} is not a file")
+        if self.targets_path is not None:
+            try:
+                load_targets(self.targets_path)
+            except SettingsError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise SettingsError("invalid benchmark settings: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["model"] = self.model.to_dict()
+        out["serving"] = asdict(self.serving)
+        out["triton"] = [a for a in self.triton.to_args(redact=True) if _is_tuning_flag(a)]
+        out["model_source"] = str(self.model_source) if self.model_source else None
+        out["perf_analyzer_path"] = str(self.perf_analyzer_path) if self.perf_analyzer_path else None
+        out["targets_path"] = str(self.targets_path) if self.targets_path else None
+        return out
+
+
+
+def _is_tuning_flag(arg: str) -> bool:
+    return not arg.startswith(("--model-repository", "--grpc-port", "--http-port", "--metrics-port",
+                               "--backend-directory", "--grpc-address", "--http-address", "--metrics-address",
+                               "--load-model"))
