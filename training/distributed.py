@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -328,8 +329,11 @@ def train_distributed(client: Any, dataset: ParquetDataset, spec: FeatureSpec, t
     n = dataset.count_rows()
     n_workers = len(sorted_workers(client))
     n_parts = partitions or default_partitions(n, max(1, n_workers))
+    started = time.perf_counter()
     parts = load_partitions(client, dataset, spec, target, entity_key, n_parts)
     split = global_split(parts, n, params)
+    log.info("%d rows in %d partitions on %d workers: features and global split in %.1f s", n, n_parts, n_workers,
+             time.perf_counter() - started)
     objective = infer_global_objective(parts, target, params)
     fitted = fit_globally(parts, spec, split)
     names = [xgb_safe(name) for name in spec.names]
@@ -342,6 +346,7 @@ def train_distributed(client: Any, dataset: ParquetDataset, spec: FeatureSpec, t
                      evals=[(dvalid, "valid")], early_stopping_rounds=params.early_stopping_rounds,
                      verbose_eval=False)
     del dtrain, dvalid
+    log.info("xgboost.dask trained after %.1f s", time.perf_counter() - started)
     booster = out["booster"]
     best = booster.best_iteration
     booster = booster[: best + 1]

@@ -493,6 +493,8 @@ def demo(
 def bench_training(
     rows: Annotated[int, typer.Option(help="transactions to generate and train on", min=1000)] = 10_000_000,
     max_rounds: Annotated[int, typer.Option(help="boosting rounds at most")] = 100,
+    engine: Annotated[str, typer.Option(help="single (one process) or dask (a local cluster of --workers)")] = "single",
+    workers: Annotated[int, typer.Option(help="dask: workers of the local cluster", min=1)] = 2,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -500,7 +502,14 @@ def bench_training(
     from bench.training import run_training_benchmark
 
     ws = Workspace.resolve(workspace)
-    result = run_training_benchmark(rows, ws.data_dir, max_rounds=max_rounds)
+    if engine == "dask":
+        from training.dask_benchmark import run_dask_training_benchmark
+
+        result = run_dask_training_benchmark(rows, ws.data_dir, workers=workers, max_rounds=max_rounds)
+    elif engine == "single":
+        result = run_training_benchmark(rows, ws.data_dir, max_rounds=max_rounds)
+    else:
+        raise typer.BadParameter(f"unknown engine {engine!r}; choose single or dask", param_hint="--engine")
     _emit(as_json, result.to_dict(), result.lines())
 
 
