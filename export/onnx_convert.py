@@ -19,13 +19,12 @@ import xgboost as xgb
 
 from export.booster import n_outputs, probability_booster, task_of
 from export.errors import UnsupportedModelError
+from export.signature import FEATURES_INPUT as INPUT_NAME, SCORES_OUTPUT as OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "features"
-PROBABILITIES = "probabilities"
-#: The single output of every exported graph.
-OUTPUT_NAME = PROBABILITIES
+#: What onnxmltools names a classifier's score output (renamed to OUTPUT_NAME, the served name, if they differ).
+CONVERTER_SCORES = "probabilities"
 
 def to_onnx(booster: xgb.Booster, n_features: int) -> onnx.ModelProto:
     """Convert `booster` to a graph `features` [N, n_features] -> `probabilities` [N, n_outputs]."""
@@ -51,7 +50,7 @@ def to_onnx(booster: xgb.Booster, n_features: int) -> onnx.ModelProto:
 def _single_output(model: onnx.ModelProto, width: int) -> onnx.ModelProto:
     """Keep only the score output (drop `label`), named OUTPUT_NAME with a static width."""
     graph = model.graph
-    scores = [o.name for o in graph.output if o.name == PROBABILITIES] or [o.name for o in graph.output][-1:]
+    scores = [o.name for o in graph.output if o.name == CONVERTER_SCORES] or [o.name for o in graph.output][-1:]
     if not scores:
         raise UnsupportedModelError("the converted ONNX graph has no outputs; this is a converter bug")
     source = scores[0]

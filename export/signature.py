@@ -15,6 +15,12 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
+#: The tensors every feature-tensor target serves (one FP32 row of features in, one row of scores out); the
+#: only definition of these names. FIL's are its own (`input__0`/`output__0`); raw-input models take one
+#: input per raw field. Clients never use these constants: they read the served model's signature.
+FEATURES_INPUT = "features"
+SCORES_OUTPUT = "probabilities"
+
 #: KServe v2 datatype -> numpy dtype of the values a client sends or receives.
 NUMPY_DTYPES: dict[str, type[np.generic]] = {
     "BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,

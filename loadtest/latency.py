@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,15 +30,17 @@ def _stats(samples_ns: list[int]) -> LatencyStats:
     return LatencyStats(len(us), float(np.percentile(us, 50)), float(np.percentile(us, 99)), float(us.mean()))
 
 
-def scoring_latency(client: ScoringClient, rows: np.ndarray, requests: int = 1000, warmup: int = 50) -> LatencyStats:
-    """Score one row per request, sequentially, cycling through `rows`."""
-    single = [np.ascontiguousarray(rows[i : i + 1], dtype=np.float32) for i in range(len(rows))]
+def scoring_latency(client: ScoringClient, feeds: Mapping[str, np.ndarray], requests: int = 1000,
+                    warmup: int = 50) -> LatencyStats:
+    """Score one row per request, sequentially, cycling through the rows of `feeds` (inputs by name)."""
+    n = len(next(iter(feeds.values())))
+    single = [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(n)]
     for i in range(warmup):
-        client.score(single[i % len(single)])
+        client.score_inputs(single[i % n])
     samples = []
     for i in range(requests):
         start = time.perf_counter_ns()
-        client.score(single[i % len(single)])
+        client.score_inputs(single[i % n])
         samples.append(time.perf_counter_ns() - start)
     return _stats(samples)
 

@@ -12,11 +12,8 @@ USER_CLASSES: dict[ProtocolName, str] = {"grpc": "TritonGrpcUser", "http": "Trit
 REQUEST_NAMES: dict[ProtocolName, str] = {"grpc": "grpc infer", "http": "http infer"}
 """Name each protocol's requests carry in Locust's statistics."""
 
-INPUT_NAME = "features"
-"""The served model's input tensor (FP32, rows x features); equals server.client.INPUT_NAME, which the
-Locust process does not import (it pulls in polars and the feature code)."""
-
 ENV_ROWS = "TREEOPS_LT_ROWS"
 ENV_MODEL = "TREEOPS_LT_MODEL"
 ENV_GRPC_URL = "TREEOPS_LT_GRPC_URL"
 ENV_TIMEOUT_S = "TREEOPS_LT_TIMEOUT_S"
+ENV_SIGNATURE = "TREEOPS_LT_SIGNATURE"

@@ -1,4 +1,9 @@
-"""Typed gRPC scoring clients (blocking and asyncio) for services calling Triton."""
+"""Typed gRPC scoring clients (blocking and asyncio) for services calling Triton.
+
+Each client reads the served model's signature from Triton's model metadata on first use (or takes one
+given), and builds every request from it: the feature tensor of tensor models (`features` ->
+`probabilities`, FIL's `input__0` -> `output__0`) or one input per raw field of raw-input models.
+"""
 
 from __future__ import annotations
 
@@ -16,22 +21,22 @@ import numpy as np
 import polars as pl
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aiogrpcclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
+from export.signature import ServedSignature
 from server.errors import ScoringError, ServerError
+from server.requests import conform, grpc_request
 from training.features import FittedFeatures, load_fitted
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "features"
-OUTPUT_NAME = "probabilities"
 RETRYABLE = {"StatusCode.UNAVAILABLE"}
 PemFile = str | os.PathLike[str] | None
 
 
 @dataclass(frozen=True)
 class Scores:
-    """Probabilities for each row (rows x classes) and the model version that answered."""
+    """The score output for each row (rows x classes, or rows x 1 for a regressor) and the version that answered."""
 
     probabilities: np.ndarray
     model_version: str
@@ -75,6 +80,7 @@ class _ScoringBase:
         model_name: str = "fraud",
         *,
         model_version: str = "",
+        signature: ServedSignature | None = None,
         timeout_s: float = 2.0,
         retries: int = 3,
         backoff_s: float = 0.05,
@@ -87,6 +93,7 @@ class _ScoringBase:
         self.url = url
         self.model_name = model_name
         self.model_version = model_version
+        self._signature = signature
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -97,29 +104,35 @@ class _ScoringBase:
     def _connect(self, url: str, tls: dict[str, object]) -> Any:
         raise NotImplementedError
 
-    def _chunks(self, feeds: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        rows = {len(v) for v in feeds.values()}
-        if not feeds or len(rows) != 1 or 0 in rows or any(v.ndim != 2 for v in feeds.values()):
-            shapes = {k: v.shape for k, v in feeds.items()}
-            raise ScoringError(f"expected non-empty 2-D inputs with the same number of rows, got shapes {shapes}")
-        n = rows.pop()
-        step = self.max_rows_per_request
+    def _chunks(self, signature: ServedSignature, feeds: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        feeds = conform(signature, feeds)
+        n, step = len(next(iter(feeds.values()))), self.max_rows_per_request
         return [{k: v[start : start + step] for k, v in feeds.items()} for start in range(0, n, step)]
 
     @staticmethod
-    def _features(features: np.ndarray) -> dict[str, np.ndarray]:
-        return {INPUT_NAME: np.ascontiguousarray(features, dtype=np.float32)}
+    def _matrix(features: np.ndarray) -> np.ndarray:
+        x = np.asarray(features)
+        if x.ndim != 2 or 0 in x.shape:
+            raise ScoringError(f"expected a non-empty 2-D feature matrix (rows x features), got shape {x.shape}")
+        return x
+
+    def _feature_feeds(self, signature: ServedSignature, x: np.ndarray) -> dict[str, np.ndarray]:
+        tensor = signature.feature_tensor
+        if tensor is None:
+            raise ScoringError(
+                f"model {self.model_name!r} takes raw fields, not a feature matrix ({signature.describe()}): "
+                "use score_raw (rows of raw fields) or score_inputs"
+            )
+        return {tensor.name: x}
+
+    def _metadata_signature(self, metadata: Mapping[str, Any]) -> ServedSignature:
+        self._signature = ServedSignature.from_metadata(metadata)
+        log.debug("model %r on %s: %s", self.model_name, self.url, self._signature.describe())
+        return self._signature
 
     @staticmethod
-    def _request(
-        feeds: Mapping[str, np.ndarray],
-    ) -> tuple[list[grpcclient.InferInput], list[grpcclient.InferRequestedOutput]]:
-        inputs = []
-        for name, values in feeds.items():
-            inp = grpcclient.InferInput(name, list(values.shape), np_to_triton_dtype(values.dtype))
-            inp.set_data_from_numpy(np.ascontiguousarray(values))
-            inputs.append(inp)
-        return inputs, [grpcclient.InferRequestedOutput(OUTPUT_NAME)]
+    def _output(result: Any, signature: ServedSignature) -> tuple[np.ndarray, str]:
+        return result.as_numpy(signature.output.name), result.get_response().model_version
 
     def _should_retry(self, exc: InferenceServerException, attempt: int) -> bool:
         return exc.status() in RETRYABLE and attempt < self.retries
@@ -156,23 +169,39 @@ class ScoringClient(_ScoringBase):
     def _connect(self, url: str, tls: dict[str, object]) -> grpcclient.InferenceServerClient:
         return grpcclient.InferenceServerClient(url, **tls)
 
+    def served_signature(self) -> ServedSignature:
+        """The model's signature: the one given, else read once from Triton's model metadata."""
+        if self._signature is None:
+            return self._metadata_signature(self._call(
+                lambda: self._client.get_model_metadata(self.model_name, self.model_version, as_json=True,
+                                                        client_timeout=self.timeout_s)))
+        return self._signature
+
     def score(self, features: np.ndarray) -> Scores:
-        """Score a float32 feature matrix (rows x features in feature-spec order)."""
-        return self.score_inputs(self._features(features))
+        """Score a feature matrix (rows x features in feature-spec order) with a feature-tensor model."""
+        x = self._matrix(features)
+        signature = self.served_signature()
+        return self.score_inputs(self._feature_feeds(signature, x))
 
     def score_inputs(self, feeds: Mapping[str, np.ndarray]) -> Scores:
-        """Score named input tensors of equal row count (e.g. a raw-input model's `raw_feeds`)."""
-        return self._scores([self._infer(part) for part in self._chunks(feeds)])
+        """Score input tensors by name (each rows x dims), cast to the signature's datatypes; any model."""
+        signature = self.served_signature()
+        return self._scores([self._infer(signature, part) for part in self._chunks(signature, feeds)])
 
-    def _infer(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
-        inputs, outputs = self._request(feeds)
+    def score_raw(self, features: FittedFeatures, raw: pl.DataFrame | Sequence[Mapping[str, Any]]) -> Scores:
+        """Score rows of raw fields (a DataFrame or dicts): the inputs the signature names, computed with `features`."""
+        return self.score_inputs(request_feeds(self.served_signature(), features, raw))
+
+    def _infer(self, signature: ServedSignature, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
+        inputs, outputs = grpc_request(signature, feeds)
+        return self._output(self._call(lambda: self._client.infer(
+            self.model_name, inputs, model_version=self.model_version, outputs=outputs,
+            client_timeout=self.timeout_s)), signature)
+
+    def _call(self, send: Any) -> Any:
         for attempt in range(self.retries + 1):
             try:
-                result = self._client.infer(
-                    self.model_name, inputs, model_version=self.model_version, outputs=outputs,
-                    client_timeout=self.timeout_s,
-                )
-                return result.as_numpy(OUTPUT_NAME), result.get_response().model_version
+                return send()
             except InferenceServerException as exc:
                 if not self._should_retry(exc, attempt):
                     raise self._failure(exc, attempt) from exc
@@ -205,23 +234,40 @@ class AsyncScoringClient(_ScoringBase):
     def _connect(self, url: str, tls: dict[str, object]) -> aiogrpcclient.InferenceServerClient:
         return aiogrpcclient.InferenceServerClient(url, **tls)
 
+    async def served_signature(self) -> ServedSignature:
+        """The model's signature: the one given, else read once from Triton's model metadata."""
+        if self._signature is None:
+            return self._metadata_signature(await self._call(
+                lambda: self._client.get_model_metadata(self.model_name, self.model_version, as_json=True,
+                                                        client_timeout=self.timeout_s)))
+        return self._signature
+
     async def score(self, features: np.ndarray) -> Scores:
-        """Score a float32 feature matrix (rows x features in feature-spec order)."""
-        return await self.score_inputs(self._features(features))
+        """Score a feature matrix (rows x features in feature-spec order) with a feature-tensor model."""
+        x = self._matrix(features)
+        signature = await self.served_signature()
+        return await self.score_inputs(self._feature_feeds(signature, x))
 
     async def score_inputs(self, feeds: Mapping[str, np.ndarray]) -> Scores:
-        """Score named input tensors of equal row count; chunks are sent concurrently."""
-        return self._scores(list(await asyncio.gather(*(self._infer(part) for part in self._chunks(feeds)))))
+        """Score input tensors by name (each rows x dims), cast to the signature's datatypes; chunks run concurrently."""
+        signature = await self.served_signature()
+        parts = self._chunks(signature, feeds)
+        return self._scores(list(await asyncio.gather(*(self._infer(signature, part) for part in parts))))
 
-    async def _infer(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
-        inputs, outputs = self._request(feeds)
+    async def score_raw(self, features: FittedFeatures, raw: pl.DataFrame | Sequence[Mapping[str, Any]]) -> Scores:
+        """Score rows of raw fields (a DataFrame or dicts): the inputs the signature names, computed with `features`."""
+        return await self.score_inputs(request_feeds(await self.served_signature(), features, raw))
+
+    async def _infer(self, signature: ServedSignature, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
+        inputs, outputs = grpc_request(signature, feeds)
+        return self._output(await self._call(lambda: self._client.infer(
+            self.model_name, inputs, model_version=self.model_version, outputs=outputs,
+            client_timeout=self.timeout_s)), signature)
+
+    async def _call(self, send: Any) -> Any:
         for attempt in range(self.retries + 1):
             try:
-                result = await self._client.infer(
-                    self.model_name, inputs, model_version=self.model_version, outputs=outputs,
-                    client_timeout=self.timeout_s,
-                )
-                return result.as_numpy(OUTPUT_NAME), result.get_response().model_version
+                return await send()
             except InferenceServerException as exc:
                 if not self._should_retry(exc, attempt):
                     raise self._failure(exc, attempt) from exc
@@ -257,10 +303,26 @@ def load_features(version_dir: Path) -> FittedFeatures:
     return load_fitted(data)
 
 
+def request_feeds(
+    signature: ServedSignature, features: FittedFeatures, raw: pl.DataFrame | Sequence[Mapping[str, Any]]
+) -> dict[str, np.ndarray]:
+    """The inputs `signature` names for rows of raw fields (a DataFrame or dicts), checked and cast to it.
+
+    A feature-tensor model gets the spec's features of the rows (its stateful features computed over
+    these rows); a raw-input model gets one input per raw field (and the stateful features it asks for).
+    """
+    if not isinstance(raw, pl.DataFrame):
+        raw = pl.DataFrame(list(raw), schema=features.spec.raw_schema, strict=False)
+    tensor = signature.feature_tensor
+    if tensor is not None:
+        return conform(signature, {tensor.name: features.matrix_raw(raw)})
+    from export.raw_graph import raw_feeds  # the raw-input graph's own field encoding (pulls in onnx)
+
+    return conform(signature, raw_feeds(features, raw))
+
+
 def score_raw(
     client: ScoringClient, features: FittedFeatures, raw: pl.DataFrame | Sequence[Mapping[str, Any]]
 ) -> Scores:
-    """Compute features from raw rows (a DataFrame or dicts of raw fields) with the model's spec, then score."""
-    if not isinstance(raw, pl.DataFrame):
-        raw = pl.DataFrame(list(raw), schema=features.spec.raw_schema, strict=False)
-    return client.score(features.matrix_raw(raw))
+    """`client.score_raw(features, raw)`: rows of raw fields scored with the inputs the served model takes."""
+    return client.score_raw(features, raw)

@@ -9,28 +9,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from pydantic import ValidationError
 
+from export.signature import ServedSignature, Tensor
 from loadtest.errors import LocustRunError, RowsFileError, SLOError
-from loadtest.protocols import INPUT_NAME
 from loadtest.rows import load_rows, write_sample_rows
 from loadtest.runner import LoadtestSettings, read_stats, render_verdict, run_loadtest
 from loadtest.slo import SLO, RequestStats
+from server.errors import ScoringError
 from server.launcher import free_port
+from server.requests import read_signature
 
 MODEL = "fraud"
+#: A 3-feature tensor model, for runs whose requests never reach (or never fit) a served model.
+THREE_FEATURES = ServedSignature((Tensor("features", "FP32", (3,)),), (Tensor("probabilities", "FP32", (2,)),))
 
 
 @pytest.fixture(scope="module")
 def rows_file(triton, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """200 rows (some NaN) as wide as the served model's input, as the Locust users replay them."""
-    with grpcclient.InferenceServerClient(triton.settings.grpc_url) as client:
-        [inp] = client.get_model_metadata(MODEL).inputs
-    assert inp.name == INPUT_NAME
-    x = np.random.default_rng(0).normal(size=(200, inp.shape[-1]))
+    """200 rows (some NaN) of the served model's feature tensor, as the Locust users replay them."""
+    tensor = read_signature(triton.settings.grpc_url, MODEL).feature_tensor
+    x = np.random.default_rng(0).normal(size=(200, *tensor.dims))
     x[::7, 0] = np.nan
-    return write_sample_rows(x, tmp_path_factory.mktemp("loadtest") / "rows.npy")
+    return write_sample_rows({tensor.name: x}, tmp_path_factory.mktemp("loadtest") / "rows.npz")
 
 
 def _settings(triton, rows: Path, out_dir: Path, **overrides) -> LoadtestSettings:
@@ -63,49 +64,74 @@ def test_impossible_slo_fails_naming_p50(triton, rows_file, tmp_path):
     assert "verdict: FAIL" in verdict
 
 
+@pytest.mark.triton
+def test_requests_the_model_rejects_are_reported_with_their_reason(triton, rows, tmp_path):
+    # Driven as a 3-feature model, every request is refused by the served model: the verdict must say why.
+    result = run_loadtest(_settings(triton, rows, tmp_path, users=2, duration_s=1, signature=THREE_FEATURES))
+    verdict = render_verdict(result)
+    assert result.aggregate.requests > 0 and result.aggregate.failures == result.aggregate.requests
+    [error] = result.errors
+    assert error.occurrences == result.aggregate.failures and "INVALID_ARG" in error.error
+    assert re.search(rf"^  {error.occurrences} x grpc infer: StatusCode.INVALID_ARGUMENT: .*features", verdict, re.M), verdict
+
+
 def test_unreachable_server_counts_failures_with_grpc_status(rows: Path, tmp_path):
     settings = LoadtestSettings(rows_path=rows, out_dir=tmp_path, grpc_url=f"127.0.0.1:{free_port()}", users=2,
-                                duration_s=1, request_timeout_s=1)
+                                duration_s=1, request_timeout_s=1, signature=THREE_FEATURES)
     result = run_loadtest(settings)
     assert result.aggregate.requests > 0 and result.aggregate.failures == result.aggregate.requests
     assert [(c.name, c.passed) for c in result.checks] == [("max_error_rate", False)]
-    assert "StatusCode.UNAVAILABLE" in (tmp_path / "locust_failures.csv").read_text()
-    assert "verdict: FAIL" in render_verdict(result)
+    verdict = render_verdict(result)
+    assert re.search(r"^  \d+ x grpc infer: StatusCode.UNAVAILABLE", verdict, re.M), verdict
+    assert "verdict: FAIL" in verdict
+
+
+def test_without_a_signature_an_unreachable_server_fails_before_locust(rows: Path, tmp_path):
+    url = f"127.0.0.1:{free_port()}"
+    settings = LoadtestSettings(rows_path=rows, out_dir=tmp_path, grpc_url=url, request_timeout_s=1)
+    with pytest.raises(ScoringError, match=f"cannot read model 'fraud''s signature from Triton at {url}"):
+        run_loadtest(settings)
+    assert not (tmp_path / "locust.log").exists()
+
+
+def test_rows_that_do_not_fit_the_signature_fail_before_locust(tmp_path):
+    rows = write_sample_rows({"features": np.zeros((4, 5))}, tmp_path / "rows.npz")
+    settings = LoadtestSettings(rows_path=rows, out_dir=tmp_path, grpc_url="127.0.0.1:1", signature=THREE_FEATURES)
+    with pytest.raises(RowsFileError, match=r"do not fit model 'fraud': input 'features' has shape \(4, 5\)"):
+        run_loadtest(settings)
 
 
 def test_overrunning_locust_is_killed_and_reported(rows: Path, tmp_path):
     settings = LoadtestSettings(rows_path=rows, out_dir=tmp_path, grpc_url=f"127.0.0.1:{free_port()}",
-                                duration_s=1, grace_s=0.2)
+                                duration_s=1, grace_s=0.2, signature=THREE_FEATURES)
     with pytest.raises(LocustRunError, match=r"did not finish within 1.2s"):
         run_loadtest(settings)
     left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout
     assert not left, f"Locust left processes behind: {left}"
 
 
-def test_users_send_the_served_input_tensor():
-    from server.client import INPUT_NAME as SERVED_INPUT_NAME  # here, so the other tests need no feature code
-
-    assert INPUT_NAME == SERVED_INPUT_NAME
-
-
 @pytest.fixture
 def rows(tmp_path) -> Path:
-    return write_sample_rows(np.array([[1.0, np.nan, 3.0], [4.0, 5.0, 6.0]]), tmp_path / "rows.npy")
+    return write_sample_rows({"features": np.array([[1.0, np.nan, 3.0], [4.0, 5.0, 6.0]])}, tmp_path / "rows.npz")
 
 
-def test_rows_round_trip_as_float32(rows):
-    x = load_rows(rows)
-    assert x.dtype == np.float32 and x.shape == (2, 3) and np.isnan(x[0, 1])
+def test_rows_round_trip_with_their_dtypes_and_text(tmp_path):
+    feeds = {"amount": np.array([[1.5], [np.nan]]), "t": np.array([[1], [2]]),
+             "merchant": np.array([["grocery"], ["travel"]], dtype=object)}
+    back = load_rows(write_sample_rows(feeds, tmp_path / "rows.npz"))
+    assert back["amount"].dtype == np.float64 and np.isnan(back["amount"][1, 0]) and back["t"].dtype == np.int64
+    assert back["merchant"].tolist() == [["grocery"], ["travel"]]
 
 
-@pytest.mark.parametrize("matrix", [np.zeros(3), np.zeros((0, 3))])
-def test_rows_must_be_a_non_empty_matrix(matrix, tmp_path):
+@pytest.mark.parametrize("feeds", [{"features": np.zeros(3)}, {"features": np.zeros((0, 3))},
+                                   {"a": np.zeros((2, 1)), "b": np.zeros((3, 1))}])
+def test_rows_must_be_non_empty_inputs_of_equal_rows(feeds, tmp_path):
     with pytest.raises(RowsFileError, match="2-D"):
-        write_sample_rows(matrix, tmp_path / "rows.npy")
+        write_sample_rows(feeds, tmp_path / "rows.npz")
 
 
 def test_missing_rows_file_fails_before_locust_starts(tmp_path):
-    settings = LoadtestSettings(rows_path=tmp_path / "none.npy", out_dir=tmp_path, grpc_url="127.0.0.1:8001")
+    settings = LoadtestSettings(rows_path=tmp_path / "none.npz", out_dir=tmp_path, grpc_url="127.0.0.1:8001")
     with pytest.raises(RowsFileError, match="does not exist"):
         run_loadtest(settings)
 

@@ -1,24 +1,22 @@
-"""A raw-input version served by the real Triton: score == Polars features + xgboost on every row."""
+"""A raw-input version served by the real Triton: score == Polars features + xgboost on every row.
+
+The client turns rows of raw fields into the inputs the served signature names (one per raw field).
+"""
 
 from __future__ import annotations
-
-import secrets
 
 import mlflow
 import numpy as np
 import pytest
 
 from export.pipeline import ExportSettings, export_model
-from export.raw_graph import raw_feeds
 from export.repository import ModelRepository
 from server.client import ScoringClient, load_features
-from server.installation import find_triton
-from server.launcher import TritonServer, free_port
-from server.settings import TritonSettings
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
 from training.train import TrainParams
 from treeops.workspace import Workspace
+from triton_fixtures import serving
 
 pytestmark = [pytest.mark.triton]
 
@@ -39,12 +37,10 @@ def test_raw_input_version_scores_like_polars_features_plus_xgboost(tmp_path):
     assert result.parity is not None and result.parity.passed
     features = load_features(result.version_dir)
     test_set = generate_transactions(GenerateSpec(rows=3_000, seed=77))  # unseen data, other cards and days
-    settings = TritonSettings(model_repository=ws.model_repository, grpc_port=free_port(), http_port=free_port(),
-                              metrics_port=free_port(), exit_timeout_s=5, admin_key=secrets.token_urlsafe(32))
-    with TritonServer(settings, find_triton(None, ws.triton_dir), ws.reports_dir / "triton.log") as server:
-        server.wait_ready(90, ["raw"])
-        with ScoringClient(settings.grpc_url, "raw", retries=0, max_rows_per_request=256) as client:
-            served = client.score_inputs(raw_feeds(features, test_set)).positive
+    with serving(ws, models=["raw"], exit_timeout_s=5) as server:
+        with ScoringClient(server.settings.grpc_url, "raw", retries=0, max_rows_per_request=256) as client:
+            assert client.served_signature().feature_tensor is None
+            served = client.score_raw(features, test_set).positive
     expected = booster.inplace_predict(features.matrix_raw(test_set))
     np.testing.assert_allclose(served, expected, atol=1e-6)
     assert np.array_equal(served >= 0.5, expected >= 0.5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
@@ -9,6 +11,7 @@ import xgboost as xgb
 
 from server.client import ScoringClient, load_features, score_raw
 from server.errors import ScoringError
+from server.requests import read_signature
 from training.ingest import load_raw
 from training.features import RAW_SCHEMA
 
@@ -41,11 +44,12 @@ def test_grpc_scores_match_xgboost(triton, trained, champion):
 def test_http_scores_match_xgboost(triton, champion):
     booster, features, raw = champion
     x = features.matrix_raw(raw.head(64))
+    signature = read_signature(triton.settings.http_url, "fraud", "http")  # the HTTP model metadata
     client = httpclient.InferenceServerClient(triton.settings.http_url)
-    inp = httpclient.InferInput("features", list(x.shape), "FP32")
+    inp = httpclient.InferInput(signature.feature_tensor.name, list(x.shape), signature.feature_tensor.datatype)
     inp.set_data_from_numpy(x, binary_data=False)
     result = client.infer("fraud", [inp])
-    np.testing.assert_allclose(result.as_numpy("probabilities")[:, 1], _expected(booster, x), atol=1e-5)
+    np.testing.assert_allclose(result.as_numpy(signature.output.name)[:, 1], _expected(booster, x), atol=1e-5)
 
 
 def test_missing_values_and_single_rows(triton, champion):
@@ -98,8 +102,10 @@ def test_metrics_endpoint_counts_requests_and_their_durations(triton, champion):
     with ScoringClient(triton.settings.grpc_url) as client:
         for i in range(7):
             client.score(features.matrix_raw(raw.slice(i, 1)))
-    after = scrape()
     key = 'nv_inference_request_success{model="fraud",version="1"}'
+    deadline = time.monotonic() + 3  # a backend may record a request's statistics just after sending its answer
+    while (after := scrape())[key] - before.get(key, 0) < 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert after[key] - before.get(key, 0) == 7
     # Mean latencies come from the duration counters (summaries are off by default: see TritonSettings).
     duration = 'nv_inference_request_duration_us{model="fraud",version="1"}'

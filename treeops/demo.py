@@ -16,7 +16,7 @@ from export.repository import PARITY_FILE, ModelRepository
 from loadtest.latency import health_latency, scoring_latency
 from loadtest.pipeline import loadtest_served_model
 from monitoring.drift import run_drift_report
-from server.client import ScoringClient, load_features, score_raw
+from server.client import ScoringClient, load_features, request_feeds
 from server.launcher import TritonServer
 from training.features import FRAUD_FEATURES
 from training.generate import GenerateSpec, generate_transactions, write_transactions
@@ -143,9 +143,10 @@ def _score_and_measure(server: TritonServer, repo: ModelRepository, version: int
     booster = mlflow.xgboost.load_model(f"models:/{MODEL}/{version}")
     x = features.matrix_raw(raw)
     with ScoringClient(server.settings.grpc_url, MODEL) as client:
-        scores = score_raw(client, features, raw)
+        feeds = request_feeds(client.served_signature(), features, raw)  # what the served model takes
+        scores = client.score_inputs(feeds)
         served_diff = float(np.max(np.abs(scores.positive - booster.inplace_predict(x))))
-        latency = scoring_latency(client, x[:256], requests=settings.latency_requests)
+        latency = scoring_latency(client, {k: v[:256] for k, v in feeds.items()}, requests=settings.latency_requests)
     health = health_latency(server.settings.grpc_url, requests=settings.latency_requests)
     log.info("scored %d rows through Triton version %s", len(raw), scores.model_version)
     return {

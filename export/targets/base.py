@@ -11,9 +11,9 @@ import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import UnsupportedModelError
-from export.onnx_convert import INPUT_NAME, OUTPUT_NAME
 from export.booster import n_outputs as served_width
 from export.parity import Scorer
+from export.signature import FEATURES_INPUT, SCORES_OUTPUT
 from export.triton_config import ServingSettings, TensorSpec
 from training.features import FittedFeatures
 
@@ -22,9 +22,9 @@ class ExportTarget(ABC):
     """Writes a version's artifacts, scores them in-process for parity, and describes the Triton config."""
 
     name: str
-    #: Served tensor names (clients should read them from here or from the model's metadata).
-    input_name: str = INPUT_NAME
-    output_name: str = OUTPUT_NAME
+    #: Served tensor names of a feature-tensor model (clients read them from the model's signature).
+    input_name: str = FEATURES_INPUT
+    output_name: str = SCORES_OUTPUT
     #: Whether the target can serve the raw-input graph (`export/raw_graph.py`) instead of features.
     supports_raw_inputs: bool = False
 
