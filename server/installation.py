@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -16,16 +18,22 @@ log = logging.getLogger(__name__)
 
 NGC_BINARY = Path("/opt/tritonserver/bin/tritonserver")
 NGC_BACKENDS = Path("/opt/tritonserver/backends")
+ADMIN_KEY_SHIM_SOURCE = Path(__file__).with_name("admin_key_shim.c")
 
 
 @dataclass(frozen=True)
 class TritonInstallation:
-    """A runnable tritonserver: the binary, its backend folder and extra environment."""
+    """A runnable tritonserver: the binary, its backend folder and extra environment.
+
+    `admin_key_shim`: the compiled `admin_key_shim.c` (LD_PRELOAD) that lets the admin key travel in the
+    environment instead of on the command line; None where no C compiler was found.
+    """
 
     binary: Path
     backend_directory: Path | None
     env: dict[str, str] = field(default_factory=dict)
     source: str = ""
+    admin_key_shim: Path | None = None
 
     def environment(self) -> dict[str, str]:
         """The process environment to start tritonserver with."""
@@ -40,8 +48,13 @@ def find_triton(explicit: Path | None, workdir: Path) -> TritonInstallation:
 
     For the wheel, a Python-backend folder is assembled under `workdir` with the stub built for
     the running Python, and the environment puts this interpreter's `bin/` first on PATH so the
-    stub imports the project's numpy and onnxruntime.
+    stub imports the project's numpy and onnxruntime. The admin-key shim is compiled into `workdir`.
     """
+    installation = _find_binary(explicit, workdir)
+    return dataclasses.replace(installation, admin_key_shim=_admin_key_shim(workdir))
+
+
+def _find_binary(explicit: Path | None, workdir: Path) -> TritonInstallation:
     for source, candidate in (("explicit path", explicit), ("TRITONSERVER_PATH", _env_path("TRITONSERVER_PATH"))):
         if candidate is not None:
             if not (candidate.is_file() and os.access(candidate, os.X_OK)):
@@ -51,6 +64,26 @@ def find_triton(explicit: Path | None, workdir: Path) -> TritonInstallation:
     if NGC_BINARY.is_file():
         return TritonInstallation(NGC_BINARY, NGC_BACKENDS, _python_env(), "NGC container")
     return _from_wheel(workdir)
+
+
+def _admin_key_shim(workdir: Path) -> Path | None:
+    """`admin_key_shim.c` compiled into `workdir` (again when the source is newer); None without a C compiler."""
+    compiler = shutil.which(os.environ.get("CC", "gcc"))
+    target = workdir / "admin_key_shim.so"
+    if target.is_file() and target.stat().st_mtime >= ADMIN_KEY_SHIM_SOURCE.stat().st_mtime:
+        return target
+    if compiler is None:
+        log.info("no C compiler: the admin key goes on tritonserver's command line (see server/admin_key_shim.c)")
+        return None
+    workdir.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}")
+    command = [compiler, "-Wall", "-Wextra", "-Werror", "-O2", "-shared", "-fPIC", "-o", str(partial),
+               str(ADMIN_KEY_SHIM_SOURCE), "-ldl"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise TritonNotFoundError(f"compiling {ADMIN_KEY_SHIM_SOURCE} failed: {result.stderr.strip()[:500]}")
+    partial.replace(target)
+    return target
 
 
 def _env_path(name: str) -> Path | None:

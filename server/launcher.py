@@ -45,8 +45,23 @@ class TritonServer:
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def key_in_environment(self) -> bool:
+        """Whether the admin key reaches tritonserver through its environment (the shim) instead of its argv."""
+        return self.settings.admin_key is not None and self.installation.admin_key_shim is not None
+
+    @property
     def command(self) -> list[str]:
-        return [str(self.installation.binary), *self.settings.to_args()]
+        return [str(self.installation.binary), *self.settings.to_args(key_placeholder=self.key_in_environment)]
+
+    def environment(self) -> dict[str, str]:
+        """tritonserver's environment: the installation's, plus the admin key and the shim that reads it."""
+        env = self.installation.environment()
+        if self.key_in_environment:
+            preload = env.get("LD_PRELOAD")
+            env["LD_PRELOAD"] = f"{self.installation.admin_key_shim}:{preload}" if preload else str(
+                self.installation.admin_key_shim)
+            env[ADMIN_KEY_ENV] = self.settings.admin_key.get_secret_value()
+        return env
 
     @property
     def pid(self) -> int | None:
@@ -55,7 +70,7 @@ class TritonServer:
     def start(self, timeout_s: float = 60.0, models: Iterable[str] = ()) -> TritonServer:
         """Start tritonserver and wait until it (and `models`) are ready, or raise TritonStartError."""
         s = self.settings
-        _check_admin_surface(s)
+        _check_admin_surface(s, key_on_command_line=not self.key_in_environment)
         check_stale(self.record_path, stop_timeout_s=s.exit_timeout_s + 10)
         ports = {"gRPC": s.grpc_port, "HTTP": s.http_port, "metrics": s.metrics_port}
         ensure_ports_free(s.host, ports)
@@ -64,7 +79,7 @@ class TritonServer:
         log.info("starting %s %s (log: %s)", self.installation.binary, " ".join(s.to_args(redact=True)), self.log_path)
         try:
             self._proc = subprocess.Popen(
-                self.command, env=self.installation.environment(), stdout=log_file, stderr=subprocess.STDOUT,
+                self.command, env=self.environment(), stdout=log_file, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with(os.getpid()),
             )
         finally:
@@ -254,13 +269,12 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _check_admin_surface(settings: TritonSettings) -> None:
+def _check_admin_surface(settings: TritonSettings, key_on_command_line: bool) -> None:
     """Refuse to start with every admin API open unless asked to; warn when asked to, or when others can read the key."""
     if settings.admin_key is not None:
-        if not _proc_hides_other_users():
-            log.warning("the admin key is on tritonserver's command line (Triton 2.51 reads it from no file or "
-                        "environment variable): other users of this machine can read /proc/<pid>/cmdline unless /proc "
-                        "is mounted with hidepid=2; in a container, only processes in the pod can")
+        if key_on_command_line and not _proc_hides_other_users():
+            log.warning("the admin key is on tritonserver's command line (no C compiler for server/admin_key_shim.c): "
+                        "other users of this machine can read /proc/<pid>/cmdline unless /proc is mounted hidepid=2")
         return
     if not settings.insecure_admin:
         raise InsecureAdminError(

@@ -16,6 +16,8 @@ DEFAULT_ADMIN_APIS: tuple[AdminApi, ...] = ("model-repository", "shared-memory",
 DEFAULT_ADMIN_HEADER = "treeops-admin-key"
 ADMIN_KEY_ENV = "TREEOPS_TRITON_ADMIN_KEY"
 REDACTED = "**********"
+#: What `server/admin_key_shim.c` replaces with the value of ADMIN_KEY_ENV inside tritonserver.
+ADMIN_KEY_PLACEHOLDER = "@TREEOPS_TRITON_ADMIN_KEY@"
 _ADMIN_KEY = re.compile(r"[\x21-\x7e]{16,}")
 
 
@@ -96,10 +98,11 @@ class TritonSettings(BaseSettings):
             raise ValueError("mutual gRPC TLS needs grpc_root_cert: the CA that signs the client certificates")
         return self
 
-    def to_args(self, *, redact: bool = False) -> list[str]:
+    def to_args(self, *, redact: bool = False, key_placeholder: bool = False) -> list[str]:
         """The `tritonserver` command-line flags for these settings (without the binary).
 
-        `redact=True` replaces the admin key with asterisks, for logging the command line.
+        `redact=True` replaces the admin key with asterisks, for logging the command line;
+        `key_placeholder=True` with ADMIN_KEY_PLACEHOLDER, for a tritonserver run with the admin-key shim.
         """
         repository = self.model_repository_uri or self.model_repository.resolve()
         args = [
@@ -131,7 +134,7 @@ class TritonSettings(BaseSettings):
         if self.backend_directory is not None:
             args.append(f"--backend-directory={self.backend_directory.resolve()}")
         if self.admin_key is not None:
-            key = REDACTED if redact else self.admin_key.get_secret_value()
+            key = REDACTED if redact else ADMIN_KEY_PLACEHOLDER if key_placeholder else self.admin_key.get_secret_value()
             restriction = f"{','.join(self.admin_apis)}:{self.admin_header}={key}"
             args += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
         if self.grpc_use_ssl or self.grpc_use_ssl_mutual:

@@ -24,10 +24,11 @@ from tritonclient.utils import InferenceServerException
 from server.admin import GRPC_RESTRICTED_PREFIX, AdminClient, AdminKeyError
 from server.client import AsyncScoringClient, ScoringClient
 from server.errors import ScoringError
+from server.installation import find_triton
 from server.launcher import TritonServer
 from server.settings import ADMIN_KEY_ENV, DEFAULT_ADMIN_HEADER, REDACTED, TritonSettings
 
-from conftest import serving
+from triton_fixtures import serving
 
 MODEL = "fraud"
 HEADER = DEFAULT_ADMIN_HEADER
@@ -90,7 +91,7 @@ def admin_key() -> str:
 @pytest.fixture(scope="module")
 def restricted(trained, admin_key, tmp_path_factory) -> Iterator[TritonServer]:
     """Triton with the default admin APIs restricted to `admin_key`."""
-    with serving(trained, tmp_path_factory.mktemp("restricted") / "triton.log", admin_key=admin_key) as server:
+    with serving(trained.ws, tmp_path_factory.mktemp("restricted") / "triton.log", admin_key=admin_key) as server:
         yield server
 
 
@@ -101,10 +102,12 @@ def _x(n: int = 4) -> np.ndarray:
 @pytest.mark.triton
 @pytest.mark.parametrize("sent", [None, "wrong-key-0123456789"], ids=["no-key", "wrong-key"])
 def test_grpc_admin_calls_without_the_key_are_rejected(restricted, sent):
+    expected = "StatusCode.UNAUTHENTICATED" if sent is None else "StatusCode.PERMISSION_DENIED"
     with AdminClient(restricted.settings.grpc_url, sent) as admin:
         for call in (admin.repository_index, lambda: admin.load_model(MODEL), lambda: admin.unload_model(MODEL)):
-            with pytest.raises(AdminKeyError, match=f"admin key rejected.*set {ADMIN_KEY_ENV}"):
+            with pytest.raises(AdminKeyError, match=f"admin key rejected.*set {ADMIN_KEY_ENV}") as info:
                 call()
+            assert info.value.status == expected, "a refused key is not transient: never UNAVAILABLE"
     client = grpcclient.InferenceServerClient(restricted.settings.grpc_url)
     headers = {GRPC_RESTRICTED_PREFIX + HEADER: sent} if sent else None
     for call in (client.get_log_settings, client.get_inference_statistics, client.get_trace_settings,
@@ -150,11 +153,34 @@ def test_inference_health_and_metadata_stay_open(restricted):
 
 
 @pytest.mark.triton
+def test_admin_key_is_not_on_tritonservers_command_line(restricted, admin_key):
+    """`ps` shows any user every command line; the key travels in the owner-only environment (admin_key_shim.c)."""
+    assert restricted.installation.admin_key_shim is not None, "this machine has gcc: the shim must be built"
+    proc = Path(f"/proc/{restricted.pid}")
+    cmdline = (proc / "cmdline").read_bytes().decode()
+    assert "--grpc-restricted-protocol=" in cmdline and admin_key not in cmdline
+    assert f"{ADMIN_KEY_ENV}={admin_key}".encode() in (proc / "environ").read_bytes().split(b"\0")
+    assert (proc / "environ").stat().st_mode & 0o077 == 0, "the environment must be readable by its owner only"
+
+
+def test_without_a_compiler_the_key_falls_back_to_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    installation = find_triton(None, tmp_path)
+    assert installation.admin_key_shim is None
+    key = secrets.token_hex(16)
+    server = TritonServer(TritonSettings(admin_key=key), installation, tmp_path / "triton.log")
+    assert any(key in arg for arg in server.command) and "LD_PRELOAD" not in server.environment()
+    monkeypatch.delenv("CC")
+    shimmed = TritonServer(TritonSettings(admin_key=key), find_triton(None, tmp_path), tmp_path / "triton.log")
+    assert not any(key in arg for arg in shimmed.command) and shimmed.environment()[ADMIN_KEY_ENV] == key
+
+
+@pytest.mark.triton
 def test_admin_key_reaches_no_log(trained, tmp_path, caplog):
     key = secrets.token_urlsafe(32)
     log_path = tmp_path / "triton.log"
     caplog.set_level(logging.DEBUG)
-    with serving(trained, log_path, admin_key=key, log_verbose=1) as server:
+    with serving(trained.ws, log_path, admin_key=key, log_verbose=1) as server:
         with AdminClient.from_settings(server.settings) as admin:
             admin.load_model(MODEL)
         with AdminClient(server.settings.grpc_url, key[::-1]) as wrong, pytest.raises(AdminKeyError) as info:
@@ -221,7 +247,7 @@ def expected_scores(trained):
 @pytest.mark.triton
 def test_scoring_over_tls_and_plaintext_is_refused(trained, tmp_path, pki, expected_scores, admin_key):
     tls = {"grpc_use_ssl": True, "grpc_server_cert": pki / "server.pem", "grpc_server_key": pki / "server.key"}
-    with serving(trained, tmp_path / "triton.log", admin_key=admin_key, **tls) as server:
+    with serving(trained.ws, tmp_path / "triton.log", admin_key=admin_key, **tls) as server:
         url = server.settings.grpc_url
         with ScoringClient(url, ssl=True, root_certificates=pki / "ca.pem") as client:
             np.testing.assert_allclose(client.score(_x(32)).positive, expected_scores, atol=1e-5)
@@ -243,7 +269,7 @@ def test_scoring_over_tls_and_plaintext_is_refused(trained, tmp_path, pki, expec
 def test_mutual_tls_requires_a_client_certificate(trained, tmp_path, pki, expected_scores):
     tls = {"grpc_use_ssl_mutual": True, "grpc_server_cert": pki / "server.pem",
            "grpc_server_key": pki / "server.key", "grpc_root_cert": pki / "ca.pem"}
-    with serving(trained, tmp_path / "triton.log", **tls) as server:
+    with serving(trained.ws, tmp_path / "triton.log", **tls) as server:
         url = server.settings.grpc_url
         with ScoringClient(url, retries=0, ssl=True, root_certificates=pki / "ca.pem") as anonymous:
             with pytest.raises(ScoringError, match="UNAVAILABLE"):

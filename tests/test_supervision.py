@@ -21,12 +21,12 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from server.errors import InsecureAdminError
-from server.installation import find_triton
-from server.launcher import TritonServer, describe_exit, free_port
+from server.launcher import describe_exit, free_port
 from server.server_record import ServerRecord
-from server.settings import ADMIN_KEY_ENV, TritonSettings
+from server.settings import ADMIN_KEY_ENV
 
-from conftest import TREEOPS, serving
+from conftest import TREEOPS
+from triton_fixtures import serving, triton_server
 
 MODEL = "fraud"
 pytestmark = pytest.mark.triton
@@ -135,12 +135,11 @@ def test_a_killed_serve_takes_tritonserver_with_it_and_a_second_serve_names_the_
 def test_an_orphaned_tritonserver_of_the_workspace_is_stopped_at_start(trained, tmp_path, caplog):
     """A tritonserver whose launcher died without taking it along (an older treeops, a launcher killed mid-start)."""
     key = secrets.token_urlsafe(32)
-    settings = TritonSettings(model_repository=trained.ws.model_repository, grpc_port=free_port(),
-                              http_port=free_port(), metrics_port=free_port(), exit_timeout_s=2, admin_key=key)
-    server = TritonServer(settings, find_triton(None, trained.ws.triton_dir), tmp_path / "triton.log")
+    server = triton_server(trained.ws, tmp_path / "triton.log", admin_key=key)
+    settings = server.settings
     orphan_launcher = (
         "import os, subprocess, sys, time; from server.server_record import ServerRecord\n"
-        f"p = subprocess.Popen({server.command!r}, env={server.installation.environment()!r}, start_new_session=True,"
+        f"p = subprocess.Popen({server.command!r}, env={server.environment()!r}, start_new_session=True,"
         " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
         f"ServerRecord(p.pid, os.getpid(), {{'gRPC': {settings.grpc_port}}}).write("
         f"__import__('pathlib').Path({str(server.record_path)!r}))\n"
@@ -196,7 +195,7 @@ def test_exit_descriptions():
 
 def test_shutdown_answers_unavailable_not_not_found(trained, tmp_path):
     """Measured on Triton 2.51 without the launcher's kill: ~1 s of NOT_FOUND "no available versions"."""
-    with serving(trained, tmp_path / "triton.log") as server:
+    with serving(trained.ws, tmp_path / "triton.log") as server:
         url = server.settings.grpc_url
         answers: list[tuple[float, str]] = []
         done = threading.Event()
@@ -237,17 +236,15 @@ def test_serve_refuses_open_admin_apis_unless_asked(workspace):
     serve = _serve(workspace, key=None)
     _, err = serve.communicate(timeout=60)
     assert serve.returncode == 1
-    assert f"no admin key" in err and ADMIN_KEY_ENV in err and "--insecure-admin" in err, err
+    assert "no admin key" in err and ADMIN_KEY_ENV in err and "--insecure-admin" in err, err
 
 
 def test_launcher_refuses_a_keyless_start_and_warns_when_insecure(trained, tmp_path, caplog):
-    settings = TritonSettings(model_repository=trained.ws.model_repository, grpc_port=free_port(),
-                              http_port=free_port(), metrics_port=free_port())
-    server = TritonServer(settings, find_triton(None, trained.ws.triton_dir), tmp_path / "triton.log")
+    server = triton_server(trained.ws, tmp_path / "triton.log")
     with pytest.raises(InsecureAdminError, match=f"unload models; set {ADMIN_KEY_ENV}.*--insecure-admin"):
         server.start()
     assert not server.is_running()
     caplog.set_level(logging.WARNING)
-    with serving(trained, tmp_path / "open.log", insecure_admin=True) as open_server:
+    with serving(trained.ws, tmp_path / "open.log", insecure_admin=True) as open_server:
         assert open_server.settings.admin_key is None
     assert "admin APIs are open without a key" in caplog.text
