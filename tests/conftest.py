@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
-import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,16 +16,31 @@ import pytest
 
 from export.pipeline import export_model
 from export.repository import ModelRepository
-from server.installation import find_triton
-from server.launcher import TritonServer, free_port
-from server.settings import TritonSettings
+from server.launcher import TritonServer
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import TrainOutcome, train_and_register
 from training.train import TrainParams
 from treeops.workspace import Workspace
+from triton_fixtures import MODEL, serving
 
-MODEL = "fraud"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@functools.cache
+def _no_gpu_reason() -> str | None:
+    """Why this machine cannot run a `gpu` test, or None where `nvidia-smi -L` lists a GPU."""
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return "needs an NVIDIA GPU: nvidia-smi is not on PATH"
+    listed = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=60)
+    if listed.returncode != 0 or "GPU " not in listed.stdout:
+        return f"needs an NVIDIA GPU: `nvidia-smi -L` lists none ({(listed.stderr or listed.stdout).strip()[:200]})"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") is not None and (reason := _no_gpu_reason()) is not None:
+        pytest.skip(reason)
 
 
 @dataclass(frozen=True)
@@ -52,30 +67,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedWorkspace:
 def triton(trained: TrainedWorkspace) -> Iterator[TritonServer]:
     """A real tritonserver on free ports serving the trained workspace's repository."""
     mlflow.set_tracking_uri(trained.ws.tracking_uri)
-    with serving(trained, trained.ws.reports_dir / "triton.log", exit_timeout_s=5) as server:
+    with serving(trained.ws, exit_timeout_s=5) as server:
         yield server
 
-
-@contextmanager
-def serving(trained: TrainedWorkspace, log_path: Path, **fields: object) -> Iterator[TritonServer]:
-    """A tritonserver of its own on free ports, serving the trained repository; checks cleanup.
-
-    Admin APIs need a key generated for this server (`server.settings.admin_key`) unless `fields` say otherwise.
-    """
-    fields.setdefault("exit_timeout_s", 2)
-    if not fields.get("insecure_admin"):
-        fields.setdefault("admin_key", secrets.token_urlsafe(32))
-    settings = TritonSettings(model_repository=trained.ws.model_repository, grpc_port=free_port(),
-                              http_port=free_port(), metrics_port=free_port(), **fields)
-    server = TritonServer(settings, find_triton(None, trained.ws.triton_dir), log_path)
-    server.start(timeout_s=90, models=[MODEL])
-    pid = server.pid
-    try:
-        yield server
-    finally:
-        server.stop()
-        leftover = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.strip()
-        assert not leftover, f"tritonserver left processes behind: {leftover}"
 
 TREEOPS = str(Path(sys.executable).parent / "treeops")
 

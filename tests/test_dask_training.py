@@ -28,7 +28,7 @@ from training.tracking import EXPERIMENT
 from training.train import TrainParams
 from treeops.workspace import Workspace
 
-from conftest import TrainedWorkspace, serving
+from triton_fixtures import serving
 
 pytestmark = [pytest.mark.slow]
 
@@ -132,8 +132,7 @@ def test_cli_dask_train_register_export_serve(dataset: Path, tmp_path: Path, tre
     booster = mlflow.xgboost.load_model("models:/fraud@champion")
     features = load_features(repo.version_dir("fraud", int(mv.version)))
     raw = pl.read_parquet(dataset).select(*SPEC.raw_schema).tail(400)
-    trained = TrainedWorkspace(ws, dataset, None, repo)  # type: ignore[arg-type]
-    with serving(trained, ws.reports_dir / "triton.log") as server:
+    with serving(ws) as server:
         with ScoringClient(server.settings.grpc_url) as client:
             scores = score_raw(client, features, raw)
     np.testing.assert_allclose(scores.positive, booster.inplace_predict(features.matrix_raw(raw)), atol=1e-5)

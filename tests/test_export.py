@@ -10,7 +10,7 @@ import pytest
 import xgboost as xgb
 
 from registry import versions as registry
-from export.errors import ModelNotFoundError, ParityError, RepositoryError, UnsupportedModelError
+from export.errors import ExportError, ModelNotFoundError, ParityError, RepositoryError, UnsupportedModelError
 from export.onnx_convert import to_onnx
 from export.parity import check_parity, edge_rows, require
 from export.pipeline import DEFAULT_TARGET, export_model
@@ -65,7 +65,9 @@ def test_parity_gate_catches_a_wrong_scorer():
     good = check_parity(booster, lambda a: booster.inplace_predict(a), x)
     assert good.passed and good.max_abs_diff == 0
     bad = check_parity(booster, lambda a: booster.inplace_predict(a) * 0.9 + 0.05, x)
-    assert not bad.passed and bad.flipped_decisions >= 0
+    assert not bad.passed and bad.flipped_decisions == 0  # 0.9 p + 0.05 keeps every decision at 0.5: scores fail
+    inverted = check_parity(booster, lambda a: np.where(booster.inplace_predict(a) >= 0.5, 0.0, 1.0), x)
+    assert not inverted.passed and inverted.flipped_decisions == len(x)
     with pytest.raises(ParityError, match="nothing was written"):
         require(bad, "test artifact")
 
@@ -110,7 +112,7 @@ def test_export_is_idempotent_and_refuses_a_foreign_repository(trained, tmp_path
     target = foreign.version_dir("fraud", version)
     target.mkdir(parents=True)
     (target / "treeops.json").write_text(json.dumps({"run_id": "someone-else"}))
-    with pytest.raises(Exception, match="belongs to another registry"):
+    with pytest.raises(ExportError, match="belongs to another registry"):
         export_model("fraud", foreign)
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
-import subprocess
 
 import numpy as np
 import onnx
@@ -21,9 +19,7 @@ from export.targets import TARGETS, get_target
 from export.booster import legacy_xgboost_json
 from export.targets.fil import MODEL_FILE
 from export.triton_config import ServingSettings, parse, render
-from server.installation import find_triton
-from server.launcher import TritonServer, free_port
-from server.settings import TritonSettings
+from triton_fixtures import serving
 
 N_FEATURES = 6
 OBJECTIVES = {"binary:logistic": 2, "multi:softprob": 4, "multi:softmax": 3, "reg:squarederror": 1}
@@ -134,14 +130,9 @@ def test_real_triton_accepts_the_native_configs_up_to_the_missing_backend(traine
         with repo.stage_version(f"m_{name}", 1) as staging:
             target.write_artifacts(booster, N_FEATURES, staging)
         repo.write_config(target.model_config(f"m_{name}", N_FEATURES, 2, ServingSettings(), [1], {}))
-    settings = TritonSettings(model_repository=root, grpc_port=free_port(), http_port=free_port(),
-                              metrics_port=free_port(), exit_timeout_s=2, strict_readiness=False, exit_on_error=False,
-                              admin_key=secrets.token_urlsafe(32))
-    server = TritonServer(settings, find_triton(None, trained.ws.triton_dir), tmp_path / "triton.log")
-    server.start(timeout_s=90, models=["fraud"])
-    pid = server.pid
-    try:
-        client = grpcclient.InferenceServerClient(settings.grpc_url)
+    with serving(trained.ws, tmp_path / "triton.log", repository=root, strict_readiness=False,
+                 exit_on_error=False) as server:
+        client = grpcclient.InferenceServerClient(server.settings.grpc_url)
         index = {m.name: m for m in client.get_model_repository_index().models}
         for name, backend in (("m_onnxruntime", "onnxruntime"), ("m_fil", "fil")):
             assert index[name].state == "UNAVAILABLE", index[name]
@@ -151,7 +142,3 @@ def test_real_triton_accepts_the_native_configs_up_to_the_missing_backend(traine
         features.set_data_from_numpy(np.zeros((1, n_inputs), dtype=np.float32))
         scores = client.infer("fraud", [features]).as_numpy("probabilities")
         assert scores.shape == (1, 2) and abs(float(scores.sum()) - 1) < 1e-5
-    finally:
-        server.stop()
-    leftover = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.strip()
-    assert not leftover, f"tritonserver left processes behind: {leftover}"

@@ -17,14 +17,12 @@ from registry.sync import SyncSettings
 from server.admin import AdminClient
 from server.client import ScoringClient, load_features
 from server.errors import ScoringError
-from server.installation import find_triton
-from server.launcher import TritonServer, free_port
 from registry.rollout import RolloutError, rollout
-from server.settings import TritonSettings
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
 from training.train import TrainParams
 from treeops.workspace import Workspace
+from triton_fixtures import serving
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 MODEL = "fraud"
@@ -83,17 +81,13 @@ def live(tmp_path_factory):
     mlflow.set_tracking_uri(ws.tracking_uri)
     repo = ModelRepository(ws.model_repository)
     export_model(MODEL, repo)
-    settings = TritonSettings(model_repository=ws.model_repository, grpc_port=free_port(), http_port=free_port(),
-                              metrics_port=free_port(), exit_timeout_s=5, admin_key=ADMIN_KEY)
-    server = TritonServer(settings, find_triton(None, ws.triton_dir), ws.reports_dir / "triton.log")
-    server.start(timeout_s=90, models=[MODEL])
     features = load_features(repo.version_dir(MODEL, 1))
     rows = features.matrix_raw(generate_transactions(GenerateSpec(rows=300, seed=5)))
     try:
-        with AdminClient(settings.grpc_url, ADMIN_KEY) as admin:
+        with (serving(ws, models=[MODEL], exit_timeout_s=5, admin_key=ADMIN_KEY) as server,
+              AdminClient(server.settings.grpc_url, ADMIN_KEY) as admin):
             yield ws, repo, server, admin, rows
     finally:
-        server.stop()
         mlflow.set_tracking_uri(before)
 
 
@@ -151,7 +145,7 @@ def test_failed_load_keeps_the_old_version_serving(live):
 
 
 def test_sync_prunes_versions_without_alias_on_a_live_server(live):
-    ws, repo, server, admin, rows = live
+    _, repo, server, admin, rows = live
     assert set(repo.versions(MODEL)) >= {1, 2, 3}
     result = rollout(MODEL, repo, admin, SyncSettings(retain_versions=0))
     assert result.served == (1,)

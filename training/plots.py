@@ -6,12 +6,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import xgboost as xgb  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import xgboost as xgb
+from matplotlib.figure import Figure
+from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
 
 
 def classifier_figures(y: np.ndarray, p: np.ndarray, booster: xgb.Booster) -> dict[str, Figure]:

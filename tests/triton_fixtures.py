@@ -1,0 +1,61 @@
+"""The one way tests start a real tritonserver: free ports, an admin key, ready models, nothing left running.
+
+`serving(ws, ...)` is the context manager every Triton test uses (the session `triton` fixture in
+conftest.py too); `triton_server(ws, ...)` builds one that is not started, for tests of the start itself.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from server.installation import find_triton
+from server.launcher import TritonServer, free_port
+from server.settings import TritonSettings
+from treeops.workspace import Workspace
+
+MODEL = "fraud"
+
+
+def triton_server(ws: Workspace, log_path: Path | None = None, *, repository: Path | None = None,
+                  **fields: object) -> TritonServer:
+    """A tritonserver (not started) on free ports serving `repository` (default: the workspace's).
+
+    `fields` are TritonSettings fields (`exit_timeout_s` is 2 unless given); the log, and the server
+    record beside it, default to `ws.reports_dir / "triton.log"`.
+    """
+    fields.setdefault("exit_timeout_s", 2)
+    settings = TritonSettings(model_repository=repository or ws.model_repository, grpc_port=free_port(),
+                              http_port=free_port(), metrics_port=free_port(), **fields)
+    return TritonServer(settings, find_triton(None, ws.triton_dir), log_path or ws.reports_dir / "triton.log")
+
+
+@contextmanager
+def serving(ws: Workspace, log_path: Path | None = None, *, repository: Path | None = None,
+            models: Sequence[str] = (MODEL,), start_timeout_s: float = 90, **fields: object) -> Iterator[TritonServer]:
+    """A started `triton_server(...)` with `models` ready; stopped on exit, failing if it left a process behind.
+
+    Admin APIs need a key generated for this server (`server.settings.admin_key`) unless `fields` give
+    `admin_key` or `insecure_admin=True`.
+    """
+    if not fields.get("insecure_admin"):
+        fields.setdefault("admin_key", secrets.token_urlsafe(32))
+    server = triton_server(ws, log_path, repository=repository, **fields)
+    server.start(timeout_s=start_timeout_s, models=models)
+    pid = server.pid
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert_no_leftover(pid)
+
+
+def assert_no_leftover(pid: int | None) -> None:
+    """Fail if any process of tritonserver `pid`'s process group (its Python-backend stubs) still runs."""
+    if pid is None:
+        return
+    leftover = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.strip()
+    assert not leftover, f"tritonserver pid {pid} left processes of its group behind: {leftover}"
