@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean perf-analyzer
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,19 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# NVIDIA perf_analyzer, the second load generator of `treeops bench serving`: tritonclient 2.41.0's wheel
+# ships the binary, with libcudart.so.12 from nvidia-cuda-runtime-cu12 (no GPU is used) and Debian's
+# libb64-0d. Its own folder: the venv's tritonclient is pinned to another version (constraints.txt).
+PERF_ANALYZER_DIR := $(VENV)/perf_analyzer
+PERF_ANALYZER_WHEELS := tritonclient==2.41.0 nvidia-cuda-runtime-cu12==12.9.79
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(PERF_ANALYZER_DIR)/bin/perf_analyzer: | $(STAMP)
+	dpkg -s libb64-0d >/dev/null 2>&1 || $(SUDO) apt-get install -y -q libb64-0d
+	$(BIN)/python -m pip install -q --no-deps --target $(PERF_ANALYZER_DIR) $(PERF_ANALYZER_WHEELS)
+
+perf-analyzer: $(PERF_ANALYZER_DIR)/bin/perf_analyzer
 
 clean:
 	rm -rf $(VENV) data reports mlflow.db mlartifacts .triton model_repository/*/

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from tritonclient.grpc import service_pb2
 
-from export.triton_config import ServingSettings
-from loadtest.bench import BenchSettings, grpc_request_headers, run_serving_benchmark
-from export.parity import check_parity, gate_rows
+from bench.errors import SettingsError
+from bench.h2 import grpc_request_headers
+from bench.model import BenchModelSpec, synthetic_rows, train_bench_model
+from bench.perf_analyzer import PERF_ANALYZER_ENV, find_perf_analyzer, write_input_data
+from bench.report import DEFAULT_TARGETS, load_targets
+from bench.requests import infer_payloads
+from bench.serving import BenchSettings, run_serving_benchmark
 from export.compiled_forest import compile_forest, compiled_scorer
-from loadtest.bench_model import BenchModelSpec, synthetic_rows, train_bench_model
-from loadtest.errors import SettingsError
+from export.parity import check_parity, gate_rows
+from export.signature import ServedSignature, Tensor
+from export.triton_config import ServingSettings
 
 TINY = BenchModelSpec(trees=8, depth=3, features=6, train_rows=500, seed=1)
 
@@ -22,7 +30,7 @@ TINY = BenchModelSpec(trees=8, depth=3, features=6, train_rows=500, seed=1)
 def _tiny(**overrides) -> BenchSettings:
     base = dict(model=TINY, serving=ServingSettings(max_batch_size=64), sequential_requests=30, health_requests=30,
                 warmup_requests=5, concurrency=(1, 4), step_s=0.4, warmup_s=0.1, batch_rows=16, batch_concurrency=2,
-                floor_repeats=20)
+                floor_repeats=20, perf_analyzer_concurrency=(2,))
     return BenchSettings(**{**base, **overrides})
 
 
@@ -36,14 +44,26 @@ def _no_tritonserver_left(pid_before: set[str]) -> None:
 def test_benchmark_runs_end_to_end_and_writes_consistent_json(tmp_path):
     before = set(subprocess.run(["pgrep", "-f", "treeops-bench-"], capture_output=True, text=True).stdout.split())
     out = tmp_path / "bench.json"
-    result = run_serving_benchmark(_tiny(), out_path=out)
+    targets = tmp_path / "targets.toml"
+    targets.write_text(DEFAULT_TARGETS.read_text() + """
+[[target]]
+name = "c4_ge_1_req_per_s"
+figure = "sweep_req_per_s"
+concurrency = 4
+min = 1
+""")
+    result = run_serving_benchmark(_tiny(targets_path=targets), out_path=out)
     _no_tritonserver_left(before)
 
     data = json.loads(out.read_text())
     assert set(data) >= {"settings", "floors", "health", "sequential", "sweep", "batch", "health_loaded", "reference",
-                         "ratios", "targets", "triton_command"}
+                         "ratios", "targets", "triton_command", "perf_analyzer", "perf_analyzer_note"}
     assert [s["concurrency"] for s in data["sweep"]] == [1, 4]
-    assert data["settings"]["runtime"] == "native"  # the default: treeops' C backend
+    assert data["settings"]["target"] == "native-compiled"  # the default: treeops' C backend
+    # Verdicts come from the targets file: the added one is checked, the 256-row and c32 ones do not apply here.
+    assert set(data["targets"]) == {"sequential_p50_le_1.75x_health_p50", "sequential_p99_le_600_us",
+                                    "c4_ge_1_req_per_s"}
+    assert data["targets"]["c4_ge_1_req_per_s"]["met"] is True
     assert {(f["runtime"], f["rows"]) for f in data["floors"]} == {
         (runtime, rows) for runtime in ("onnxruntime", "xgboost", "compiled") for rows in (1, 16)}
     assert all(f["p50_us"] > 0 and f["rows_per_s"] > 0 for f in data["floors"])
@@ -75,24 +95,37 @@ def test_benchmark_runs_end_to_end_and_writes_consistent_json(tmp_path):
     text = "\n".join(result.lines())
     assert "sequential" in text and "single c4" in text and "batch 16" in text
 
+    # perf_analyzer in the same run where it is installed; elsewhere the run says how to install it.
+    pa, _ = find_perf_analyzer()
+    if pa is None:
+        assert result.perf_analyzer == [] and "make perf-analyzer" in result.perf_analyzer_note
+        assert f"perf_analyzer: {result.perf_analyzer_note}" in text
+    else:
+        assert result.perf_analyzer_note is None and [p.concurrency for p in result.perf_analyzer] == [2]
+        p = result.perf_analyzer[0]
+        assert p.req_per_s > 0 and 0 < p.p50_us <= p.p90_us <= p.p99_us
+        assert p.triton is not None and p.requests == p.triton.requests > 0 and p.client_cpu_us_per_req > 0
+        assert "perf_analyzer c2" in text
+
 
 @pytest.mark.triton
 @pytest.mark.slow
-@pytest.mark.parametrize("runtime", ["compiled", "onnxruntime"])
-def test_benchmark_with_python_backend_runtimes_and_two_client_processes(runtime, tmp_path):
-    settings = _tiny(runtime=runtime, client_processes=2, concurrency=(4,), reference_client=False,
+@pytest.mark.parametrize("target", ["python-compiled", "python-onnx"])
+def test_benchmark_with_python_backend_targets_and_two_client_processes(target, tmp_path):
+    settings = _tiny(target=target, client_processes=2, concurrency=(4,), reference_client=False, perf_analyzer=False,
                      serving=ServingSettings(max_batch_size=64, max_queue_delay_us=0, instance_count=2,
                                              dynamic_batching=False))
     result = run_serving_benchmark(settings, workdir=tmp_path / "work")
     assert result.reference is None
     assert {(f.runtime, f.rows) for f in result.floors} >= {("onnxruntime", 1), ("onnxruntime", 16)}
-    assert (("compiled", 16) in {(f.runtime, f.rows) for f in result.floors}) == (runtime == "compiled")
+    assert (("compiled", 16) in {(f.runtime, f.rows) for f in result.floors}) == (target == "python-compiled")
     assert result.sweep[0].requests > 0 and result.sweep[0].failures == 0
     assert result.sweep[0].triton.mean_batch_rows == 1.0  # no dynamic batcher: one request per execution
     assert (tmp_path / "work" / "triton.log").exists()
     config = (tmp_path / "work" / "model_repository" / "bench" / "config.pbtxt").read_text()
     assert 'backend: "python"' in config and "dynamic_batching" not in config
-    assert ('key: "runtime"' in config) == (runtime == "compiled")
+    assert ('key: "runtime"' in config) == (target == "python-compiled")
+    assert result.perf_analyzer == [] and result.perf_analyzer_note is None  # not asked for
 
 
 def test_compiled_forest_passes_the_parity_gate(tmp_path):
@@ -106,11 +139,71 @@ def test_compiled_forest_passes_the_parity_gate(tmp_path):
     np.testing.assert_array_equal(scores[:, 0], np.float32(1) - scores[:, 1])
 
 
-def test_invalid_settings_list_every_problem():
+def test_invalid_settings_list_every_problem(tmp_path):
     with pytest.raises(SettingsError) as err:
-        BenchSettings(concurrency=(), step_s=0, client="locust")  # type: ignore[arg-type]
+        BenchSettings(concurrency=(), step_s=0, client="locust", target="onnxruntime",  # type: ignore[arg-type]
+                      perf_analyzer_path=tmp_path / "missing")
     message = str(err.value)
     assert "concurrency" in message and "step_s" in message and "client" in message
+    # Export target names: onnxruntime (Triton's ONNX backend) is not one the pip-installed Triton can serve.
+    assert "target must be one of native-compiled, python-onnx, python-compiled, got 'onnxruntime'" in message
+    assert f"perf_analyzer_path {tmp_path / 'missing'} is not a file" in message
+
+
+def test_unknown_target_on_the_command_line_is_one_line(tmp_path):
+    done = subprocess.run([str(Path(sys.executable).with_name("treeops")), "bench", "serving", "--target", "compiled",
+                           "--workspace", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "target must be one of native-compiled, python-onnx, python-compiled, got 'compiled'" in done.stderr
+
+
+def test_targets_file_is_the_default_and_invalid_entries_name_file_and_entry(tmp_path):
+    names = [t.name for t in load_targets(DEFAULT_TARGETS)]
+    assert names == ["sequential_p50_le_1.75x_health_p50", "sequential_p99_le_600_us",
+                     "batch_256_rows_ge_200k_rows_per_s", "c32_ge_12000_req_per_s", "c32_p99_le_5000_us"]
+    bad = tmp_path / "targets.toml"
+    good = '[[target]]\nname = "a"\nfigure = "sequential_p99_us"\nmax = 1\n'
+    bad.write_text(good + '[[target]]\nname = "b"\nfigure = "p42"\nmin = 1\n')
+    with pytest.raises(SettingsError) as err:
+        load_targets(bad)
+    message = str(err.value)
+    assert f"{bad}, target #2 (b): figure:" in message
+    assert "sweep_req_per_s" in message  # lists the figures a target can bound
+    bad.write_text(good + '[[target]]\nname = "c"\nfigure = "sequential_p99_us"\nmin = 1\nmax = 2\n')
+    with pytest.raises(SettingsError, match=r"target #2 \(c\): entry: Value error, give exactly one of max and min"):
+        load_targets(bad)
+    with pytest.raises(SettingsError, match="targets_path|target #2"):
+        BenchSettings(targets_path=bad)
+
+
+def test_requests_follow_the_served_signature():
+    rows = synthetic_rows(8, 6, 0)
+    fil = ServedSignature((Tensor("input__0", "FP32", (6,)),), (Tensor("output__0", "FP32", (2,)),))
+    request = service_pb2.ModelInferRequest.FromString(infer_payloads(fil, rows, 3, count=1)[0])
+    assert [(t.name, t.datatype, list(t.shape)) for t in request.inputs] == [("input__0", "FP32", [3, 6])]
+    assert [t.name for t in request.outputs] == ["output__0"]
+    assert request.raw_input_contents[0] == np.ascontiguousarray(rows[:3]).tobytes()
+    raw = ServedSignature((Tensor("amount", "FP64", (1,)), Tensor("merchant", "BYTES", (1,))),
+                          (Tensor("probabilities", "FP32", (2,)),))
+    with pytest.raises(SettingsError, match="one FP32 tensor of 6 features per row.*amount FP64"):
+        infer_payloads(raw, rows, 1)
+
+
+def test_perf_analyzer_gets_real_rows_bit_for_bit(tmp_path):
+    """Not its default random tensor (one reused row: 3-5x too fast for a forest); NaN must survive the file."""
+    rows = synthetic_rows(10, 6, 3)
+    assert np.isnan(rows).any()
+    signature = ServedSignature((Tensor("features", "FP32", (6,)),), (Tensor("probabilities", "FP32", (2,)),))
+    data = json.loads(write_input_data(tmp_path / "in.json", signature, rows, 16).read_text())["data"]
+    assert len(data) == 16 and all(set(d) == {"features"} and d["features"]["shape"] == [6] for d in data)
+    sent = np.stack([np.frombuffer(base64.b64decode(d["features"]["b64"]), dtype=np.float32) for d in data])
+    np.testing.assert_array_equal(sent.view(np.uint32), np.concatenate([rows, rows[:6]]).view(np.uint32))
+
+
+def test_missing_perf_analyzer_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(PERF_ANALYZER_ENV, str(tmp_path / "perf_analyzer"))
+    pa, note = find_perf_analyzer()
+    assert pa is None and str(tmp_path / "perf_analyzer") in note and "make perf-analyzer" in note
 
 
 def test_request_headers_are_a_plain_hpack_block():
@@ -127,7 +220,7 @@ def test_scorer_survives_its_file_being_rewritten_in_place(tmp_path):
 import numpy as np
 from pathlib import Path
 from export.compiled_forest import compile_forest, compiled_scorer
-from loadtest.bench_model import BenchModelSpec, synthetic_rows, train_bench_model
+from bench.model import BenchModelSpec, synthetic_rows, train_bench_model
 spec = BenchModelSpec(trees=8, depth=3, features=6, train_rows=500, seed=1)
 path = compile_forest(train_bench_model(spec), 6, Path({str(tmp_path)!r}) / "forest.so")
 score = compiled_scorer(path, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -22,6 +23,7 @@ from export.pipeline import ExportSettings, export_model, write_served_config
 from export.repository import METADATA_FILE, ModelRepository, write_json
 from export.targets import get_target
 from export.triton_config import ServingSettings
+from server.admin import GRPC_RESTRICTED_PREFIX, AdminClient, AdminError, RepositoryModel
 from server.client import ScoringClient, load_features
 from server.launcher import TritonServer
 from training.generate import GenerateSpec, generate_transactions
@@ -90,7 +92,7 @@ def test_native_backend_rejects_bad_requests_and_keeps_serving(trained, tmp_path
                 infer(bad, dtype)
         np.testing.assert_array_equal(infer(x), good)
         assert client.is_server_live() and client.is_model_ready("fraud")
-        stats = client.get_inference_statistics("fraud").model_stats[0]
+        stats = client.get_inference_statistics("fraud", headers=_admin_headers(server)).model_stats[0]
         assert stats.inference_stats.success.count >= 2  # the backend reports its statistics
 
 
@@ -99,7 +101,7 @@ def test_native_version_without_its_forest_fails_to_load_with_the_reason(trained
     (result.version_dir / "forest.so").unlink()
     with _server(repo.root, tmp_path, trained) as server:
         client = grpcclient.InferenceServerClient(server.settings.grpc_url)
-        (entry,) = [m for m in client.get_model_repository_index().models if m.name == "fraud"]
+        (entry,) = _index(server, "fraud").values()
         assert entry.state == "UNAVAILABLE" and "forest.so" in entry.reason, entry
         assert client.is_server_live()
 
@@ -135,39 +137,55 @@ def test_two_native_versions_loaded_together_each_score_their_own_forest(trained
     assert not np.allclose(boosters[1].inplace_predict(x), boosters[2].inplace_predict(x), atol=1e-3)
 
 
-def _index(client: grpcclient.InferenceServerClient, model: str) -> dict[str, object]:
-    """Triton's repository index entries of `model` by version ('' where Triton gives none)."""
-    return {m.version: m for m in client.get_model_repository_index().models if m.name == model}
+def _admin_headers(server: TritonServer) -> dict[str, str]:
+    """gRPC metadata that opens the admin APIs (statistics, repository) of `server`."""
+    return {GRPC_RESTRICTED_PREFIX + server.settings.admin_header: server.settings.admin_key.get_secret_value()}
+
+
+def _index(server: TritonServer, model: str) -> dict[str, RepositoryModel]:
+    """Triton's repository index entries of `model` by version."""
+    return {m.version: m for m in AdminClient.from_settings(server.settings).repository_index() if m.name == model}
 
 
 @pytest.mark.parametrize("target", ["native-compiled", "python-compiled"])
-def test_a_damaged_version_file_fails_only_that_version_and_names_the_file(target, trained, tmp_path):
+def test_a_damaged_version_file_is_refused_naming_the_file_and_the_server_keeps_serving(target, trained, tmp_path):
     """Export records each file's size and SHA-256; a truncated forest.so (which crashed tritonserver with
-    SIGBUS) or one changed byte makes only that version UNAVAILABLE, with the file named; the rest serve."""
+    SIGBUS) or one changed byte is refused with the file named. Triton loads a model's versions all or
+    nothing: at start the damaged model is UNAVAILABLE while the others serve; a reload that adds a damaged
+    version fails and the versions already serving keep serving."""
     repo, result, booster = _export(trained, tmp_path / "repo", target)
     good = result.version
     truncated, flipped = good + 1, good + 2
-    for version in (truncated, flipped):
-        shutil.copytree(result.version_dir, repo.version_dir("fraud", version))
-    forest = repo.version_dir("fraud", truncated) / "forest.so"
-    forest.write_bytes(forest.read_bytes()[: forest.stat().st_size // 2])
-    damaged = bytearray((repo.version_dir("fraud", flipped) / "forest.so").read_bytes())
-    damaged[len(damaged) // 2] ^= 0xFF
-    (repo.version_dir("fraud", flipped) / "forest.so").write_bytes(bytes(damaged))
-    write_served_config("fraud", repo, [good, truncated, flipped], {}, ServingSettings(instance_count=1))
+    for model in ("fraud", "damaged"):
+        for version in (good, truncated, flipped):
+            if not repo.version_dir(model, version).exists():
+                shutil.copytree(result.version_dir, repo.version_dir(model, version))
+        forest = repo.version_dir(model, truncated) / "forest.so"
+        forest.write_bytes(forest.read_bytes()[: forest.stat().st_size // 2])
+        changed = bytearray((repo.version_dir(model, flipped) / "forest.so").read_bytes())
+        changed[len(changed) // 2] ^= 0xFF
+        (repo.version_dir(model, flipped) / "forest.so").write_bytes(bytes(changed))
+    write_served_config("damaged", repo, [good, truncated, flipped], {}, ServingSettings(instance_count=1))
     x = np.random.default_rng(2).normal(size=(8, booster.num_features())).astype(np.float32)
     with _server(repo.root, tmp_path, trained) as server:
         client = grpcclient.InferenceServerClient(server.settings.grpc_url)
-        index = _index(client, "fraud")
+
+        def score() -> np.ndarray:
+            tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            return client.infer("fraud", [tensor], model_version=str(good)).as_numpy("probabilities")[:, 1]
+
+        index = _index(server, "damaged")
         short, changed = index[str(truncated)], index[str(flipped)]
-        assert short.state == "UNAVAILABLE" and f"{truncated}/forest.so has" in short.reason, short
+        assert short.state == "UNAVAILABLE" and f"damaged/{truncated}/forest.so has" in short.reason, short
         assert "bytes" in short.reason and "treeops.json" in short.reason, short
-        assert changed.state == "UNAVAILABLE" and f"{flipped}/forest.so has SHA-256" in changed.reason, changed
-        assert index[str(good)].state == "READY", index
-        tensor = grpcclient.InferInput("features", list(x.shape), "FP32")
-        tensor.set_data_from_numpy(x)
-        served = client.infer("fraud", [tensor], model_version=str(good)).as_numpy("probabilities")[:, 1]
-        np.testing.assert_allclose(served, booster.inplace_predict(x), atol=1e-5)
+        assert changed.state == "UNAVAILABLE" and f"damaged/{flipped}/forest.so has SHA-256" in changed.reason, changed
+        np.testing.assert_allclose(score(), booster.inplace_predict(x), atol=1e-5)
+
+        write_served_config("fraud", repo, [good, truncated], {}, ServingSettings(instance_count=1))
+        with pytest.raises(AdminError, match=f"fraud/{truncated}/forest.so has"):
+            AdminClient.from_settings(server.settings).load_model("fraud")
+        np.testing.assert_allclose(score(), booster.inplace_predict(x), atol=1e-5)  # version `good` still serves
         assert client.is_server_live() and server.is_running()
 
 
@@ -201,7 +219,7 @@ def test_a_config_that_disagrees_with_the_forest_or_an_old_triton_api_is_refused
     with _server(repo.root, tmp_path, trained) as server:
         client = grpcclient.InferenceServerClient(server.settings.grpc_url)
         for name, (_, reason) in cases.items():
-            (entry,) = _index(client, name).values()
+            (entry,) = _index(server, name).values()
             assert entry.state == "UNAVAILABLE" and reason in entry.reason, (name, entry)
             assert not _mapped(server.pid, repo.version_dir(name, version) / "forest.so"), name
         assert _mapped(server.pid, result.version_dir / "forest.so")  # the check can see a loaded forest
@@ -229,7 +247,7 @@ def test_statistics_split_a_batch_into_input_scoring_and_output_as_the_api_defin
         with ThreadPoolExecutor(8) as pool:
             served = list(pool.map(infer, x))
         stats = grpcclient.InferenceServerClient(server.settings.grpc_url).get_inference_statistics(
-            "batched").model_stats[0]
+            "batched", headers=_admin_headers(server)).model_stats[0]
     for rows, scores in zip(x, served):
         np.testing.assert_allclose(scores[:, 1], booster.inplace_predict(rows), atol=1e-5)
     s = stats.inference_stats
