@@ -38,9 +38,12 @@ def _no_gpu_reason() -> str | None:
     return None
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("gpu") is not None and (reason := _no_gpu_reason()) is not None:
-        pytest.skip(reason)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`gpu` tests are skipped, with the reason, where no GPU is listed (before any fixture trains or serves)."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu_tests and (reason := _no_gpu_reason()) is not None:
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @dataclass(frozen=True)
