@@ -8,7 +8,6 @@ regressor the one column is the predicted value (the name is kept for the served
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path

@@ -159,6 +159,8 @@ class _ScoringBase:
 class ScoringClient(_ScoringBase):
     """One reusable gRPC connection to Triton for one model.
 
+    Requests follow `signature` if given, else the signature read once from the model's metadata
+    (`served_signature()`): inputs are checked against it and cast to its datatypes before sending.
     `timeout_s` is the per-request deadline; UNAVAILABLE answers are retried `retries` times
     with exponential backoff starting at `backoff_s`. Large inputs are split into requests of
     at most `max_rows_per_request` rows. `ssl=True` speaks TLS, trusting `root_certificates`

@@ -149,6 +149,24 @@ def test_treeops_loadtest_drives_every_target_over_grpc_and_http(served, treeops
     assert out["passed"] and out["requests"] > 0 and out["failures"] == 0 and out["errors"] == []
 
 
+@pytest.mark.triton
+def test_without_a_data_file_a_raw_input_model_is_driven_with_its_versions_raw_holdout(served, tmp_path):
+    from loadtest.pipeline import SAMPLE_ROWS, loadtest_served_model
+    from loadtest.rows import load_rows
+
+    s, before = served.server.settings, mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(served.ws.tracking_uri)
+    try:
+        result = loadtest_served_model(served.ws.model_repository, "raw", None, tmp_path, grpc_url=s.grpc_url,
+                                       http_url=s.http_url, protocols=("grpc",), users=2, duration_s=1)
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert result.passed and result.aggregate.requests > 0, result.errors
+    rows = load_rows(tmp_path / "rows.npz")
+    assert sorted(rows) == sorted(t.name for t in _config_signature(served, "raw").inputs)
+    assert 300 < len(rows["amount"]) <= SAMPLE_ROWS  # the holdout's rows, more than current.parquet's 300
+
+
 class _FilLikeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
     """Answers ModelMetadata from a model config as Triton does, and records every ModelInfer request."""
 

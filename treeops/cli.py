@@ -12,13 +12,9 @@ from typing import Annotated, Any
 
 import pydantic
 import typer
+from typer._click.exceptions import NoArgsIsHelpError  # typer vendors click; its errors live here
 
-from bench.errors import BenchError
-from export.errors import ExportError
-from loadtest.errors import LoadtestError
-from monitoring.errors import MonitoringError
-from server.errors import ServerError
-from training.errors import TrainingError
+from treeops.errors import EXIT_ERROR, InvalidSettingsError, TreeopsError
 from treeops.workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
@@ -26,16 +22,11 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: figures next to 
 app.add_typer(bench_app, name="bench")
 log = logging.getLogger("treeops")
 
-EXPECTED_ERRORS = (TrainingError, ExportError, ServerError, LoadtestError, MonitoringError, BenchError)
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_DRIFT = 3
-EXIT_CONTRACT = 4
-
 WorkspaceOpt = Annotated[
     Path | None, typer.Option("--workspace", envvar="TREEOPS_WORKSPACE", help="root of all state (default: current dir)")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object instead of a human summary")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="print one JSON object instead of a human summary (on failure: error, kind, exit_code)")]
 ModelOpt = Annotated[str, typer.Option("--model-name", help="registered model name")]
 GrpcPort = Annotated[int, typer.Option("--grpc-port", help="Triton gRPC port")]
 HttpPort = Annotated[int, typer.Option("--http-port", help="Triton HTTP port")]
@@ -54,7 +45,14 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug lo
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _emit(as_json: bool, payload: dict[str, Any], lines: list[str]) -> None:
+def _emit(as_json: bool, payload: dict[str, Any], lines: list[str], failure: TreeopsError | None = None) -> None:
+    """Print a command's result; with a `failure` (drift, contract violations, a breached SLO) the human lines are
+    printed and `failure` is raised carrying `payload`, so `run` prints one JSON error object that includes it."""
+    if failure is not None:
+        if not as_json:
+            for line in lines:
+                typer.echo(line)
+        raise failure.with_details(payload)
     if as_json:
         typer.echo(json.dumps(payload, indent=2, default=str))
     else:
@@ -142,12 +140,12 @@ def validate_cmd(
 ) -> None:
     """Check a raw data file against the card-transaction data contract; exit 4 when an error rule fails."""
     from training.contract import fraud_contract, validate_file
+    from training.errors import ContractViolationError
 
     Workspace.resolve(workspace)
     report = validate_file(data, fraud_contract(target=target))
-    _emit(as_json, report.to_dict(), report.render().splitlines())
-    if not report.passed:
-        raise typer.Exit(EXIT_CONTRACT)
+    _emit(as_json, report.to_dict(), report.render().splitlines(),
+          failure=None if report.passed else ContractViolationError(report))
 
 
 @app.command("export")
@@ -159,6 +157,8 @@ def export_cmd(
         help="native-compiled (default: tl2cgen forest in treeops' C backend, fastest on CPU, needs gcc), "
              "python-onnx (default with --raw-inputs), python-compiled, onnxruntime or fil (NGC, GPU)")] = None,
     raw_inputs: Annotated[bool, typer.Option(help="serve raw transaction fields; stateless features run in the graph")] = False,
+    replace: Annotated[bool, typer.Option(help="replace the version if it is on disk with another target or raw "
+                                          "inputs (atomic; refused while config.pbtxt serves it)")] = False,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -170,15 +170,28 @@ def export_cmd(
 
     ws = Workspace.resolve(workspace)
     mlflow.set_tracking_uri(ws.tracking_uri)
+    _stop_on_sigterm()  # SIGTERM cleans up the staging folder as Ctrl-C does
     result = export_model(model_name, ModelRepository(ws.model_repository), alias=None if version else alias,
-                          version=version, settings=ExportSettings(target=target, raw_inputs=raw_inputs))
+                          version=version, settings=ExportSettings(target=target, raw_inputs=raw_inputs, replace=replace))
     parity = result.parity
-    lines = [f"{'kept' if result.already_present else 'wrote'} {result.version_dir} "
-             f"(serving versions {list(result.served_versions)})"]
+    done = ("kept (written by another run meanwhile)" if result.written_by_another_run else "kept"
+            if result.already_present else "replaced" if result.replaced else "wrote")
+    lines = [f"{done} {result.version_dir} (serving versions {list(result.served_versions)})"]
     if parity:
         lines.append(f"parity: max |diff| {parity.max_abs_diff:.2e} over {parity.rows} rows, "
                      f"{parity.flipped_decisions} flipped decisions")
     _emit(as_json, result.to_dict(), lines)
+
+
+def _warn_on_registry_drift(ws: Workspace) -> None:
+    """Log a warning for each disagreement between the registry and the repository about to be served."""
+    import mlflow
+
+    from export.repository import ModelRepository
+    from registry.consistency import warn_on_drift
+
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    warn_on_drift(ModelRepository(ws.model_repository))
 
 
 def _triton(ws: Workspace, grpc_port: int, http_port: int, metrics_port: int, binary: Path | None = None, *,
@@ -220,6 +233,7 @@ def serve(
     overrides = {k: v for k, v in (("liveness_interval_s", liveness_interval_s),
                                    ("liveness_failures", liveness_failures)) if v is not None}
     supervision = SupervisionSettings(**overrides)
+    _warn_on_registry_drift(ws)
     server = _triton(ws, grpc_port, http_port, metrics_port, triton_binary, insecure_admin=insecure_admin)
     _stop_on_sigterm()
     try:
@@ -249,7 +263,7 @@ def score(
 
     ws = Workspace.resolve(workspace)
     path = data or ws.data_dir / "current.parquet"
-    version, features = served_features(ws.model_repository, model_name)
+    _, features = served_features(ws.model_repository, model_name)
     raw = load_raw(path, features.spec.raw_schema).head(rows).collect()
     with ScoringClient(grpc_url, model_name) as client:
         signature = client.served_signature()
@@ -270,7 +284,8 @@ def loadtest(
     slo: Annotated[Path | None, typer.Option(help="SLO file (.toml/.json): p50_ms, p95_ms, p99_ms, max_error_rate, min_rps")] = None,
     p99_ms: Annotated[float | None, typer.Option("--p99-ms", help="p99 budget in ms (overrides the file)")] = None,
     max_error_rate: Annotated[float | None, typer.Option(help="error-rate budget (overrides the file)")] = None,
-    data: Annotated[Path | None, typer.Option(help="raw transactions the rows come from (default: data/current.parquet)")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="raw transactions the rows come from (default: data/current.parquet, else the served version's raw holdout)")] = None,
     model_name: ModelOpt = "fraud",
     grpc_url: Annotated[str, typer.Option(help="Triton gRPC address")] = "127.0.0.1:8001",
     http_url: Annotated[str, typer.Option(help="Triton HTTP address")] = "127.0.0.1:8000",
@@ -279,19 +294,23 @@ def loadtest(
 ) -> None:
     """Locust against a running Triton, requests built from the served model's signature; prints the SLO verdict
     (and the most frequent errors of failed requests) and exits 1 on any breach."""
+    import mlflow
+
     from loadtest.pipeline import loadtest_served_model
 
     ws = Workspace.resolve(workspace)
+    current = ws.data_dir / "current.parquet"
+    mlflow.set_tracking_uri(ws.tracking_uri)  # for the raw holdout when there is no data file
     result = loadtest_served_model(
-        ws.model_repository, model_name, data or ws.data_dir / "current.parquet", ws.reports_dir / "loadtest",
+        ws.model_repository, model_name, data or (current if current.is_file() else None), ws.reports_dir / "loadtest",
         grpc_url=grpc_url, http_url=http_url, protocols=tuple(protocol), users=users, duration_s=duration_s,
         slo_file=slo, overrides={"p99_ms": p99_ms, "max_error_rate": max_error_rate},
     )
+    from loadtest.errors import SLOBreachError
     from loadtest.runner import render_verdict
 
-    _emit(as_json, result_summary(result), [render_verdict(result)])
-    if not result.passed:
-        raise typer.Exit(EXIT_ERROR)
+    _emit(as_json, result_summary(result), [render_verdict(result)],
+          failure=None if result.passed else SLOBreachError.of(result))
 
 
 def result_summary(result) -> dict[str, Any]:
@@ -313,6 +332,7 @@ def drift(
 ) -> None:
     """Evidently drift report of a batch's features against the training reference; exit 3 on drift."""
     from monitoring.drift import run_drift_report
+    from monitoring.errors import DriftDetectedError
     from training.features import FRAUD_FEATURES
     from training.ingest import load_raw
 
@@ -322,12 +342,12 @@ def drift(
               for p in (reference or ws.data_dir / "train.parquet", current or ws.data_dir / "current.parquet")]
     result = run_drift_report(frames[0], frames[1], spec.names, ws.reports_dir, name=name, categorical=spec.categorical)
     verdict = "DRIFT DETECTED" if result.drift_detected else "no drift"
+    failure = DriftDetectedError(f"drift detected: {result.drifted_columns} of {result.total_columns} features of "
+                                 f"the batch drifted from the training reference; report: {result.html_path}")
     _emit(as_json, result.to_dict(), [
         f"{verdict}: {result.drifted_columns} of {result.total_columns} features drifted",
         f"report: {result.html_path}",
-    ])
-    if result.drift_detected:
-        raise typer.Exit(EXIT_DRIFT)
+    ], failure=failure if result.drift_detected else None)
 
 
 TritonUrlOpt = Annotated[
@@ -352,14 +372,15 @@ def _rollout(ws: Workspace, model_name: str, triton_url: str | None, retain: int
 
     from export.pipeline import ExportSettings
     from export.repository import ModelRepository
-    from registry.sync import SyncSettings, current_target
+    from registry.sync import SyncSettings, served_export
     from export.triton_config import ServingSettings
     from registry.rollout import rollout
 
     mlflow.set_tracking_uri(ws.tracking_uri)
     repo = ModelRepository(ws.model_repository)
     serving = ServingSettings(instance_kind=instance_kind) if instance_kind else ServingSettings()
-    export = ExportSettings(target=target or current_target(repo, model_name), serving=serving)
+    served = served_export(repo, model_name)
+    export = ExportSettings(**(served if target is None else {"target": target}), serving=serving)
     return rollout(model_name, repo, _model_control(triton_url), SyncSettings(retain_versions=retain, export=export))
 
 
@@ -375,6 +396,7 @@ def sync(
 ) -> None:
     """Make the Triton repository mirror the registry (aliases exported, champion served); idempotent."""
     ws = Workspace.resolve(workspace)
+    _stop_on_sigterm()
     result = _rollout(ws, model_name, triton_url, retain, target, instance_kind)
     _emit(as_json, result.to_dict(), [
         f"{model_name}: serving {list(result.served)}; aliases {result.aliases}; exported {list(result.exported)}; "
@@ -389,28 +411,29 @@ def promote(
     margin: Annotated[float, typer.Option(help="minimum improvement of the challenger")] = 0.0,
     force: Annotated[bool, typer.Option(help="promote even without the improvement (recorded)")] = False,
     reason: Annotated[str, typer.Option(help="why, for the audit log")] = "",
+    allow_signature_change: Annotated[bool, typer.Option(
+        help="promote a challenger whose inputs/outputs differ from the served model's (clients must switch too)")] = False,
     triton_url: TritonUrlOpt = None,
     retain: RetainOpt = 2,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Move `challenger` to `champion` if it beats it on the holdout and passes parity; then sync."""
+    """Move `challenger` to `champion` if it beats it on the holdout and passes parity; then sync.
+
+    If the sync or the Triton switch fails, the aliases are left exactly as before the command.
+    """
     import mlflow
 
-    from registry.promotion import AuditLog, promote as promote_version, rollback as rollback_version
+    from registry.promotion import AuditLog, promote as promote_version
     from export.repository import ModelRepository
-    from registry.rollout import RolloutError
 
     ws = Workspace.resolve(workspace)
     mlflow.set_tracking_uri(ws.tracking_uri)
-    audit = AuditLog(ws.audit_log)
-    event = promote_version(model_name, ModelRepository(ws.model_repository), audit, metric=metric,
-                            margin=margin, force=force, reason=reason)
-    try:
-        result = _rollout(ws, model_name, triton_url, retain)
-    except RolloutError:
-        rollback_version(model_name, audit, reason=f"automatic: version {event.to_version} failed to load in Triton")
-        raise
+    _stop_on_sigterm()
+    event, result = promote_version(model_name, ModelRepository(ws.model_repository), AuditLog(ws.audit_log),
+                                    metric=metric, margin=margin, force=force, reason=reason,
+                                    allow_signature_change=allow_signature_change,
+                                    deploy=lambda: _rollout(ws, model_name, triton_url, retain))
     m, metric = event.metrics, event.metric
     _emit(as_json, {"event": event.to_dict(), "sync": result.to_dict()}, [
         f"promoted {model_name} version {event.to_version} to champion (was {event.from_version})"
@@ -436,8 +459,9 @@ def rollback(
 
     ws = Workspace.resolve(workspace)
     mlflow.set_tracking_uri(ws.tracking_uri)
-    event = rollback_version(model_name, AuditLog(ws.audit_log), reason=reason)
-    result = _rollout(ws, model_name, triton_url, retain)
+    _stop_on_sigterm()
+    event, result = rollback_version(model_name, AuditLog(ws.audit_log), reason=reason,
+                                     deploy=lambda: _rollout(ws, model_name, triton_url, retain))
     _emit(as_json, {"event": event.to_dict(), "sync": result.to_dict()}, [
         f"rolled {model_name} champion back from version {event.from_version} to {event.to_version}",
         f"serving {list(result.served)}",
@@ -450,20 +474,25 @@ def models(
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List registered versions with their aliases and key metrics."""
+    """List registered versions with their aliases and key metrics, and any drift from the model repository."""
     import mlflow
 
+    from export.repository import ModelRepository
+    from registry.consistency import check
     from registry.versions import list_versions
 
     ws = Workspace.resolve(workspace)
     mlflow.set_tracking_uri(ws.tracking_uri)
     rows = list_versions(model_name)
+    drift = check(model_name, ModelRepository(ws.model_repository))
     lines = [f"{'version':>7}  {'aliases':<22} {'roc_auc':>8} {'pr_auc':>8} {'log_loss':>9}  run"]
     for r in rows:
         m = r["metrics"]
         lines.append(f"{r['version']:>7}  {','.join(r['aliases']) or '-':<22} {m.get('roc_auc', float('nan')):>8.4f} "
                      f"{m.get('pr_auc', float('nan')):>8.4f} {m.get('log_loss', float('nan')):>9.4f}  {r['run_id']}")
-    _emit(as_json, {"model_name": model_name, "versions": rows}, lines)
+    lines.append(f"repository serves {list(drift.served) or 'nothing'}; on disk {list(drift.on_disk)}")
+    lines += [f"drift: {problem}" for problem in drift.problems]
+    _emit(as_json, {"model_name": model_name, "versions": rows, "repository": drift.to_dict()}, lines)
 
 
 @app.command()
@@ -580,14 +609,37 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run() -> None:
-    """Console entry point: expected errors print one line and exit 1, without a traceback."""
+def run(argv: list[str] | None = None) -> None:
+    """Console entry point, and the one place errors become exit codes (`treeops.errors`).
+
+    Expected errors (`TreeopsError`, invalid settings, bad arguments) print one line `error: ...` on stderr, without
+    a traceback, and exit with their code; with `--json` a JSON object {error, kind, exit_code, ...} goes to stdout.
+    """
+    args = sys.argv[1:] if argv is None else argv
     try:
-        app()
-    except EXPECTED_ERRORS as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_ERROR)
+        code = app(args=args, prog_name="treeops", standalone_mode=False)
+    except TreeopsError as exc:
+        _fail(exc, "--json" in args)
     except pydantic.ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        typer.echo(f"error: invalid setting: {problems}", err=True)
-        sys.exit(EXIT_USAGE)
+        problems = "; ".join(": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, "))))
+                             for e in exc.errors())
+        _fail(InvalidSettingsError(f"invalid setting ({exc.title}): {problems}"), "--json" in args)
+    except NoArgsIsHelpError as exc:  # `treeops` or `treeops bench` alone: the help is the message
+        typer.echo(exc.format_message())
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # unknown option, bad or missing value: invalid arguments, exit 2
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _fail(InvalidSettingsError(exc.format_message() + hint), "--json" in args)
+    except typer.Abort:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(EXIT_ERROR)
+    if isinstance(code, int) and code:  # typer.Exit(N) and Ctrl-C (130) come back as the exit code
+        sys.exit(code)
+
+
+def _fail(exc: TreeopsError, as_json: bool) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    if as_json:
+        typer.echo(json.dumps(exc.to_dict(), indent=2, default=str))
+    sys.exit(exc.exit_code)
