@@ -93,7 +93,7 @@ class BenchSettings:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["model"] = self.model.to_dict()
-        out["serving"] = asdict(self.serving)
+        out["serving"] = self.serving.model_dump()
         out["triton"] = [a for a in self.triton.to_args(redact=True) if _is_tuning_flag(a)]
         out["model_source"] = str(self.model_source) if self.model_source else None
         out["perf_analyzer_path"] = str(self.perf_analyzer_path) if self.perf_analyzer_path else None

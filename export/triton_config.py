@@ -7,19 +7,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from google.protobuf import text_format
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import RepositoryError
 
 
-@dataclass(frozen=True)
-class ServingSettings:
-    """How Triton batches and places one model.
-
-    max_batch_size: largest batch Triton assembles (and largest request it accepts);
-    max_queue_delay_us: how long the dynamic batcher waits to fill a batch;
-    preferred_batch_sizes: batch sizes the batcher forms at once when it can;
-    instance_count / instance_kind: model instances and where they run.
+class ServingSettings(BaseSettings):
+    """How Triton batches and places one model. Env prefix `TREEOPS_SERVING_`; unknown fields and an unknown
+    `instance_kind` fail, naming the valid ones.
 
     Defaults measured with `loadtest.bench` (200 trees depth 6, 2 cores, client on the same machine):
     - max_queue_delay_us 0: a lone request no longer waits for company (Triton's queue time of a
@@ -33,13 +30,15 @@ class ServingSettings:
       (smaller batches). Each instance is a stub process of ~80 MB.
     """
 
-    max_batch_size: int = 1024
-    dynamic_batching: bool = True
-    max_queue_delay_us: int = 0
-    preferred_batch_sizes: tuple[int, ...] = ()
-    instance_count: int = 2
-    instance_kind: Literal["cpu", "gpu"] = "cpu"
-    warmup: bool = True
+    model_config = SettingsConfigDict(env_prefix="TREEOPS_SERVING_", extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(1024, ge=1, description="largest batch Triton assembles (and largest request it accepts)")
+    dynamic_batching: bool = Field(True, description="Triton's dynamic batcher on (off: its default scheduler)")
+    max_queue_delay_us: int = Field(0, ge=0, description="how long the dynamic batcher waits to fill a batch")
+    preferred_batch_sizes: tuple[int, ...] = Field((), description="batch sizes the batcher forms at once when it can")
+    instance_count: int = Field(2, ge=1, description="model instances")
+    instance_kind: Literal["cpu", "gpu"] = Field("cpu", description="where the instances run: cpu or gpu")
+    warmup: bool = Field(True, description="warm each instance up with batches of 1 and 64 zero rows at load")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from loadtest.errors import SLOError
 
 SLO_SUFFIXES = (".toml", ".json")
+#: Where a relative SLO path is looked for after the current folder: the checkout (or site-packages) holding
+#: `loadtest/`, so `--slo loadtest/slo-ci.toml` works from any folder, then `loadtest/` itself (`--slo slo-ci.toml`).
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def find_slo_file(path: Path) -> Path:
+    """`path` itself when it exists (relative to the current folder), else the first existing one of the package
+    locations; SLOError lists every place looked in when there is none."""
+    path = Path(path)
+    looked = [path] if path.is_absolute() else list(dict.fromkeys(
+        [Path.cwd() / path, _PACKAGE_DIR.parent / path, _PACKAGE_DIR / path.name]))
+    found = next((p for p in looked if p.is_file()), None)
+    if found is None:
+        raise SLOError(f"SLO file {path} does not exist; looked in {', '.join(map(str, looked))}; give a path to a "
+                       f".toml or .json file with any of: {', '.join(_CHECKS)}")
+    return found
 
 
 @dataclass(frozen=True)
@@ -77,10 +93,9 @@ class SLO(BaseModel):
         valid = ", ".join(_CHECKS)
         if path.suffix not in SLO_SUFFIXES:
             raise SLOError(f"SLO file {path} must end in {' or '.join(SLO_SUFFIXES)}")
+        path = find_slo_file(path)
         try:
             text = path.read_text()
-        except FileNotFoundError:
-            raise SLOError(f"SLO file {path} does not exist; create it with any of: {valid}") from None
         except OSError as exc:
             raise SLOError(f"cannot read SLO file {path}: {exc}") from exc
         try:

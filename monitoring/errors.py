@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from treeops.errors import EXIT_DRIFT, TreeopsError
 
-class MonitoringError(Exception):
+
+class MonitoringError(TreeopsError):
     """Base class for every error raised by ``monitoring``."""
 
 
@@ -36,6 +38,12 @@ class DriftInputError(MonitoringError):
             f"column `{column}` has non-numeric dtype {dtype} but is not listed in `categorical`; "
             "add it to `categorical` or cast it to a numeric type."
         )
+
+
+class DriftDetectedError(MonitoringError):
+    """A batch drifted from the training reference (exit 3); the message names how many features and the report."""
+
+    exit_code = EXIT_DRIFT
 
 
 class DriftReportError(MonitoringError):

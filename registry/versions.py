@@ -11,7 +11,7 @@ from typing import Any
 import polars as pl
 import xgboost as xgb
 
-from export.errors import ExportError, ModelNotFoundError
+from export.errors import ExportError, ModelFileError, ModelNotFoundError
 from training.errors import DataError
 from training.features import FittedFeatures, load_fitted
 from training.objectives import Objective
@@ -122,8 +122,11 @@ def load_bundle(ref: ModelVersionRef, scratch: Path) -> ModelBundle:
         raw_path = mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=RAW_HOLDOUT_ARTIFACT,
                                                        dst_path=str(scratch))
         raw_holdout = pl.read_parquet(raw_path)
-    except (MlflowException, OSError, ValueError, xgb.core.XGBoostError, pl.exceptions.PolarsError, DataError,
-            KeyError) as exc:
+    except xgb.core.XGBoostError as exc:  # its C++ message is a stack trace: one line naming the model instead
+        raise ModelFileError.unreadable(f"the booster file of model {ref.name!r} version {ref.version} "
+                                        f"({ref.source}, run {ref.run_id})", exc,
+                                        "retrain it or delete the version from the registry") from exc
+    except (MlflowException, OSError, ValueError, pl.exceptions.PolarsError, DataError, KeyError) as exc:
         raise ExportError(
             f"model {ref.name!r} version {ref.version} (run {ref.run_id}) has missing or corrupt artifacts: {exc}; "
             "retrain it or delete the version from the registry"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from treeops.errors import InvalidSettingsError, TreeopsError
 
-class ServerError(Exception):
+
+class ServerError(TreeopsError):
     """Base class for serving failures the CLI reports without a traceback."""
 
 
@@ -27,7 +29,7 @@ class StaleServerError(ServerError):
     """A tritonserver started earlier for the same workspace is still running."""
 
 
-class InsecureAdminError(ServerError):
+class InsecureAdminError(ServerError, InvalidSettingsError):
     """Triton would start with its admin APIs open: no admin key and no explicit opt-in."""
 
 

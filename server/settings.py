@@ -90,6 +90,14 @@ class TritonSettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_ports(self) -> TritonSettings:
+        ports = {"grpc_port": self.grpc_port, "http_port": self.http_port, "metrics_port": self.metrics_port}
+        if len(set(ports.values())) < len(ports):
+            given = ", ".join(f"{k} {v}" for k, v in ports.items())
+            raise ValueError(f"the gRPC, HTTP and metrics ports must differ ({given}); give each its own port")
+        return self
+
+    @model_validator(mode="after")
     def _check_tls(self) -> TritonSettings:
         tls = self.grpc_use_ssl or self.grpc_use_ssl_mutual
         if tls and (self.grpc_server_cert is None or self.grpc_server_key is None):

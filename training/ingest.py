@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +14,9 @@ from training.errors import DataError
 log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".csv", ".parquet")
+PARQUET_MAGIC = b"PAR1"
+#: Bytes of a CSV file checked for text: a binary file would otherwise become column names.
+SNIFF_BYTES = 64 * 1024
 
 
 def scan_table(path: Path | str) -> pl.LazyFrame:
@@ -26,6 +30,7 @@ def scan_table(path: Path | str) -> pl.LazyFrame:
         raise DataError(f"data file {path}: expected a {' or '.join(SUPPORTED_SUFFIXES)} file")
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty")
+    _require_format(path)
     try:
         if path.suffix.lower() == ".csv":
             lf = pl.scan_csv(path, infer_schema_length=10_000)
@@ -35,6 +40,25 @@ def scan_table(path: Path | str) -> pl.LazyFrame:
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise DataError(f"data file {path} cannot be read: {exc}") from exc
     return lf
+
+
+def _require_format(path: Path) -> None:
+    """A .parquet file starts with Parquet's magic bytes; a .csv file's first bytes are UTF-8 text without NUL."""
+    with path.open("rb") as f:
+        head = f.read(SNIFF_BYTES)
+    parquet = path.suffix.lower() == ".parquet"
+    if parquet:
+        ok = head.startswith(PARQUET_MAGIC)
+    else:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut multi-byte tail is fine
+            ok = b"\x00" not in head
+        except UnicodeDecodeError:
+            ok = False
+    if not ok:
+        what = "Parquet" if parquet else "UTF-8 text"
+        raise DataError(f"not a CSV/Parquet file: {path} (its first bytes are not {what}); "
+                        "give a UTF-8 CSV with a header row or a Parquet file")
 
 
 def _scan_remote(url: str) -> pl.LazyFrame:

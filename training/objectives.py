@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 from sklearn import metrics as skm
 
-from training.errors import DataError
+from training.errors import DataError, SettingsError
 
 Kind = Literal["binary", "multiclass", "regression"]
 KINDS: tuple[str, ...] = ("auto", "binary", "multiclass", "regression")
@@ -84,7 +84,7 @@ class Objective:
 def infer_objective(labels: pl.Series, requested: str = "auto", threshold: float = 0.5) -> Objective:
     """Pick the objective from the target column (or check the requested one fits it)."""
     if requested not in KINDS:
-        raise DataError(f"unknown objective {requested!r}; choose one of {list(KINDS)}")
+        raise SettingsError(f"unknown objective {requested!r}; choose one of {list(KINDS)}")
     labels = _plain(labels)
     name = labels.name
     if labels.null_count():
@@ -116,6 +116,21 @@ def infer_objective(labels: pl.Series, requested: str = "auto", threshold: float
         raise DataError(f"target column {name!r} has {len(classes)} distinct values, more than {MAX_CLASSES} classes; "
                         "did you mean --objective regression?")
     return Objective(kind, classes, threshold)  # type: ignore[arg-type]
+
+
+def check_target_values(raw: pl.LazyFrame, target: str, where: str, shown: int = 10) -> None:
+    """Refuse a target column with missing, NaN or infinite values, naming the column and the first rows (1-based,
+    in file order) that hold them; xgboost would only say "Label contains NaN, infinity or a value too large"."""
+    col = pl.col(target)
+    bad = col.is_null()
+    if raw.collect_schema()[target].is_float():
+        bad = bad | ~col.is_finite()
+    rows = raw.select(col).with_row_index("_row").filter(bad).select("_row").collect()["_row"]
+    if rows.len():
+        first = ", ".join(str(r + 1) for r in rows.head(shown).to_list())
+        more = f" and {rows.len() - shown} more" if rows.len() > shown else ""
+        raise DataError(f"target column {target!r} of {where} has {rows.len()} missing, NaN or infinite value(s) "
+                        f"(rows {first}{more}); fill or drop those rows")
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:

@@ -78,7 +78,7 @@ def train_and_register(
     if spec.name == FRAUD_FEATURES.name:
         report = enforce(validate_file(data, fraud_contract(target=target)), reports_dir)
     raw = load_raw(data, spec.raw_schema, (target,))
-    result = train_model(raw, spec, target, params)
+    result = train_model(raw, spec, target, params, source=str(data))
     tracking.configure(tracking_uri, artifact_root)
     sample = raw.head(1000).collect()
     registered = tracking.log_and_register(result, params, model_name, str(data), sample,

@@ -12,7 +12,7 @@ import xgboost as xgb
 
 from training.errors import DataError
 from training.features import FeatureSpec, FittedFeatures
-from training.objectives import Objective, infer_objective
+from training.objectives import Objective, check_target_values, infer_objective
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,14 @@ class TrainResult:
     rows: dict[str, int] = field(default_factory=dict)
 
 
-def train_model(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: TrainParams) -> TrainResult:
-    """Fit `spec`'s features to `target`; the newest rows are held out for validation and test."""
+def train_model(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: TrainParams,
+                source: str = "the data") -> TrainResult:
+    """Fit `spec`'s features to `target`; the newest rows are held out for validation and test.
+
+    `source` (the file) names where bad target values are."""
     if target not in raw.collect_schema():
         raise DataError(f"target column {target!r} is not in the data; columns: {list(raw.collect_schema())}")
+    check_target_values(raw, target, source)  # before sorting, so the rows it names are the file's
     ordered = raw.sort(list(spec.order_by)) if spec.order_by else raw
     # One pass from raw rows to features + label: the raw table is never held in memory as well.
     computed = spec.compute(ordered, keep=(target,)).collect()

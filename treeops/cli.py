@@ -571,8 +571,6 @@ def bench_serving(
     as_json: JsonOpt = False,
 ) -> None:
     """Serve a 200-tree forest on a real Triton: latency, throughput and overhead next to in-process floors."""
-    import dataclasses
-
     from export.triton_config import ServingSettings
     from bench.errors import SettingsError
     from bench.model import BenchModelSpec
@@ -591,7 +589,7 @@ def bench_serving(
 
     settings = BenchSettings(
         model=BenchModelSpec(trees=trees, depth=depth, features=features), target=target,
-        serving=dataclasses.replace(ServingSettings(), **overrides), concurrency=levels("--concurrency", concurrency),
+        serving=ServingSettings(**overrides), concurrency=levels("--concurrency", concurrency),
         step_s=step_s, sequential_requests=requests, health_requests=requests, batch_rows=batch_rows,
         batch_concurrency=batch_concurrency, client_processes=client_processes,
         triton=TritonSettings(summary_latencies=summary_latencies), perf_analyzer=perf_analyzer,

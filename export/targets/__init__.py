@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from export.errors import ExportError
+from export.errors import SettingsError
 from export.targets.base import ExportTarget
 from export.targets.fil import FilTarget
 from export.targets.native_compiled import NativeCompiledTarget
@@ -24,4 +24,4 @@ def get_target(name: str) -> ExportTarget:
     try:
         return TARGETS[name]()
     except KeyError:
-        raise ExportError(f"unknown export target {name!r}; choose one of {sorted(TARGETS)}") from None
+        raise SettingsError(f"unknown export target {name!r}; choose one of {sorted(TARGETS)}") from None

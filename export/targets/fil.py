@@ -20,7 +20,7 @@ import numpy as np
 import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.errors import UnsupportedModelError
+from export.errors import ModelFileError, UnsupportedModelError
 from export.booster import legacy_xgboost_json, task_of
 from export.parity import Scorer
 from export.targets.base import ExportTarget
@@ -54,7 +54,10 @@ class FilTarget(ExportTarget):
 
     def scorer(self, version_dir: Path) -> Scorer:
         """xgboost reading the written `xgboost.json`, shaped like the FIL output."""
-        booster = xgb.Booster(model_file=str(version_dir / MODEL_FILE))
+        try:
+            booster = xgb.Booster(model_file=str(version_dir / MODEL_FILE))
+        except xgb.core.XGBoostError as exc:
+            raise ModelFileError.unreadable(str(version_dir / MODEL_FILE), exc, "export the version again") from exc
         task = task_of(booster)
 
         def score(x: np.ndarray) -> np.ndarray:
