@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-
-class BenchError(Exception):
-    """Base class for benchmark failures the CLI reports in one line, without a traceback."""
+from treeops.errors import InvalidSettingsError, TreeopsError
 
 
-class SettingsError(BenchError):
-    """The benchmark settings, or the targets file, are unusable."""
+class BenchError(TreeopsError):
+    """Base class for benchmark failures the CLI reports in one line, without a traceback (exit 1)."""
+
+
+class SettingsError(InvalidSettingsError, BenchError):
+    """The benchmark settings, or the targets file, are unusable (exit 2)."""
 
 
 class RequestFailedError(BenchError):

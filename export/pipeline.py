@@ -7,18 +7,23 @@ import datetime as dt
 import logging
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from tritonclient.grpc import model_config_pb2 as mc
 
 from registry import versions as registry
-from export.errors import ExportError
+from export.errors import ExportError, RepositoryError
 from export.manifest import MANIFEST_KEY, file_manifest
 from export.parity import ParityReport, check_parity, gate_rows, require
-from export.repository import FEATURES_FILE, METADATA_FILE, PARITY_FILE, ModelRepository, write_json
+from export.repository import (CONFIG_FILE, FEATURES_FILE, METADATA_FILE, PARITY_FILE, ModelRepository,
+                               VersionConflictError, WrittenByAnotherRun, write_json)
 from export.raw_graph import raw_feeds, raw_inputs
+from export.signature import ServedSignature
 from export.targets import get_target
-from export.triton_config import ServingSettings, TensorSpec
+from export.triton_config import ServingSettings, TensorSpec, parse
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +34,18 @@ DEFAULT_TARGET = "native-compiled"
 RAW_INPUTS_TARGET = "python-onnx"
 
 
-@dataclass(frozen=True)
-class ExportSettings:
-    """Target, serving shape and parity limits for one export.
+class ExportSettings(BaseSettings):
+    """Target, serving shape and parity limits for one export. Env prefix `TREEOPS_EXPORT_`; unknown fields fail."""
 
-    target: an export target name (export.targets.TARGETS); None picks DEFAULT_TARGET, or
-    RAW_INPUTS_TARGET with `raw_inputs`.
-    """
+    model_config = SettingsConfigDict(env_prefix="TREEOPS_EXPORT_", extra="forbid", frozen=True)
 
-    target: str | None = None
-    serving: ServingSettings = field(default_factory=ServingSettings)
-    tolerance: float = 1e-5
-    raw_inputs: bool = False  # serve raw transaction fields; stateless features computed in the graph
+    target: str | None = Field(None, description="an export target name (export.targets.TARGETS); None picks "
+                               "DEFAULT_TARGET, or RAW_INPUTS_TARGET with raw_inputs")
+    serving: ServingSettings = Field(default_factory=ServingSettings, description="batching and instances")
+    tolerance: float = Field(1e-5, gt=0, description="largest |served - xgboost| the parity gate accepts")
+    raw_inputs: bool = Field(False, description="serve raw transaction fields; stateless features computed in the graph")
+    replace: bool = Field(False, description="replace a version already exported with another target or raw_inputs "
+                          "(atomically; refused for a version config.pbtxt serves)")
 
     @property
     def target_name(self) -> str:
@@ -58,6 +63,8 @@ class ExportResult:
     served_versions: tuple[int, ...]
     parity: ParityReport | None
     already_present: bool
+    replaced: bool = False
+    written_by_another_run: bool = False  # this run lost a race to write the same version, with the same settings
 
     def to_dict(self) -> dict:
         return {
@@ -68,6 +75,8 @@ class ExportResult:
             "served_versions": list(self.served_versions),
             "parity": self.parity.to_dict() if self.parity else None,
             "already_present": self.already_present,
+            "replaced": self.replaced,
+            "written_by_another_run": self.written_by_another_run,
         }
 
 
@@ -77,27 +86,48 @@ def export_version(
     *,
     alias: str | None = "champion",
     version: int | None = None,
-    settings: ExportSettings = ExportSettings(),
+    settings: ExportSettings | None = None,
+    keep_existing: bool = False,
 ) -> ExportResult:
     """Write `model_name@alias` (or `version`) as a repository version after the parity gate passes.
 
-    The version folder appears complete or not at all. A version already exported from the
-    same MLflow run is left as it is. The model's `config.pbtxt` is not touched.
+    The version folder appears complete or not at all. A version already exported from the same
+    MLflow run with the same target and raw_inputs is kept; with another target or raw_inputs it is
+    refused (VersionConflictError), or replaced atomically with `settings.replace`, or kept as it
+    is with `keep_existing` (sync and promotion: they serve what was exported). Stale staging
+    folders of dead exports are removed first. The model's `config.pbtxt` is not touched.
     """
+    settings = settings or ExportSettings()
     ref = registry.resolve(model_name, alias=alias, version=version)
     target = get_target(settings.target_name)
     report: ParityReport | None = None
-    present = ref.version in repository.versions(model_name)
-    if present:
+    repository.remove_stale_staging(model_name)
+    final = repository.version_dir(model_name, ref.version)
+    replacing = False
+    if ref.version in repository.versions(model_name):
         meta = repository.metadata(model_name, ref.version)
         if meta.get("run_id") != ref.run_id:
             raise ExportError(
-                f"{repository.version_dir(model_name, ref.version)} holds run {meta.get('run_id')}, but MLflow version "
+                f"{final} holds run {meta.get('run_id')}, but MLflow version "
                 f"{ref.version} is run {ref.run_id}: the repository belongs to another registry; use another --workspace"
             )
-        log.info("version %d of %s is already in the repository", ref.version, model_name)
-        return ExportResult(model_name, ref.version, ref.aliases, repository.version_dir(model_name, ref.version),
-                            (), None, True)
+        if keep_existing or _same_format(meta, settings):
+            log.info("version %d of %s is already in the repository", ref.version, model_name)
+            return ExportResult(model_name, ref.version, ref.aliases, final, (), None, True)
+        asked = f"target {settings.target_name}, raw_inputs {settings.raw_inputs}"
+        there = f"target {meta.get('target')}, raw_inputs {bool(meta.get('raw_inputs'))}"
+        if not settings.replace:
+            raise VersionConflictError(
+                f"{final} holds {there}, but this export asks for {asked}; nothing was written. "
+                "Pass --replace to replace it, or export the other format under a new --model-name"
+            )
+        if ref.version in served_versions(repository, model_name):
+            raise VersionConflictError(
+                f"{final} ({there}) is served by {repository.model_dir(model_name) / 'config.pbtxt'}; replacing "
+                f"it with {asked} would swap a loaded version's files and signature under Triton. Promote "
+                "another version first, or export the other format under a new --model-name"
+            )
+        replacing = True
     with tempfile.TemporaryDirectory(prefix="treeops-export-") as scratch:
         bundle = registry.load_bundle(ref, Path(scratch))
     n_features = len(bundle.fitted.spec.names)
@@ -111,39 +141,78 @@ def export_version(
     raw = bundle.fitted if settings.raw_inputs else None
     target.require_feature_tensor(raw)  # before any file is written
     inputs = [r.tensor_spec() for r in raw_inputs(raw)] if raw is not None else None
-    with repository.stage_version(model_name, ref.version) as staging:
-        target.write_artifacts(bundle.booster, n_features, staging, raw)
-        if raw is not None:
-            report = _raw_parity(bundle, target.raw_scorer(staging), settings.tolerance)
-        elif (scorer := target.scorer(staging)) is not None:
-            rows = gate_rows(bundle.booster, bundle.fitted.matrix(bundle.holdout), categorical=categorical)
-            report = check_parity(bundle.booster, scorer, rows, tolerance=settings.tolerance,
-                                  threshold=bundle.objective.threshold)
-        if report is not None:
-            write_json(staging / PARITY_FILE, report.to_dict())
-            require(report, f"{settings.target_name} export of {model_name} version {ref.version}")
-        write_json(staging / FEATURES_FILE, bundle.features)
-        write_json(staging / METADATA_FILE, {
-            "model_name": model_name,
-            "version": ref.version,
-            "run_id": ref.run_id,
-            "target": settings.target_name,
-            "n_features": n_features,
-            "n_outputs": bundle.objective.n_outputs,
-            "input_name": target.input_name,
-            "raw_inputs": raw is not None,
-            "inputs": [dataclasses.asdict(t) for t in inputs] if inputs else None,
-            "output_name": target.output_name,
-            "objective": bundle.objective.to_dict(),
-            "aliases_at_export": list(ref.aliases),
-            "feature_spec_hash": bundle.features.get("spec_hash"),
-            "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            MANIFEST_KEY: file_manifest(staging),  # checked by the backends before they load anything
-        })
+    signature = ServedSignature.from_config(target.model_config(
+        model_name, n_features, bundle.objective.n_outputs, settings.serving, [ref.version], {}, inputs=inputs))
+    try:
+        with repository.stage_version(model_name, ref.version, replace=replacing) as staging:
+            target.write_artifacts(bundle.booster, n_features, staging, raw)
+            if raw is not None:
+                report = _raw_parity(bundle, target.raw_scorer(staging), settings.tolerance)
+            elif (scorer := target.scorer(staging)) is not None:
+                rows = gate_rows(bundle.booster, bundle.fitted.matrix(bundle.holdout), categorical=categorical)
+                report = check_parity(bundle.booster, scorer, rows, tolerance=settings.tolerance,
+                                      threshold=bundle.objective.threshold)
+            if report is not None:
+                write_json(staging / PARITY_FILE, report.to_dict())
+                require(report, f"{settings.target_name} export of {model_name} version {ref.version}")
+            write_json(staging / FEATURES_FILE, bundle.features)
+            write_json(staging / METADATA_FILE, {
+                "model_name": model_name,
+                "version": ref.version,
+                "run_id": ref.run_id,
+                "target": settings.target_name,
+                "n_features": n_features,
+                "n_outputs": bundle.objective.n_outputs,
+                "input_name": target.input_name,
+                "raw_inputs": raw is not None,
+                "inputs": [dataclasses.asdict(t) for t in inputs] if inputs else None,
+                "output_name": target.output_name,
+                "objective": bundle.objective.to_dict(),
+                "aliases_at_export": list(ref.aliases),
+                "feature_spec_hash": bundle.features.get("spec_hash"),
+                "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "signature": signature.to_dict(),  # what clients of this version send and get back
+                MANIFEST_KEY: file_manifest(staging),  # checked by the backends before they load anything
+            })
+    except WrittenByAnotherRun:
+        meta = repository.metadata(model_name, ref.version)
+        if meta.get("run_id") != ref.run_id or not _same_format(meta, settings):
+            raise VersionConflictError(
+                f"{final} was written by another run meanwhile, with target {meta.get('target')} and raw_inputs "
+                f"{bool(meta.get('raw_inputs'))}; this run (target {settings.target_name}, raw_inputs "
+                f"{settings.raw_inputs}) wrote nothing. Pass --replace to replace it"
+            ) from None
+        log.info("version %d of %s was written by another run meanwhile; kept it", ref.version, model_name)
+        return ExportResult(model_name, ref.version, ref.aliases, final, (), None, True, written_by_another_run=True)
     if report is not None:
         _log_parity(ref.run_id, report)
-    return ExportResult(model_name, ref.version, ref.aliases, repository.version_dir(model_name, ref.version),
-                        (), report, False)
+    return ExportResult(model_name, ref.version, ref.aliases, final, (), report, False, replaced=replacing)
+
+
+def _same_format(meta: Mapping[str, object], settings: ExportSettings) -> bool:
+    """Whether an exported version's metadata has the target and raw_inputs `settings` ask for."""
+    return meta.get("target") == settings.target_name and bool(meta.get("raw_inputs")) == settings.raw_inputs
+
+
+def served_versions(repository: ModelRepository, model_name: str) -> tuple[int, ...]:
+    """The versions `<model>/config.pbtxt` serves (first: the champion); empty without a config."""
+    cfg = served_config(repository, model_name)
+    return tuple(cfg.version_policy.specific.versions) if cfg is not None else ()
+
+
+def served_config(repository: ModelRepository, model_name: str) -> mc.ModelConfig | None:
+    """The parsed `<model>/config.pbtxt`, or None when the model has none."""
+    text = repository.read_config(model_name)
+    return parse(text, source=str(repository.model_dir(model_name) / CONFIG_FILE)) if text else None
+
+
+def version_signature(repository: ModelRepository, model_name: str, version: int) -> ServedSignature:
+    """The signature an exported version serves, as its `treeops.json` records it."""
+    meta = repository.metadata(model_name, version)
+    if "signature" not in meta:
+        raise RepositoryError(f"{repository.version_dir(model_name, version) / METADATA_FILE} records no signature "
+                              f"(exported by an older treeops); re-export version {version} with --replace")
+    return ServedSignature.from_dict(meta["signature"])
 
 
 def write_served_config(
@@ -177,9 +246,10 @@ def export_model(
     *,
     alias: str | None = "champion",
     version: int | None = None,
-    settings: ExportSettings = ExportSettings(),
+    settings: ExportSettings | None = None,
 ) -> ExportResult:
     """`export_version`, then serve the champion (or this version while there is no exported champion)."""
+    settings = settings or ExportSettings()
     result = export_version(model_name, repository, alias=alias, version=version, settings=settings)
     aliases = registry.aliases(model_name)
     champion = aliases.get("champion")

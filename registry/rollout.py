@@ -30,7 +30,7 @@ def rollout(
     model_name: str,
     repository: ModelRepository,
     triton: ModelControl | None,
-    settings: SyncSettings = SyncSettings(),
+    settings: SyncSettings | None = None,
     timeout_s: float = 120.0,
 ) -> SyncResult:
     """Sync the repository to the registry; with a Triton, load the new config and wait until it serves.
@@ -39,6 +39,7 @@ def rollout(
     no failed request. If the load fails, the previous `config.pbtxt` is put back and reloaded,
     and RolloutError is raised; versions are pruned only after a successful switch.
     """
+    settings = settings or SyncSettings()
     result = sync_repository(model_name, repository, settings)
     if triton is not None and (result.config_changed or result.exported):
         try:

@@ -3,30 +3,33 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from registry import versions as registry
 from export.errors import ModelNotFoundError
-from export.pipeline import ExportSettings, export_version, write_served_config
+from export.pipeline import ExportSettings, export_version, served_versions, write_served_config
 from export.repository import ModelRepository
-from export.triton_config import parse
 from registry.aliases import CHALLENGER, CHAMPION
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SyncSettings:
-    """retain_versions: exported versions without an alias kept on disk (newest first) for fast rollback;
-    serve_challenger: also load the challenger (clients must then ask for the champion version explicitly,
-    since Triton answers unversioned requests with the highest loaded version)."""
+class SyncSettings(BaseSettings):
+    """How a sync mirrors the registry. Env prefix `TREEOPS_SYNC_`; unknown fields fail."""
 
-    retain_versions: int = 2
-    serve_challenger: bool = False
-    export: ExportSettings = field(default_factory=ExportSettings)
+    model_config = SettingsConfigDict(env_prefix="TREEOPS_SYNC_", extra="forbid", frozen=True)
+
+    retain_versions: int = Field(2, ge=0, description="exported versions without an alias kept on disk (newest "
+                                 "first) for fast rollback")
+    serve_challenger: bool = Field(False, description="also load the challenger (clients must then ask for the "
+                                   "champion version explicitly: Triton answers unversioned requests with the "
+                                   "highest loaded version)")
+    export: ExportSettings = Field(default_factory=ExportSettings, description="how versions not yet on disk are "
+                                   "exported; versions already there are served as they were exported")
 
 
 @dataclass(frozen=True)
@@ -46,17 +49,21 @@ class SyncResult:
                 "exported": list(self.exported), "config_changed": self.config_changed, "pruned": list(self.pruned)}
 
 
-def sync_repository(model_name: str, repository: ModelRepository, settings: SyncSettings = SyncSettings()) -> SyncResult:
+def sync_repository(model_name: str, repository: ModelRepository, settings: SyncSettings | None = None) -> SyncResult:
     """Export every alias-carrying version (parity-gated, atomic) and point the config at the champion.
 
-    Idempotent: a second run exports nothing and leaves the config text unchanged.
+    Idempotent: a second run exports nothing and leaves the config text unchanged. Staging
+    folders left by dead exports are removed.
     """
+    settings = settings or SyncSettings()
     aliases = registry.aliases(model_name)
     if CHAMPION not in aliases:
         raise ModelNotFoundError(f"model {model_name!r} has no {CHAMPION!r} alias; aliases: {aliases or 'none'}")
+    repository.remove_stale_staging(model_name)
     exported = []
     for alias in sorted(aliases, key=lambda a: a != CHAMPION):
-        result = export_version(model_name, repository, version=aliases[alias], settings=settings.export)
+        result = export_version(model_name, repository, version=aliases[alias], settings=settings.export,
+                                keep_existing=True)
         if not result.already_present:
             exported.append(result.version)
     served = [aliases[CHAMPION]]
@@ -68,14 +75,16 @@ def sync_repository(model_name: str, repository: ModelRepository, settings: Sync
     return SyncResult(model_name, tuple(served), aliases, tuple(exported), previous, changed)
 
 
-def current_target(repository: ModelRepository, model_name: str) -> str | None:
-    """The export target of the version the repository's config serves, if any."""
-    text = repository.read_config(model_name)
-    if not text:
-        return None
-    cfg = parse(text, source=str(repository.model_dir(model_name) / "config.pbtxt"))
-    versions = list(cfg.version_policy.specific.versions)
-    return repository.metadata(model_name, versions[0]).get("target") if versions else None
+def served_export(repository: ModelRepository, model_name: str) -> dict[str, object]:
+    """ExportSettings fields (target, raw_inputs) of the version the repository's config serves; {} if none.
+
+    New versions exported by sync and promotion take them, so they keep the served signature.
+    """
+    served = served_versions(repository, model_name)
+    if not served:
+        return {}
+    meta = repository.metadata(model_name, served[0])
+    return {"target": meta.get("target"), "raw_inputs": bool(meta.get("raw_inputs"))}
 
 
 def prune(model_name: str, repository: ModelRepository, keep: Iterable[int], retain: int) -> tuple[int, ...]:
@@ -88,10 +97,7 @@ def prune(model_name: str, repository: ModelRepository, keep: Iterable[int], ret
     others = sorted((v for v in repository.versions(model_name) if v not in keep), reverse=True)
     doomed = others[retain:]
     for version in doomed:
-        folder = repository.version_dir(model_name, version)
-        trash = folder.with_name(f".trash-{version}-{uuid.uuid4().hex[:8]}")
-        folder.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        repository.remove_version(model_name, version)
     if doomed:
         log.info("pruned %s versions %s", model_name, doomed)
     return tuple(doomed)

@@ -112,7 +112,9 @@ min = 1
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["python-compiled", "python-onnx"])
 def test_benchmark_with_python_backend_targets_and_two_client_processes(target, tmp_path):
-    settings = _tiny(target=target, client_processes=2, concurrency=(4,), reference_client=False, perf_analyzer=False,
+    # python-onnx: a perf_analyzer that fails (/bin/false) must leave a note and the light client's figures.
+    settings = _tiny(target=target, client_processes=2, concurrency=(4,), reference_client=False,
+                     perf_analyzer=target == "python-onnx", perf_analyzer_path=Path("/bin/false"),
                      serving=ServingSettings(max_batch_size=64, max_queue_delay_us=0, instance_count=2,
                                              dynamic_batching=False))
     result = run_serving_benchmark(settings, workdir=tmp_path / "work")
@@ -125,7 +127,12 @@ def test_benchmark_with_python_backend_targets_and_two_client_processes(target, 
     config = (tmp_path / "work" / "model_repository" / "bench" / "config.pbtxt").read_text()
     assert 'backend: "python"' in config and "dynamic_batching" not in config
     assert ('key: "runtime"' in config) == (target == "python-compiled")
-    assert result.perf_analyzer == [] and result.perf_analyzer_note is None  # not asked for
+    assert result.perf_analyzer == []
+    if target == "python-onnx":
+        assert result.perf_analyzer_note.startswith("perf_analyzer c2 exited with code 1: ")
+        assert f"perf_analyzer: {result.perf_analyzer_note}" in result.lines()
+    else:
+        assert result.perf_analyzer_note is None  # not asked for
 
 
 def test_compiled_forest_passes_the_parity_gate(tmp_path):
@@ -153,7 +160,7 @@ def test_invalid_settings_list_every_problem(tmp_path):
 def test_unknown_target_on_the_command_line_is_one_line(tmp_path):
     done = subprocess.run([str(Path(sys.executable).with_name("treeops")), "bench", "serving", "--target", "compiled",
                            "--workspace", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]  # invalid settings
     assert "target must be one of native-compiled, python-onnx, python-compiled, got 'compiled'" in done.stderr
 
 
