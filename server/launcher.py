@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 #: Triton 2.51 logs this once no inference is in flight on shutdown, right before it unloads every model.
 UNLOADING_LINE = b"All models are stopped, unloading models"
+#: Prefix of the shared-memory files the Python backend creates in /dev/shm (one per model instance).
+PYTHON_BACKEND_SHM = "/dev/shm/triton_python_backend_shm_region_"
 
 
 class TritonServer:
@@ -168,6 +170,7 @@ class TritonServer:
         if proc is None:
             return
         ours = proc.poll() is None
+        regions = _shared_memory_regions(proc.pid)
         if ours and graceful:
             log_offset = self._log_size()
             proc.send_signal(signal.SIGTERM)
@@ -175,6 +178,9 @@ class TritonServer:
                 log.warning("tritonserver did not finish its in-flight requests in time; killing it")
         _kill_group(proc.pid)
         proc.wait()
+        _await_group_gone(proc.pid, timeout_s=5)
+        for region in regions:  # what the killed unload did not get to remove
+            region.unlink(missing_ok=True)
         self.record_path.unlink(missing_ok=True)
         if ours or proc.returncode == 0:
             log.info("Triton stopped")
@@ -298,6 +304,34 @@ def _proc_hides_other_users(mounts: Path = Path("/proc/mounts")) -> bool:
             options = dict(o.partition("=")[::2] for o in fields[3].split(","))
             return options.get("hidepid", "0") not in {"0", "off"}
     return False
+
+
+def _await_group_gone(pgid: int, timeout_s: float) -> None:
+    """Wait until no process of group `pgid` is left, not even a zombie (killed stubs wait for init to reap them)."""
+    deadline = time.monotonic() + timeout_s
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                members.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return members
+
+
+def _shared_memory_regions(pid: int) -> set[Path]:
+    """The Python backend's /dev/shm regions that tritonserver `pid` has mapped (empty once it is gone)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return set()
+    paths = (line.split(maxsplit=5)[-1] for line in maps.splitlines() if PYTHON_BACKEND_SHM in line)
+    return {Path(p) for p in paths if not p.endswith(" (deleted)")}
 
 
 def _die_with(parent_pid: int) -> Callable[[], None]:

@@ -193,6 +193,23 @@ def test_exit_descriptions():
     assert describe_exit(3) == "exited with code 3"
 
 
+def test_stopping_a_python_backend_model_leaves_no_shared_memory(trained, tmp_path):
+    """The launcher kills Triton mid-unload (below); what the unload would have removed, it removes."""
+    import mlflow
+
+    from export.pipeline import ExportSettings, export_model
+    from export.repository import ModelRepository
+
+    mlflow.set_tracking_uri(trained.ws.tracking_uri)
+    repository = ModelRepository(tmp_path / "model_repository")
+    export_model(MODEL, repository, settings=ExportSettings(target="python-onnx"))
+    with serving(trained.ws, tmp_path / "triton.log", repository=repository.root) as server:
+        maps = Path(f"/proc/{server.pid}/maps").read_text()
+        regions = {Path(line.split()[-1]) for line in maps.splitlines() if "triton_python_backend_shm_region_" in line}
+        assert regions and all(r.exists() for r in regions), "a Python-backend model maps its /dev/shm region"
+    assert not [r for r in regions if r.exists()], "stop left the Python backend's shared memory in /dev/shm"
+
+
 def test_shutdown_answers_unavailable_not_not_found(trained, tmp_path):
     """Measured on Triton 2.51 without the launcher's kill: ~1 s of NOT_FOUND "no available versions"."""
     with serving(trained.ws, tmp_path / "triton.log") as server:
