@@ -19,6 +19,7 @@ from export.targets import TARGETS, get_target
 from export.booster import legacy_xgboost_json
 from export.targets.fil import MODEL_FILE
 from export.triton_config import ServingSettings, parse, render
+from server.admin import AdminClient
 from triton_fixtures import serving
 
 N_FEATURES = 6
@@ -132,8 +133,9 @@ def test_real_triton_accepts_the_native_configs_up_to_the_missing_backend(traine
         repo.write_config(target.model_config(f"m_{name}", N_FEATURES, 2, ServingSettings(), [1], {}))
     with serving(trained.ws, tmp_path / "triton.log", repository=root, strict_readiness=False,
                  exit_on_error=False) as server:
+        with AdminClient.from_settings(server.settings) as admin:  # the repository index is an admin API
+            index = {m.name: m for m in admin.repository_index()}
         client = grpcclient.InferenceServerClient(server.settings.grpc_url)
-        index = {m.name: m for m in client.get_model_repository_index().models}
         for name, backend in (("m_onnxruntime", "onnxruntime"), ("m_fil", "fil")):
             assert index[name].state == "UNAVAILABLE", index[name]
             assert f"unable to find backend library for backend '{backend}'" in index[name].reason, index[name]
