@@ -25,7 +25,7 @@ from export.signature import ServedSignature
 from export.targets.fil import FilTarget
 from export.triton_config import ServingSettings, parse
 from server.client import AsyncScoringClient, ScoringClient, load_features
-from server.launcher import TritonServer
+from server.launcher import TritonServer, free_port
 from training.features import FittedFeatures
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.ingest import load_raw
@@ -147,6 +147,14 @@ def test_treeops_loadtest_drives_every_target_over_grpc_and_http(served, treeops
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout)
     assert out["passed"] and out["requests"] > 0 and out["failures"] == 0 and out["errors"] == []
+
+
+@pytest.mark.triton
+def test_treeops_loadtest_that_cannot_read_the_signature_says_why(served, treeops):
+    url = f"127.0.0.1:{free_port()}"
+    proc = treeops("loadtest", "--model-name", "raw", "--grpc-url", url, "--duration-s", "1", workspace=served.ws.root)
+    assert proc.returncode == 1
+    assert f"cannot read model 'raw''s signature from Triton at {url} (grpc): StatusCode.UNAVAILABLE" in proc.stderr
 
 
 @pytest.mark.triton
