@@ -8,7 +8,7 @@ import pytest
 from training.errors import DataError
 from training.features import RAW_SCHEMA
 from training.generate import GenerateSpec, generate_transactions
-from training.ingest import load_raw
+from training.ingest import SNIFF_BYTES, load_raw, scan_table
 
 
 @pytest.fixture()
@@ -24,6 +24,22 @@ def test_csv_and_parquet_load_the_same(tmp_path, frame):
     assert dict(a.select(*RAW_SCHEMA).schema) == dict(b.select(*RAW_SCHEMA).schema) == RAW_SCHEMA
     assert a.select(*RAW_SCHEMA).equals(b.select(*RAW_SCHEMA))
     assert a["is_fraud"].to_list() == b["is_fraud"].to_list()
+
+
+@pytest.mark.parametrize("name", ["data.csv", "data.parquet"])
+def test_binary_file_is_not_a_csv_or_parquet_file(tmp_path, name):
+    """An executable named .csv used to become its bytes as column names; a .parquet one a reader error."""
+    path = tmp_path / name
+    path.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    with pytest.raises(DataError, match=f"^not a CSV/Parquet file: {path} "):
+        load_raw(path, RAW_SCHEMA)
+
+
+def test_utf8_csv_cut_inside_a_character_at_the_sniffed_length_is_text(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("a\nx" + "é" * 40_000 + "\n", encoding="utf-8")  # 2-byte chars start at odd offsets
+    assert path.read_bytes()[SNIFF_BYTES - 1] == "é".encode()[0]  # the sniffed bytes end inside a character
+    assert scan_table(path).collect().height == 1
 
 
 def test_missing_file(tmp_path):
