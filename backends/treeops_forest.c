@@ -102,7 +102,6 @@ extern TRITONSERVER_Error* TRITONBACKEND_InputBuffer(TRITONBACKEND_Input* input,
                                                     int* memory_type, int64_t* memory_type_id);
 extern TRITONSERVER_Error* TRITONBACKEND_ResponseNew(TRITONBACKEND_Response** response,
                                                     TRITONBACKEND_Request* request);
-extern TRITONSERVER_Error* TRITONBACKEND_ResponseDelete(TRITONBACKEND_Response* response);
 extern TRITONSERVER_Error* TRITONBACKEND_ResponseOutput(TRITONBACKEND_Response* response,
                                                        TRITONBACKEND_Output** output, const char* name,
                                                        const int datatype, const int64_t* shape,

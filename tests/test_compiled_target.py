@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -16,9 +15,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from export.errors import UnsupportedModelError
-from export.native_backend import BACKEND_LIBRARY
 from export.manifest import MANIFEST_KEY, file_manifest
-from export.native_backend import build_backend
+from export.native_backend import BACKEND_LIBRARY, build_backend
 from export.pipeline import ExportSettings, export_model, write_served_config
 from export.repository import METADATA_FILE, ModelRepository, write_json
 from export.targets import get_target
