@@ -1,6 +1,6 @@
 """A tl2cgen-compiled forest served by treeops' own Triton backend (C): no Python in the request path.
 
-The fastest target here (loadtest/bench.py): Triton calls the forest in its own process instead
+The fastest target here (`treeops bench serving`, bench/): Triton calls the forest in its own process instead
 of passing each batch to a Python-backend stub. Needs tl2cgen and a C compiler at export time;
 the version folder (forest.so + libtriton_treeops_forest.so) is specific to the exporting
 machine's architecture and runs on CPU instances.
