@@ -36,6 +36,7 @@ HOLDOUT_MAX_ROWS = 1_000_000
 ROWS_PER_PARTITION = 5_000_000
 TRAIN, VALID, TEST = 0, 1, 2
 _SPLIT = "__split"
+_PROBES = 256
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def dask_client(settings: DaskSettings) -> Iterator[Any]:
         return
     with dask.config.set({"distributed.scheduler.work-stealing": False}):
         cluster = LocalCluster(n_workers=settings.workers, threads_per_worker=settings.threads_per_worker,
-                               processes=True, dashboard_address=None, memory_limit=settings.memory_limit)
+                               processes=True, dashboard_address=":0", memory_limit=settings.memory_limit)
     try:
         with Client(cluster) as client:
             yield client
@@ -159,16 +160,21 @@ def global_split(parts: Partitions, n: int, params: TrainParams) -> Split:
 
 
 def _kth_key(parts: Partitions, k: int) -> tuple:
-    """The order key of the row at global position k (0-based): binary search on the first order column."""
+    """The order key of the row at global position k (0-based).
+
+    A search on the first order column: each round asks every partition (sorted, so a binary search
+    there) how many rows lie at or below 256 probes, and narrows to one probe interval; then the rows
+    that tie on the found value are sorted by the full key.
+    """
     bounds = parts.gather(_first_bounds)
     lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
-    while lo < hi:  # smallest t with count(first <= t) > k
-        mid = (lo + hi) // 2
-        if sum(parts.gather(_count_first_le, mid)) > k:
-            hi = mid
-        else:
-            lo = mid + 1
-    before = sum(parts.gather(_count_first_le, lo - 1))
+    while lo < hi:  # invariant: count(first <= hi) > k, count(first <= lo - 1) <= k
+        probes = np.unique(np.append(np.clip(np.linspace(lo, hi, _PROBES).astype(np.int64), lo, hi), hi))
+        counts = np.sum(parts.gather(_count_first_le, probes), axis=0)
+        above = int(np.argmax(counts > k))  # the first probe past position k (hi itself qualifies)
+        hi = int(probes[above])
+        lo = int(probes[above - 1]) + 1 if above else hi  # probes[0] is lo
+    before = int(np.sum(parts.gather(_count_first_le, np.array([lo - 1]))))
     tied = pl.concat(parts.gather(_rows_with_first, lo)).sort(pl.all())
     return tuple(tied.row(k - before))
 
@@ -182,8 +188,9 @@ def _first_bounds(part: pl.DataFrame) -> tuple[int, int]:
     return (int(first.min()), int(first.max())) if len(first) else (2**62, -(2**62))
 
 
-def _count_first_le(part: pl.DataFrame, t: int) -> int:
-    return int((_first_physical(part) <= t).sum())
+def _count_first_le(part: pl.DataFrame, probes: np.ndarray) -> np.ndarray:
+    """Rows whose first order column is <= each probe (the partition is sorted by it)."""
+    return np.searchsorted(_first_physical(part).to_numpy(), probes, side="right")
 
 
 def _rows_with_first(part: pl.DataFrame, t: int) -> pl.DataFrame:
