@@ -14,8 +14,15 @@ from pathlib import Path
 import polars as pl
 
 from training.dataset import ParquetDataset, open_dataset
-from training.distributed import (DaskSettings, dask_client, default_partitions, load_partitions, peak_rss_mib,
-                                  sorted_workers, train_distributed)
+from training.distributed import (
+    DaskSettings,
+    dask_client,
+    default_partitions,
+    load_partitions,
+    peak_rss_mib,
+    sorted_workers,
+    train_distributed,
+)
 from training.features import FRAUD_FEATURES
 from training.generate import GenerateSpec, generate_to_file
 from training.train import TrainParams

@@ -54,9 +54,6 @@ class DaskSettings:
     connect_timeout_s: float = 10.0
     memory_limit: str = "auto"
 
-    def describe(self) -> dict[str, str]:
-        return {"engine": "dask", "scheduler": self.scheduler or "local"}
-
 
 @contextmanager
 def dask_client(settings: DaskSettings) -> Iterator[Any]:
