@@ -45,11 +45,19 @@ def test_train_on_missing_file_fails_cleanly(tmp_path, treeops):
     assert _registered_models(tmp_path) == []
 
 
+def _one_error_line(stderr: str) -> str:
+    """The `error: ...` line of a failed command, checked to be its only one and without a traceback or usage."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr and "Usage:" not in stderr and "[bt]" not in stderr, stderr
+    return errors[0]
+
+
 def test_train_on_bad_column_registers_nothing(tmp_path, treeops):
     data = tmp_path / "bad.parquet"
     generate_transactions(GenerateSpec(rows=500, seed=2)).drop("country").write_parquet(data)
     out = treeops("train", "--data", str(data), workspace=tmp_path)
-    assert out.returncode == 1
+    assert out.returncode == 4  # a contract violation, as from `validate`
     assert "bad.parquet FAILED contract" in out.stderr and "country present" in out.stderr
     assert _registered_models(tmp_path) == []
 
@@ -74,7 +82,7 @@ def test_serve_on_a_taken_port_says_how_to_fix(tmp_path, treeops):
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        out = treeops("serve", "--grpc-port", str(port), "--http-port", str(free_port()),
+        out = treeops("serve", "--insecure-admin", "--grpc-port", str(port), "--http-port", str(free_port()),
                       "--metrics-port", str(free_port()), workspace=tmp_path)
     assert out.returncode == 1
     assert f"gRPC port {port}" in out.stderr and "--grpc-port" in out.stderr
@@ -83,7 +91,66 @@ def test_serve_on_a_taken_port_says_how_to_fix(tmp_path, treeops):
 def test_invalid_setting_is_reported_without_traceback(tmp_path, treeops):
     out = treeops("serve", "--http-port", "0", workspace=tmp_path)
     assert out.returncode == 2
-    assert "invalid setting: http_port" in out.stderr and "Traceback" not in out.stderr
+    assert "invalid setting (TritonSettings): http_port" in _one_error_line(out.stderr)
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_the_same_port_twice_is_an_invalid_setting_not_tritons_usage(command, tmp_path, treeops):
+    port = str(free_port())
+    out = treeops(command, "--grpc-port", port, "--http-port", port, "--metrics-port", str(free_port()),
+                  workspace=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert f"ports must differ (grpc_port {port}, http_port {port}" in _one_error_line(out.stderr)
+
+
+@pytest.mark.parametrize(("args", "code", "kind", "message"), [
+    (["train", "--data", "missing.csv"], 1, "DataError", "missing.csv does not exist"),
+    (["train", "--data", "x.csv", "--engine", "spark"], 2, "InvalidSettingsError", "unknown engine 'spark'"),
+    (["train", "--data", "x.csv", "--no-such-flag"], 2, "InvalidSettingsError", "No such option: --no-such-flag"),
+    (["serve", "--http-port", "0"], 2, "InvalidSettingsError", "invalid setting (TritonSettings): http_port"),
+    (["score", "--data", "missing.parquet"], 1, "ScoringError", "is not in the repository"),
+    (["models", "--model-name", "nope"], 1, "ModelNotFoundError", "nope"),
+])
+def test_json_failure_is_one_error_object_on_stdout(args, code, kind, message, tmp_path, treeops):
+    out = treeops(*args, "--json", workspace=tmp_path)
+    assert out.returncode == code, out.stderr
+    body = json.loads(out.stdout)
+    assert body["exit_code"] == code and body["kind"] == kind and message in body["error"], body
+    assert body["error"] in _one_error_line(out.stderr)
+
+
+def test_binary_data_file_and_nan_target_are_one_line_data_errors(tmp_path, treeops):
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 16)  # what an executable starts with
+    out = treeops("train", "--data", str(binary), "--target", "label", workspace=tmp_path)
+    assert out.returncode == 1
+    assert _one_error_line(out.stderr).startswith(f"error: not a CSV/Parquet file: {binary} ")
+    nan = tmp_path / "nan.csv"
+    pl.DataFrame({"x": [float(i) for i in range(200)],
+                  "label": [float("nan") if i in (3, 7) else i % 3 / 2 for i in range(200)]}).write_csv(nan)
+    out = treeops("train", "--data", str(nan), "--target", "label", workspace=tmp_path)
+    assert out.returncode == 1
+    assert "target column 'label' of " in _one_error_line(out.stderr) and "(rows 4, 8)" in out.stderr
+    assert _registered_models(tmp_path) == []
+
+
+def test_unknown_export_target_exits_2(trained, treeops):
+    out = treeops("export", "--target", "tensorrt", workspace=trained.ws.root)
+    assert out.returncode == 2, out.stderr
+    assert "tensorrt" in _one_error_line(out.stderr)
+
+
+def test_corrupt_registered_booster_is_one_line_naming_the_model(trained, treeops):
+    [model_file] = list(trained.ws.artifact_root.glob("models/*/artifacts/model.*json"))
+    original = model_file.read_bytes()
+    try:
+        model_file.write_bytes(original[: len(original) // 2])
+        out = treeops("export", "--version", "1", "--target", "python-onnx", workspace=trained.ws.root)
+    finally:
+        model_file.write_bytes(original)
+    assert out.returncode == 1, out.stderr
+    line = _one_error_line(out.stderr)
+    assert "booster file of model 'fraud' version 1 (models:/m-" in line and "is not a readable XGBoost model" in line
 
 
 def test_generate_and_drift_exit_codes(tmp_path, treeops):
@@ -98,13 +165,18 @@ def test_generate_and_drift_exit_codes(tmp_path, treeops):
     shifted = treeops("drift", "--current", str(tmp_path / "data" / "shifted.parquet"), "--name", "s", workspace=tmp_path)
     assert shifted.returncode == 3, shifted.stderr
     assert "DRIFT DETECTED" in shifted.stdout
+    assert "drift detected:" in _one_error_line(shifted.stderr)
     assert (tmp_path / "reports" / "s.html").exists()
+    as_json = treeops("drift", "--current", str(tmp_path / "data" / "shifted.parquet"), "--json", workspace=tmp_path)
+    assert as_json.returncode == 3
+    body = json.loads(as_json.stdout)
+    assert body["kind"] == "DriftDetectedError" and body["exit_code"] == 3 and body["drift_detected"] is True
 
 
 @pytest.mark.triton
 def test_loadtest_command_passes_and_fails_on_budgets(trained, triton, treeops):
     args = ["loadtest", "--duration-s", "3", "--users", "4", "--data", str(trained.data),
-            "--grpc-url", triton.settings.grpc_url, "--http-url", triton.settings.http_url]
+            "--triton-url", triton.settings.grpc_url, "--http-url", triton.settings.http_url]
     ok = treeops(*args, "--protocol", "grpc", "--protocol", "http", "--json", workspace=trained.ws.root)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     body = json.loads(ok.stdout)
@@ -112,6 +184,7 @@ def test_loadtest_command_passes_and_fails_on_budgets(trained, triton, treeops):
     breach = treeops(*args, "--p99-ms", "0.001", workspace=trained.ws.root)
     assert breach.returncode == 1
     assert "p99_ms" in breach.stdout and "FAIL" in breach.stdout
+    assert "load test missed its SLO: p99_ms" in _one_error_line(breach.stderr)
 
 
 def test_validate_and_train_refuse_a_broken_file_listing_every_rule(tmp_path, treeops):
@@ -124,10 +197,13 @@ def test_validate_and_train_refuse_a_broken_file_listing_every_rule(tmp_path, tr
     frame.write_parquet(data)
     checked = treeops("validate", "--data", str(data), "--json", workspace=tmp_path)
     assert checked.returncode == 4, checked.stderr
-    failed = {(v["column"], v["rule"]) for v in json.loads(checked.stdout)["violations"]}
+    body = json.loads(checked.stdout)
+    assert body["kind"] == "ContractViolationError" and body["exit_code"] == 4
+    failed = {(v["column"], v["rule"]) for v in body["violations"]}
     assert {("country", "present"), ("amount", "range"), ("channel", "allowed")} <= failed
-    refused = treeops("train", "--data", str(data), workspace=tmp_path)
-    assert refused.returncode == 1
+    refused = treeops("train", "--data", str(data), "--json", workspace=tmp_path)
+    assert refused.returncode == 4  # the same condition, the same code
+    assert json.loads(refused.stdout)["kind"] == "ContractViolationError"
     assert "broken.parquet" in refused.stderr and "country" in refused.stderr and "channel" in refused.stderr
     assert list((tmp_path / "reports").glob("contract-violations-*.json"))
     assert _registered_models(tmp_path) == []
@@ -135,36 +211,35 @@ def test_validate_and_train_refuse_a_broken_file_listing_every_rule(tmp_path, tr
 
 
 @pytest.mark.triton
-def test_serve_runs_until_sigterm_and_leaves_nothing_behind(trained):
+def test_serve_runs_until_sigterm_and_leaves_nothing_behind(trained, tmp_path):
+    import shutil
     import signal
     import subprocess
-    import time
     import urllib.request
 
     from conftest import TREEOPS
 
+    # A workspace of its own: serve refuses one whose Triton (the session fixture's) already runs.
+    shutil.copytree(trained.ws.model_repository, tmp_path / "model_repository")
+    env = {**os.environ, "TREEOPS_TRITON_ADMIN_KEY": "k" * 32}
     ports = [str(free_port()) for _ in range(3)]
     proc = subprocess.Popen([TREEOPS, "serve", "--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port",
-                             ports[2], "--workspace", str(trained.ws.root)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             ports[2], "--json", "--workspace", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/models/fraud/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "treeops serve did not become ready"
-            time.sleep(0.2)
+        ready = json.loads(proc.stdout.readline() or "null")  # `serve --json`: one line once Triton is ready
+        assert ready and ready["ready"] and ready["grpc_port"] == int(ports[0]), proc.stderr.read()
+        assert ready["models"] == {"fraud": 1} and ready["pid"] > 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/v2/models/fraud/ready", timeout=5) as r:
+            assert r.status == 200
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        rest, out = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
-    assert "Triton stopped (exit code 0)" in out
+    assert rest == "", rest  # stdout held only the ready line
+    assert "Triton stopped" in out and "ERROR" not in out, out
     leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.strip()
     assert not leftover, f"processes left in the session: {leftover}"
 

@@ -252,7 +252,7 @@ def test_shutdown_answers_unavailable_not_not_found(trained, tmp_path):
 def test_serve_refuses_open_admin_apis_unless_asked(workspace):
     serve = _serve(workspace, key=None)
     _, err = serve.communicate(timeout=60)
-    assert serve.returncode == 1
+    assert serve.returncode == 2, "a keyless start is a settings error"
     assert "no admin key" in err and ADMIN_KEY_ENV in err and "--insecure-admin" in err, err
 
 
