@@ -27,7 +27,8 @@ FEATURES_FILE = "feature_spec.json"
 PARITY_FILE = "parity.json"
 CONFIG_FILE = "config.pbtxt"
 #: Hidden folders a writer owns while it works: `.staging-<version>-<pid>-<hex>` (a version being
-#: written) and `.trash-<version>-<pid>-<hex>` (one being deleted or replaced). Triton ignores them.
+#: written, or after a replace the old one being deleted) and `.trash-<version>-<pid>-<hex>` (a pruned one).
+#: Triton ignores them.
 _WORK_FOLDER = re.compile(r"^\.(staging|trash)-\d+-(\d+)-[0-9a-f]+$")
 _RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths atomically
 _AT_FDCWD = -100
