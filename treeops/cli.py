@@ -227,6 +227,8 @@ def serve(
     liveness_interval_s: Annotated[float | None, typer.Option(help="seconds between liveness checks (default 5)")] = None,
     liveness_failures: Annotated[int | None, typer.Option(help="failed checks in a row that stop serve (default 3)")] = None,
     workspace: WorkspaceOpt = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="when ready, print one JSON line: ports, urls, pid and the served model versions")] = False,
 ) -> None:
     """Run Triton on the workspace's model repository in the foreground until SIGINT/SIGTERM.
 
@@ -243,13 +245,30 @@ def serve(
     _stop_on_sigterm()
     try:
         server.start(timeout_s=timeout_s)
-        typer.echo(f"serving {ws.model_repository}: gRPC {server.settings.grpc_url}, HTTP {server.settings.http_url}, "
-                   f"metrics {server.settings.metrics_url} (Ctrl-C to stop)")
+        s = server.settings
+        if as_json:
+            typer.echo(json.dumps({
+                "ready": True, "pid": server.pid, "grpc_port": s.grpc_port, "http_port": s.http_port,
+                "metrics_port": s.metrics_port, "grpc_url": s.grpc_url, "http_url": s.http_url,
+                "metrics_url": s.metrics_url, "model_repository": str(ws.model_repository),
+                "models": _served_models(ws.model_repository)}), nl=True)
+            sys.stdout.flush()
+        else:
+            typer.echo(f"serving {ws.model_repository}: gRPC {s.grpc_url}, HTTP {s.http_url}, "
+                       f"metrics {s.metrics_url} (Ctrl-C to stop)")
         server.supervise(supervision)
     except KeyboardInterrupt:
-        typer.echo("stopping Triton")
+        typer.echo("stopping Triton", err=as_json)  # with --json, stdout holds only the ready line
     finally:
         server.stop()
+
+
+def _served_models(repository: Path) -> dict[str, int]:
+    """Each model of the repository with a config, and the champion version it serves."""
+    from server.repository_view import served_version
+
+    dirs = sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file()) if repository.is_dir() else []
+    return {p.name: served_version(repository, p.name) for p in dirs}
 
 
 @app.command()
@@ -257,7 +276,9 @@ def score(
     data: Annotated[Path | None, typer.Option(help="raw transactions (default: <workspace>/data/current.parquet)")] = None,
     rows: Annotated[int, typer.Option(help="score the first N rows", min=1)] = 5,
     model_name: ModelOpt = "fraud",
-    grpc_url: Annotated[str, typer.Option(help="Triton gRPC address")] = "127.0.0.1:8001",
+    grpc_url: Annotated[str, typer.Option("--triton-url", "--grpc-url",
+                                          help="gRPC address of the running Triton (--grpc-url: the old spelling)")
+                        ] = "127.0.0.1:8001",
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -292,7 +313,9 @@ def loadtest(
     data: Annotated[Path | None, typer.Option(
         help="raw transactions the rows come from (default: data/current.parquet, else the served version's raw holdout)")] = None,
     model_name: ModelOpt = "fraud",
-    grpc_url: Annotated[str, typer.Option(help="Triton gRPC address")] = "127.0.0.1:8001",
+    grpc_url: Annotated[str, typer.Option("--triton-url", "--grpc-url",
+                                          help="gRPC address of the running Triton (--grpc-url: the old spelling)")
+                        ] = "127.0.0.1:8001",
     http_url: Annotated[str, typer.Option(help="Triton HTTP address")] = "127.0.0.1:8000",
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
