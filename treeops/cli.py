@@ -14,7 +14,7 @@ import pydantic
 import typer
 from typer._click.exceptions import NoArgsIsHelpError  # typer vendors click; its errors live here
 
-from treeops.errors import EXIT_ERROR, InvalidSettingsError, TreeopsError
+from treeops.errors import EXIT_ERROR, CommandInterrupted, InvalidSettingsError, TreeopsError
 from treeops.workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
@@ -176,8 +176,7 @@ def export_cmd(
                               version=version, settings=ExportSettings(target=target, raw_inputs=raw_inputs,
                                                                        replace=replace))
     except KeyboardInterrupt:
-        typer.echo("error: export interrupted; its staging folder was removed and no version was written", err=True)
-        raise typer.Exit(130) from None
+        raise CommandInterrupted("export interrupted; its staging folder was removed and no version was written") from None
     parity = result.parity
     done = ("kept (written by another run meanwhile)" if result.written_by_another_run else "kept"
             if result.already_present else "replaced" if result.replaced else "wrote")

@@ -15,6 +15,7 @@ EXIT_ERROR = 1  # an expected failure: missing file, unknown model, failed reque
 EXIT_USAGE = 2  # invalid settings or arguments (an unknown --target, the same port twice, ...)
 EXIT_DRIFT = 3  # drift detected in a batch
 EXIT_CONTRACT = 4  # the data breaks error rules of its data contract
+EXIT_INTERRUPTED = 130  # stopped by SIGINT / SIGTERM (128 + SIGINT, as shells report it)
 
 
 class TreeopsError(Exception):
@@ -35,6 +36,12 @@ class TreeopsError(Exception):
         """The `--json` error object: `error` (the message), `kind` (the class), `exit_code`, then any details."""
         return {"error": str(self), "kind": type(self).__name__, "exit_code": self.exit_code, **{
             k: v for k, v in self.details.items() if k not in ("error", "kind", "exit_code")}}
+
+
+class CommandInterrupted(TreeopsError):
+    """The command was stopped by SIGINT or SIGTERM after cleaning up; the message says what was left."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 class InvalidSettingsError(TreeopsError):
