@@ -8,17 +8,20 @@ import pytest
 import xgboost as xgb
 
 from bench.errors import SettingsError as BenchSettingsError
-from export.errors import ModelFileError, SettingsError as ExportSettingsError, xgboost_reason
+from export.errors import ModelFileError, xgboost_reason
+from export.errors import SettingsError as ExportSettingsError
 from export.targets import get_target
 from export.targets.fil import MODEL_FILE, FilTarget
 from export.triton_config import ServingSettings
-from loadtest.errors import LocustRunError, SettingsError as LoadtestSettingsError, SLOBreachError, SLOError
+from loadtest.errors import LocustRunError, SLOBreachError, SLOError
+from loadtest.errors import SettingsError as LoadtestSettingsError
 from loadtest.slo import SLO, find_slo_file
 from monitoring.errors import DriftDetectedError, DriftInputError
 from server.errors import InsecureAdminError, PortInUseError
 from server.settings import TritonSettings
 from training.contract import fraud_contract, validate
-from training.errors import ContractViolationError, DataError, SettingsError as TrainingSettingsError
+from training.errors import ContractViolationError, DataError
+from training.errors import SettingsError as TrainingSettingsError
 from training.generate import GenerateSpec, generate_transactions
 from treeops.errors import EXIT_CONTRACT, EXIT_DRIFT, EXIT_ERROR, EXIT_USAGE, TreeopsError
 

@@ -14,13 +14,12 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.errors import ModelFileError, UnsupportedModelError
+from export.errors import ModelFileError
 from export.booster import legacy_xgboost_json, task_of
 from export.parity import Scorer
 from export.targets.base import ExportTarget
