@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+import triton_fixtures
 from export.pipeline import export_model
 from export.repository import ModelRepository
 from server.launcher import TritonServer
@@ -36,6 +37,11 @@ def _no_gpu_reason() -> str | None:
     if listed.returncode != 0 or "GPU " not in listed.stdout:
         return f"needs an NVIDIA GPU: `nvidia-smi -L` lists none ({(listed.stderr or listed.stdout).strip()[:200]})"
     return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    triton_fixtures.current_test = item  # before its fixtures, module- and session-scoped ones too
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

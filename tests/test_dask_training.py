@@ -112,6 +112,7 @@ def test_distributed_features_equal_single_machine(tmp_path: Path) -> None:
     assert np.isnan(x).any(), "the comparison covers missing values too"
 
 
+@pytest.mark.triton
 def test_cli_dask_train_register_export_serve(dataset: Path, tmp_path: Path, treeops) -> None:
     """`treeops train --engine dask` -> registered version -> exported (parity gate) -> Triton scores = booster."""
     ws = Workspace(tmp_path / "ws")

@@ -12,12 +12,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from server.installation import find_triton
 from server.launcher import TritonServer, free_port
 from server.settings import TritonSettings
 from treeops.workspace import Workspace
 
 MODEL = "fraud"
+#: The test being set up or run (conftest.py sets it): a server started for a test without the `triton`
+#: marker fails, so that `-m "not triton"` starts none.
+current_test: pytest.Item | None = None
 
 
 def triton_server(ws: Workspace, log_path: Path | None = None, *, repository: Path | None = None,
@@ -27,6 +32,8 @@ def triton_server(ws: Workspace, log_path: Path | None = None, *, repository: Pa
     `fields` are TritonSettings fields (`exit_timeout_s` is 2 unless given); the log, and the server
     record beside it, default to `ws.reports_dir / "triton.log"`.
     """
+    if current_test is not None and current_test.get_closest_marker("triton") is None:
+        raise AssertionError(f"{current_test.nodeid} starts a tritonserver: mark it @pytest.mark.triton")
     fields.setdefault("exit_timeout_s", 2)
     settings = TritonSettings(model_repository=repository or ws.model_repository, grpc_port=free_port(),
                               http_port=free_port(), metrics_port=free_port(), **fields)
