@@ -209,3 +209,14 @@ def test_failure_on_the_cluster_shuts_it_down(dataset: Path, tmp_path: Path) -> 
     folder = write_dataset(frame, tmp_path / "ds", files=2)
     message = _fails_cleanly(folder, tmp_path)
     assert f"target column {TARGET!r} has 60 missing values" in message
+
+
+def test_cli_reports_a_bad_dataset_in_one_line(dataset: Path, tmp_path: Path, treeops) -> None:
+    folder = write_dataset(pl.read_parquet(dataset), tmp_path / "ds", files=2)
+    bad = folder / "part-009.parquet"
+    bad.write_bytes(b"not parquet at all")
+    done = treeops("train", "--engine", "dask", "--data", str(folder), workspace=tmp_path / "ws")
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]  # MLflow logs its own lines
+    assert len(errors) == 1 and f"Parquet file {bad} cannot be read" in errors[0], done.stderr[-1000:]
+    assert "Traceback" not in done.stderr
