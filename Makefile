@@ -29,7 +29,7 @@ PERF_ANALYZER_WHEELS := tritonclient==2.41.0 nvidia-cuda-runtime-cu12==12.9.79
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(PERF_ANALYZER_DIR)/bin/perf_analyzer: | $(STAMP)
-	dpkg -s libb64-0d >/dev/null 2>&1 || $(SUDO) apt-get install -y -q libb64-0d
+	dpkg -s libb64-0d >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q libb64-0d; }
 	$(BIN)/python -m pip install -q --no-deps --target $(PERF_ANALYZER_DIR) $(PERF_ANALYZER_WHEELS)
 
 perf-analyzer: $(PERF_ANALYZER_DIR)/bin/perf_analyzer
