@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pydantic
 import pytest
 import xgboost as xgb
@@ -23,6 +24,7 @@ from training.contract import fraud_contract, validate
 from training.errors import ContractViolationError, DataError
 from training.errors import SettingsError as TrainingSettingsError
 from training.generate import GenerateSpec, generate_transactions
+from training.pipeline import choose_spec_for_schema
 from treeops.errors import EXIT_CONTRACT, EXIT_DRIFT, EXIT_ERROR, EXIT_USAGE, TreeopsError
 
 
@@ -58,6 +60,12 @@ def test_details_never_override_the_error_fields():
 def test_unknown_export_target_is_an_invalid_setting():
     with pytest.raises(ExportSettingsError, match="unknown export target 'tensorrt'; choose one of"):
         get_target("tensorrt")
+
+
+def test_unknown_feature_spec_is_an_invalid_setting():
+    schema = {"amount": pl.Float64, "label": pl.Int64}
+    with pytest.raises(TrainingSettingsError, match="unknown feature spec 'nope'; choose auto"):
+        choose_spec_for_schema(schema, "label", "nope", "data.csv")
 
 
 def test_serving_settings_refuse_an_unknown_instance_kind_and_field(monkeypatch):

@@ -11,7 +11,7 @@ import polars as pl
 
 from training import tracking
 from training.contract import enforce, fraud_contract, validate_file
-from training.errors import DataError
+from training.errors import DataError, SettingsError
 from training.features import COLUMNS_SPEC, FRAUD_FEATURES, SPECS, FeatureSpec, columns_spec
 from training.ingest import load_raw, scan_table
 from training.train import TrainParams, train_model
@@ -54,7 +54,7 @@ def choose_spec_for_schema(schema: Mapping[str, pl.DataType], target: str, reque
     if requested == COLUMNS_SPEC:
         return columns_spec(schema, exclude=[target])
     if requested not in SPECS:
-        raise DataError(f"unknown feature spec {requested!r}; choose auto, {COLUMNS_SPEC} or one of {sorted(SPECS)}")
+        raise SettingsError(f"unknown feature spec {requested!r}; choose auto, {COLUMNS_SPEC} or one of {sorted(SPECS)}")
     return SPECS[requested]
 
 
