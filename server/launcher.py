@@ -69,11 +69,16 @@ class TritonServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def served_repository(self) -> str:
+        """What this server serves, as its record names it (the resolved local path, or the cloud URI)."""
+        return self.settings.model_repository_uri or str(Path(self.settings.model_repository).resolve())
+
     def start(self, timeout_s: float = 60.0, models: Iterable[str] = ()) -> TritonServer:
         """Start tritonserver and wait until it (and `models`) are ready, or raise TritonStartError."""
         s = self.settings
         _check_admin_surface(s, key_on_command_line=not self.key_in_environment)
-        check_stale(self.record_path, stop_timeout_s=s.exit_timeout_s + 10)
+        check_stale(self.record_path, self.served_repository, stop_timeout_s=s.exit_timeout_s + 10)
         ports = {"gRPC": s.grpc_port, "HTTP": s.http_port, "metrics": s.metrics_port}
         ensure_ports_free(s.host, ports)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +91,7 @@ class TritonServer:
             )
         finally:
             log_file.close()
-        ServerRecord(self._proc.pid, os.getpid(), ports).write(self.record_path)
+        ServerRecord(self._proc.pid, os.getpid(), ports, self.served_repository).write(self.record_path)
         try:
             self.wait_ready(timeout_s, models)
         except BaseException:

@@ -17,11 +17,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServerRecord:
-    """tritonserver `pid`, started by the launcher `launcher_pid`, listening on `ports` (name -> port)."""
+    """tritonserver `pid`, started by the launcher `launcher_pid`, listening on `ports` (name -> port),
+    serving `repository` (a copied workspace carries the record of a server that is not its own)."""
 
     pid: int
     launcher_pid: int
     ports: dict[str, int]
+    repository: str
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,7 +36,8 @@ class ServerRecord:
         """The record at `path`, or None when there is none (or it is unreadable: a crash mid-write)."""
         try:
             data = json.loads(path.read_text())
-            return cls(int(data["pid"]), int(data["launcher_pid"]), {k: int(v) for k, v in data["ports"].items()})
+            return cls(int(data["pid"]), int(data["launcher_pid"]), {k: int(v) for k, v in data["ports"].items()},
+                       str(data["repository"]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -43,15 +46,16 @@ class ServerRecord:
         return f"tritonserver pid {self.pid} ({ports})"
 
 
-def check_stale(path: Path, stop_timeout_s: float = 10.0) -> None:
-    """Act on the record at `path` before a new start.
+def check_stale(path: Path, repository: str, stop_timeout_s: float = 10.0) -> None:
+    """Act on the record at `path` before a new start of a server of `repository`.
 
-    No record, or its process is no tritonserver any more: the record is removed. A tritonserver whose
+    No record, its process is no tritonserver any more, or it serves another repository (the
+    record came with a copied workspace): the record is removed and that process left alone. A tritonserver whose
     launcher still runs: StaleServerError naming both pids and how to stop them. A tritonserver whose
     launcher is gone (orphaned; its parent is no longer the launcher): it is stopped, with a warning.
     """
     record = ServerRecord.read(path)
-    if record is None or not _is_tritonserver(record.pid):
+    if record is None or record.repository != repository or not _is_tritonserver(record.pid):
         path.unlink(missing_ok=True)
         return
     if _parent_of(record.pid) == record.launcher_pid:

@@ -141,7 +141,7 @@ def test_an_orphaned_tritonserver_of_the_workspace_is_stopped_at_start(trained, 
         "import os, subprocess, sys, time; from server.server_record import ServerRecord\n"
         f"p = subprocess.Popen({server.command!r}, env={server.environment()!r}, start_new_session=True,"
         " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
-        f"ServerRecord(p.pid, os.getpid(), {{'gRPC': {settings.grpc_port}}}).write("
+        f"ServerRecord(p.pid, os.getpid(), {{'gRPC': {settings.grpc_port}}}, {server.served_repository!r}).write("
         f"__import__('pathlib').Path({str(server.record_path)!r}))\n"
         "print(p.pid, flush=True); time.sleep(600)\n"
     )
