@@ -16,7 +16,7 @@ Runtimes (config parameter `runtime`):
   one feature tensor only. Each row is computed alone, so its bits never depend on the batch.
 
 The single-tensor request path does only what must happen per request (measured with
-loadtest/bench.py): the input by position (the config declares exactly one), no concatenation
+`treeops bench serving`): the input by position (the config declares exactly one), no concatenation
 for a lone request, one output Tensor and one InferenceResponse per request. Names, bound
 methods and the feed key are resolved once in `initialize`.
 """

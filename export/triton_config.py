@@ -18,7 +18,7 @@ class ServingSettings(BaseSettings):
     """How Triton batches and places one model. Env prefix `TREEOPS_SERVING_`; unknown fields and an unknown
     `instance_kind` fail, naming the valid ones.
 
-    Defaults measured with `loadtest.bench` (200 trees depth 6, 2 cores, client on the same machine):
+    Defaults measured with `treeops bench serving` (bench/) (200 trees depth 6, 2 cores, client on the same machine):
     - max_queue_delay_us 0: a lone request no longer waits for company (Triton's queue time of a
       sequential single-row call fell from ~200 to ~30 µs, p50 -170 µs). Under load batches still
       form while the instance is busy: 15-19 rows per execution at 32 in flight, throughput unchanged.

@@ -49,7 +49,7 @@ class TritonSettings(BaseSettings):
     summary_latencies: bool = Field(
         False,
         description="publish p50..p999 latency summaries on the metrics port; off by default: they cost 60-75% of "
-        "single-row throughput at 32 in flight on 2 cores (loadtest.bench), while the duration counters stay on",
+        "single-row throughput at 32 in flight on 2 cores (`treeops bench serving`), while the duration counters stay on",
     )
     allow_gpu_metrics: bool = Field(False, description="publish GPU utilization and memory metrics (needs a GPU)")
     log_verbose: int = Field(0, ge=0, description="tritonserver verbose log level")

@@ -1,6 +1,6 @@
 """A tl2cgen-compiled forest (`forest.so`) run by model.py inside Triton's Python backend.
 
-Faster than ONNX Runtime from 16 rows up (loadtest/bench.py: 256-row requests 167k vs 129k
+Faster than ONNX Runtime from 16 rows up (`treeops bench serving`: 256-row requests 167k vs 129k
 rows/s here); needs tl2cgen and a C compiler at export time, and the repository becomes
 specific to the exporting machine's architecture.
 """
