@@ -6,7 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench clean perf-analyzer
 
+# Debian programs the tests and the demo start for real: redis-server (the online feature store).
+SYSTEM_PACKAGES := redis-server
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 $(STAMP): pyproject.toml constraints.txt
+	dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(SYSTEM_PACKAGES); }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
@@ -26,7 +31,6 @@ test: install
 # libb64-0d. Its own folder: the venv's tritonclient is pinned to another version (constraints.txt).
 PERF_ANALYZER_DIR := $(VENV)/perf_analyzer
 PERF_ANALYZER_WHEELS := tritonclient==2.41.0 nvidia-cuda-runtime-cu12==12.9.79
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(PERF_ANALYZER_DIR)/bin/perf_analyzer: | $(STAMP)
 	dpkg -s libb64-0d >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q libb64-0d; }
