@@ -29,17 +29,31 @@ def _raw() -> pl.DataFrame:
     )
 
 
-def test_history_features_break_timestamp_ties_by_transaction_id():
+def test_history_features_do_not_see_equal_timestamps():
     f = FRAUD_FEATURES.compute(_raw().lazy()).collect()
     by_id = dict(zip(_raw()["transaction_id"], f.iter_rows(named=True)))
-    # card 1 order: id1 (22:30), id2 (23:30), id4 (23:30, tie broken by id), id5 (23:31:30)
-    assert [by_id[i]["card_txn_index"] for i in (1, 2, 4, 5)] == [0, 1, 2, 3]
+    # card 1: id1 (22:30, 10), id2 and id4 (both 23:30, 20 and 40), id5 (23:31:30, 30)
+    assert [by_id[i]["card_txn_count_24h"] for i in (1, 2, 4, 5)] == [0, 1, 1, 3]
+    assert [by_id[i]["card_txn_count_1h"] for i in (1, 2, 4, 5)] == [0, 1, 1, 2]  # 22:30 is exactly 1 h before 23:30
+    assert by_id[5]["card_amount_sum_24h"] == 70.0
     assert by_id[2]["seconds_since_prev_card_txn"] == 3600
-    assert by_id[4]["seconds_since_prev_card_txn"] == 0
+    assert by_id[4]["seconds_since_prev_card_txn"] == 3600
     assert by_id[5]["seconds_since_prev_card_txn"] == 90
-    assert by_id[1]["seconds_since_prev_card_txn"] is None
-    assert by_id[4]["amount_to_card_mean"] == pytest.approx(40.0 / 15.0)
-    assert by_id[3]["card_txn_index"] == 0
+    assert np.isnan(by_id[1]["seconds_since_prev_card_txn"])
+    assert by_id[4]["amount_to_card_mean_30d"] == 4.0
+    assert by_id[5]["amount_to_card_mean_30d"] == pytest.approx(30.0 / (70.0 / 3))
+    assert by_id[3]["card_txn_count_24h"] == 0 and by_id[3]["card_amount_sum_24h"] == 0.0
+
+
+def test_history_declarations_are_stored_with_the_spec():
+    data = FRAUD_FEATURES.fit(FRAUD_FEATURES.compute(_raw().lazy())).to_dict()
+    hist = {f["name"]: f["history"] for f in data["features"] if f["history"]}
+    assert list(hist) == ["card_txn_count_1h", "card_txn_count_24h", "card_amount_sum_24h",
+                          "seconds_since_prev_card_txn", "amount_to_card_mean_30d"]
+    assert hist["card_amount_sum_24h"] == {"aggregate": "sum", "window": "24h", "window_us": 86_400_000_000,
+                                           "entity": "card_id", "time": "timestamp", "value": "amount"}
+    assert [f.name for f in FRAUD_FEATURES.features if f.stateful] == list(hist)
+    assert data["features"][0]["history"] is None
 
 
 def test_stateless_features():

@@ -81,7 +81,8 @@ def test_inputs_come_from_the_spec(setup):
     fitted, _, _ = setup
     inputs = {r.name: r for r in raw_inputs(fitted)}
     stateful = [f.name for f in FRAUD_FEATURES.features if f.stateful]
-    assert stateful == ["card_txn_index", "seconds_since_prev_card_txn", "amount_to_card_mean"]
+    assert stateful == ["card_txn_count_1h", "card_txn_count_24h", "card_amount_sum_24h",
+                        "seconds_since_prev_card_txn", "amount_to_card_mean_30d"]
     assert [n for n, r in inputs.items() if r.stateful] == stateful
     assert {n: r.dtype for n, r in inputs.items() if not r.stateful} == {
         "amount": "double", TIMESTAMP_INPUT: "int64",
@@ -97,8 +98,9 @@ def test_raw_inputs_make_a_valid_triton_config(setup):
     back = parse(render(cfg))
     assert {i.name: mc.DataType.Name(i.data_type) for i in back.input} == {
         "amount": "TYPE_FP64", TIMESTAMP_INPUT: "TYPE_INT64", "merchant_category": "TYPE_STRING",
-        "country": "TYPE_STRING", "channel": "TYPE_STRING", "card_txn_index": "TYPE_FP32",
-        "seconds_since_prev_card_txn": "TYPE_FP32", "amount_to_card_mean": "TYPE_FP32"}
+        "country": "TYPE_STRING", "channel": "TYPE_STRING", "card_txn_count_1h": "TYPE_FP32",
+        "card_txn_count_24h": "TYPE_FP32", "card_amount_sum_24h": "TYPE_FP32",
+        "seconds_since_prev_card_txn": "TYPE_FP32", "amount_to_card_mean_30d": "TYPE_FP32"}
     model = compile_raw_model(fitted, booster)
     assert [i.name for i in model.graph.input] == [i.name for i in back.input]
 

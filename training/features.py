@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from training.errors import DataError
+from training.history import History
 
 #: Unseen or missing categories encode to NaN, which XGBoost and the ONNX graph treat as missing.
 UNKNOWN_CATEGORY_CODE = float("nan")
@@ -24,22 +25,33 @@ UNKNOWN_CATEGORY_CODE = float("nan")
 
 @dataclass(frozen=True)
 class Feature:
-    """One model input: `expr` is evaluated on raw columns; categorical exprs yield strings;
-    `stateful` features depend on earlier rows (history), so a single request cannot compute them."""
+    """One model input: `expr` is evaluated on raw columns; categorical exprs yield strings.
+    A feature with a `history` declaration is an aggregate of the entity's earlier transactions
+    (see training.history); build it with `history_feature`."""
 
     name: str
     expr: pl.Expr
     description: str
     categorical: bool = False
-    stateful: bool = False
+    history: History | None = None
+
+    @property
+    def stateful(self) -> bool:
+        """Depends on earlier transactions, so a single request cannot compute it from its own rows."""
+        return self.history is not None
+
+
+def history_feature(name: str, history: History, description: str) -> Feature:
+    """A feature whose offline expression (and online update rule) come from one declaration."""
+    return Feature(name, history.expr(), description, history=history)
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
     """Raw schema plus the ordered features computed from it.
 
-    History features use window expressions ordered by `order_by`, whose last column must
-    be unique so that timestamp ties give the same answer on every run and engine.
+    `order_by` (last column unique) orders rows for the train/valid/test split; history features
+    do not depend on row order (ties never see each other, see training.history).
     """
 
     name: str
@@ -69,9 +81,10 @@ class FeatureSpec:
         return FittedFeatures(self, vocab)
 
     def fingerprint(self) -> str:
-        """Hash of the feature definitions (names, expressions, order); changes when code changes."""
+        """Hash of the feature definitions (names, expressions, history declarations, order)."""
         text = json.dumps(
-            {"features": [[f.name, str(f.expr), f.categorical] for f in self.features], "order_by": self.order_by},
+            {"features": [[f.name, str(f.expr), f.categorical] + ([f.history.to_dict()] if f.history else [])
+                          for f in self.features], "order_by": self.order_by},
         )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -116,7 +129,8 @@ class FittedFeatures:
             "spec_fingerprint": self.spec.fingerprint(),
             "spec_hash": self.spec_hash(),
             "features": [
-                {"name": f.name, "dtype": "float32", "categorical": f.categorical, "description": f.description}
+                {"name": f.name, "dtype": "float32", "categorical": f.categorical, "description": f.description,
+                 "history": f.history.to_dict() if f.history else None}
                 for f in self.spec.features
             ],
             "vocabularies": {k: list(v) for k, v in self.vocabularies.items()},
@@ -136,13 +150,6 @@ class FittedFeatures:
         return cls(spec, {k: tuple(v) for k, v in data.get("vocabularies", {}).items()})
 
 
-_ORDER = ["timestamp", "transaction_id"]
-
-
-def _per_card(expr: pl.Expr) -> pl.Expr:
-    return expr.over("card_id", order_by=_ORDER)
-
-
 RAW_SCHEMA: dict[str, pl.DataType] = {
     "transaction_id": pl.Int64(),
     "card_id": pl.Int64(),
@@ -154,9 +161,9 @@ RAW_SCHEMA: dict[str, pl.DataType] = {
 }
 
 FRAUD_FEATURES = FeatureSpec(
-    name="card_transactions_v1",
+    name="card_transactions_v2",
     raw_schema=RAW_SCHEMA,
-    order_by=tuple(_ORDER),
+    order_by=("timestamp", "transaction_id"),
     features=(
         Feature("log_amount", pl.col("amount").clip(lower_bound=0).log1p(), "log(1 + amount)"),
         Feature("hour_of_day", pl.col("timestamp").dt.hour(), "hour of the transaction, 0-23"),
@@ -165,24 +172,16 @@ FRAUD_FEATURES = FeatureSpec(
         Feature("merchant_category", pl.col("merchant_category"), "merchant category code", categorical=True),
         Feature("country", pl.col("country"), "country of the merchant", categorical=True),
         Feature("channel", pl.col("channel"), "pos, online or atm", categorical=True),
-        Feature(
-            "card_txn_index",
-            _per_card(pl.int_range(pl.len())),
-            "number of earlier transactions of the card in the data",
-            stateful=True,
-        ),
-        Feature(
-            "seconds_since_prev_card_txn",
-            _per_card(pl.col("timestamp").diff().dt.total_seconds()),
-            "seconds since the card's previous transaction (missing for its first)",
-            stateful=True,
-        ),
-        Feature(
-            "amount_to_card_mean",
-            pl.col("amount") / _per_card(pl.col("amount").cum_sum().shift(1) / pl.int_range(pl.len())),
-            "amount divided by the mean of the card's earlier amounts (missing for its first)",
-            stateful=True,
-        ),
+        history_feature("card_txn_count_1h", History("count", "1h"),
+                        "number of the card's transactions in the hour before (strictly earlier times)"),
+        history_feature("card_txn_count_24h", History("count", "24h"),
+                        "number of the card's transactions in the 24 hours before"),
+        history_feature("card_amount_sum_24h", History("sum", "24h", value="amount"),
+                        "sum of the card's amounts in the 24 hours before (0 when none)"),
+        history_feature("seconds_since_prev_card_txn", History("seconds_since_prev", "30d"),
+                        "seconds since the card's previous transaction within 30 days (missing when none)"),
+        history_feature("amount_to_card_mean_30d", History("ratio_to_mean", "30d", value="amount"),
+                        "amount divided by the mean of the card's amounts in the 30 days before (missing when none)"),
     ),
 )
 

@@ -142,8 +142,8 @@ def _draw_labels(raw: pl.DataFrame, rng: np.random.Generator, rate: float) -> np
     """Fraud probability is a logistic function of the engineered features (one definition)."""
     f = FRAUD_FEATURES.compute(raw.lazy()).collect()
     risky = {"electronics": 1.0, "digital_goods": 1.2, "jewelry": 1.1, "gambling": 0.9}
-    gap = f["seconds_since_prev_card_txn"].fill_null(86_400 * 7).to_numpy()
-    ratio = f["amount_to_card_mean"].fill_null(1.0).to_numpy()
+    gap = np.nan_to_num(f["seconds_since_prev_card_txn"].to_numpy(), nan=86_400 * 7)
+    ratio = np.nan_to_num(f["amount_to_card_mean_30d"].to_numpy(), nan=1.0)
     hour = f["hour_of_day"].to_numpy()
     score = (
         0.9 * (f["log_amount"].to_numpy() - 3.3)
