@@ -9,8 +9,9 @@ import polars as pl
 import pytest
 
 from training.errors import DataError
-from training.features import FRAUD_FEATURES, FittedFeatures
+from training.features import FRAUD_FEATURES, FittedFeatures, columns_spec
 from training.generate import GenerateSpec, generate_transactions
+from training.train import TrainParams, train_model
 
 
 def _raw() -> pl.DataFrame:
@@ -108,3 +109,21 @@ def test_generator_is_seeded_and_near_base_rate():
     assert 0.01 <= a["is_fraud"].mean() <= 0.02
     shifted = generate_transactions(GenerateSpec(rows=20_000, seed=5, drift=1.0))
     assert shifted["amount"].median() > 1.5 * a["amount"].median()
+
+
+def test_training_reports_what_the_history_features_are_worth():
+    raw = generate_transactions(GenerateSpec(rows=30_000, seed=3))
+    with_history = train_model(raw.lazy(), FRAUD_FEATURES, "is_fraud", TrainParams(num_boost_round=60))
+    m = with_history.metrics
+    assert 0.5 < m["roc_auc_without_history"] < m["roc_auc"]  # the generator's signal is in the history
+    plain = train_model(raw.select("amount", "is_fraud").lazy(), columns_spec(raw.select("amount").schema),
+                        "is_fraud", TrainParams(num_boost_round=20))
+    assert "roc_auc_without_history" not in plain.metrics  # nothing to compare without history features
+
+
+def test_generator_bursts_and_later_periods():
+    raw = generate_transactions(GenerateSpec(rows=20_000, seed=5))
+    f = FRAUD_FEATURES.compute(raw.lazy()).collect()
+    assert (f["card_txn_count_1h"] >= 3).sum() > 100  # compromised cards: several transactions within the hour
+    later = generate_transactions(GenerateSpec(rows=1_000, seed=6, start=dt.datetime(2026, 4, 1), span_days=7))
+    assert later["timestamp"].min() >= dt.datetime(2026, 4, 1) and later["timestamp"].max() < dt.datetime(2026, 4, 8)

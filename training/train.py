@@ -97,6 +97,28 @@ def train_model(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: Train
         raise DataError(f"feature(s) {empty} are missing in every training row; check the columns they come from")
     names = [xgb_safe(n) for n in spec.names]
     sl_train, sl_valid, sl_test = slice(0, n_train), slice(n_train, n_train + n_valid), slice(n_train + n_valid, n)
+    booster = _fit(x, y, names, params, objective, sl_train, sl_valid)
+    best = booster.num_boosted_rounds() - 1
+    pred = booster.predict(xgb.DMatrix(x[sl_test], feature_names=names))
+    metrics = objective.metrics(y[sl_test], pred)
+    metrics["best_iteration"] = float(best)
+    stateless = [i for i, f in enumerate(spec.features) if not f.stateful]
+    if 0 < len(stateless) < len(spec.features):
+        # What the history features are worth: the same split and parameters without them.
+        xs = np.ascontiguousarray(x[:, stateless])
+        plain = _fit(xs, y, [names[i] for i in stateless], params, objective, sl_train, sl_valid)
+        plain_pred = plain.predict(xgb.DMatrix(xs[sl_test], feature_names=[names[i] for i in stateless]))
+        primary = objective.primary_metric
+        metrics[f"{primary}_without_history"] = objective.metrics(y[sl_test], plain_pred)[primary]
+    log.info("trained %s model with %d trees; test %s %.4f", objective.kind, best + 1, objective.primary_metric,
+             metrics[objective.primary_metric])
+    return TrainResult(booster, target, objective, fitted, metrics, holdout, raw_holdout, pred,
+                       {"train": n_train, "valid": n_valid, "test": n_test})
+
+
+def _fit(x: np.ndarray, y: np.ndarray, names: list[str], params: TrainParams, objective: Objective,
+         sl_train: slice, sl_valid: slice) -> xgb.Booster:
+    """Train with early stopping on the validation slice; keep exactly the trees that are served."""
     # QuantileDMatrix stores the binned matrix (about a quarter of the float copy) for `hist`.
     dtrain = xgb.QuantileDMatrix(x[sl_train], label=y[sl_train], feature_names=names)
     dvalid = xgb.QuantileDMatrix(x[sl_valid], label=y[sl_valid], feature_names=names, ref=dtrain)
@@ -104,17 +126,7 @@ def train_model(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: Train
         params.booster_params(objective), dtrain, num_boost_round=params.num_boost_round,
         evals=[(dvalid, "valid")], early_stopping_rounds=params.early_stopping_rounds, verbose_eval=False,
     )
-    del dtrain, dvalid
-    best = booster.best_iteration
-    # Keep exactly the trees that are served, so every later consumer scores the same model.
-    booster = booster[: best + 1]
-    pred = booster.predict(xgb.DMatrix(x[sl_test], feature_names=names))
-    metrics = objective.metrics(y[sl_test], pred)
-    metrics["best_iteration"] = float(best)
-    log.info("trained %s model with %d trees; test %s %.4f", objective.kind, best + 1, objective.primary_metric,
-             metrics[objective.primary_metric])
-    return TrainResult(booster, target, objective, fitted, metrics, holdout, raw_holdout, pred,
-                       {"train": n_train, "valid": n_valid, "test": n_test})
+    return booster[: booster.best_iteration + 1]
 
 
 def xgb_safe(name: str) -> str:
