@@ -188,12 +188,15 @@ def _windowed(aggregate: str, window_us: int, entity: np.ndarray, t: np.ndarray,
 
 
 def _window_sums(v: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """sum(v[start[i]:end[i]]) added left to right (as `_aggregate` does), vectorized over rows."""
+    """sum(v[start[i]:end[i]]) added left to right (as `_aggregate` does), vectorized over rows.
+    Work is proportional to the total history size (rows x values per window), like the online read."""
     length = end - start
     by_len = np.argsort(-length, kind="stable")
-    lens = length[by_len]
-    total = np.zeros(len(v))
-    for k in range(int(lens[0]) if len(lens) else 0):
-        active = by_len[: np.searchsorted(-lens, -k, "left")]  # rows with more than k values
-        total[active] += v[start[active] + k]
+    neg_lens, first = -length[by_len], start[by_len]
+    acc = np.zeros(len(v))
+    for k in range(int(-neg_lens[0]) if len(v) else 0):
+        m = np.searchsorted(neg_lens, -k, "left")  # rows with more than k values come first
+        acc[:m] += v[first[:m] + k]
+    total = np.empty(len(v))
+    total[by_len] = acc
     return total
