@@ -1,0 +1,142 @@
+"""A real redis-server for one workspace: `<workspace>/online_store/`, AOF persistence, 127.0.0.1 only.
+
+Persistence: appendonly yes with appendfsync everysec, so `stop` (SHUTDOWN) loses nothing and a crash
+(kill -9, power loss) loses at most about the last second of writes; `restart` reloads the AOF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from online_store.errors import RedisNotFoundError, RedisStartError
+
+STORE_DIR = "online_store"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary() -> str:
+    """The redis-server on PATH."""
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RedisNotFoundError("redis-server is not on PATH: install it (`sudo apt-get install -y redis-server`) "
+                                 "or set TREEOPS_ONLINE_STORE_URL to a running Redis")
+    return found
+
+
+class LocalRedis:
+    """redis-server in `<workspace_dir>/online_store/` on `port` (default: a free one, kept across restarts).
+
+    `start` returns once PING answers; `stop` shuts down cleanly (AOF flushed); `kill` is SIGKILL, as a
+    crash; `restart` starts again on the same port and data. Usable as a context manager (stop at exit).
+    """
+
+    def __init__(self, workspace_dir: Path | str, port: int | None = None, start_timeout_s: float = 15.0):
+        self.dir = Path(workspace_dir) / STORE_DIR
+        self.port = port or free_port()
+        self.start_timeout_s = start_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "redis.log"
+
+    def command(self) -> list[str]:
+        """The redis-server command line."""
+        return [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+                "--logfile", str(self.log_path), "--protected-mode", "yes"]
+
+    def start(self) -> LocalRedis:
+        """Start the server and wait until it answers PING (it has loaded its AOF by then)."""
+        if self.running:
+            return self
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, start_new_session=True)
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + self.start_timeout_s
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    said = self.process.stderr.read().decode(errors="replace").strip() if self.process.stderr else ""
+                    self._close()
+                    raise RedisStartError(f"redis-server for {self.dir} exited with {self.process.returncode}: "
+                                          f"{said or self._log_tail()} (is port {self.port} taken?)")
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                    if client.ping():
+                        return self
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RedisStartError(f"redis-server for {self.dir} did not answer PING on port {self.port} "
+                                          f"within {self.start_timeout_s:.0f} s: {self._log_tail()}")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SHUTDOWN (the AOF is flushed), then wait for the process; SIGKILL if it does not exit."""
+        if not self.running:
+            return
+        client = redis.Redis(port=self.port, socket_timeout=timeout_s, socket_connect_timeout=2)
+        try:
+            client.shutdown(nosave=False)
+        except redis.RedisError:
+            pass  # the server closed the connection while shutting down, or is already gone
+        finally:
+            client.close()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: writes of about the last second may be lost (appendfsync everysec)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        self._close()
+
+    def restart(self) -> LocalRedis:
+        """Stop (if running) and start again on the same port and data directory."""
+        self.stop()
+        return self.start()
+
+    def _close(self) -> None:
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return " | ".join(lines[-3:]) or "no log"
+
+    def __enter__(self) -> LocalRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
