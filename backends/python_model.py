@@ -5,7 +5,8 @@ process: it imports nothing from treeops. Tensor names come from the model confi
 inputs are the ONNX graph's inputs: one feature tensor, or several raw fields (strings
 arrive as bytes and are decoded). All requests of a dynamic batch are scored in one call.
 `initialize` first checks the version's files against the sizes and SHA-256 export recorded in
-treeops.json (`verify_files`), so a damaged file fails this version, not the stub process.
+treeops.json (`verify_files`, from version_files.py copied beside this file), so a damaged file fails
+this version, not the stub process.
 
 Runtimes (config parameter `runtime`):
 - "onnxruntime" (default): `model.onnx` in one single-threaded session. One thread on purpose:
@@ -22,43 +23,14 @@ methods and the feed key are resolved once in `initialize`.
 """
 
 import ctypes
-import hashlib
 import json
 import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from version_files import verify_files
 
 RUNTIMES = ("onnxruntime", "compiled")
-
-
-def verify_files(folder):
-    """Refuse the version unless every file in treeops.json's "files" manifest (written at export) has its
-    recorded size and SHA-256: checked before anything is loaded, so a damaged file fails this version
-    with the file named (as backends/treeops_forest.c does for the native target)."""
-    metadata = os.path.join(folder, "treeops.json")
-    try:
-        with open(metadata, encoding="utf-8") as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{metadata} has no readable \"files\" manifest ({exc!r}): re-export the version") from exc
-    for name, want in files.items():
-        path = os.path.join(folder, name)
-        try:
-            size = os.path.getsize(path)
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-        except OSError as exc:
-            raise ValueError(f"cannot read {path}, listed in treeops.json ({exc}): re-export or `treeops sync` "
-                             "the version") from exc
-        if size != want["size"]:
-            raise ValueError(f"{path} has {size} bytes but treeops.json records {want['size']} (truncated or "
-                             "replaced): re-export or `treeops sync` the version")
-        if digest.hexdigest() != want["sha256"]:
-            raise ValueError(f"{path} has SHA-256 {digest.hexdigest()} but treeops.json records {want['sha256']} "
-                             "(the file changed after export): re-export or `treeops sync` the version")
 
 
 class TritonPythonModel:

@@ -20,7 +20,8 @@ from export.manifest import MANIFEST_KEY, file_manifest
 from export.parity import ParityReport, check_parity, gate_rows, require
 from export.repository import (CONFIG_FILE, FEATURES_FILE, METADATA_FILE, PARITY_FILE, ModelRepository,
                                VersionConflictError, WrittenByAnotherRun, write_json)
-from export.raw_graph import raw_feeds, raw_inputs
+from export.online import StorePolicy, online_parameters, served_inputs
+from export.raw_graph import raw_feeds
 from export.signature import ServedSignature
 from export.targets import get_target
 from export.triton_config import ServingSettings, TensorSpec, parse
@@ -43,7 +44,11 @@ class ExportSettings(BaseSettings):
                                "DEFAULT_TARGET, or RAW_INPUTS_TARGET with raw_inputs")
     serving: ServingSettings = Field(default_factory=ServingSettings, description="batching and instances")
     tolerance: float = Field(1e-5, gt=0, description="largest |served - xgboost| the parity gate accepts")
-    raw_inputs: bool = Field(False, description="serve raw transaction fields; stateless features computed in the graph")
+    raw_inputs: bool = Field(False, description="serve raw transaction fields; stateless features computed in the graph, "
+                             "history features read from the online store (export/online.py)")
+    on_store_unavailable: StorePolicy = Field(
+        "error", description="raw-transaction model with the online store down: 'error' (UNAVAILABLE naming the store "
+        "URL) or 'score_without_history' (history features missing, answer flagged and counted)")
     replace: bool = Field(False, description="replace a version already exported with another target or raw_inputs "
                           "(atomically; refused for a version config.pbtxt serves)")
 
@@ -140,9 +145,10 @@ def export_version(
         )
     raw = bundle.fitted if settings.raw_inputs else None
     target.require_feature_tensor(raw)  # before any file is written
-    inputs = [r.tensor_spec() for r in raw_inputs(raw)] if raw is not None else None
+    inputs = [r.tensor_spec() for r in served_inputs(raw)] if raw is not None else None
+    parameters = dict(online_parameters(raw, settings.on_store_unavailable)) if raw is not None else {}
     signature = ServedSignature.from_config(target.model_config(
-        model_name, n_features, bundle.objective.n_outputs, settings.serving, [ref.version], {}, inputs=inputs))
+        model_name, n_features, bundle.objective.n_outputs, settings.serving, [ref.version], parameters, inputs=inputs))
     try:
         with repository.stage_version(model_name, ref.version, replace=replacing) as staging:
             target.write_artifacts(bundle.booster, n_features, staging, raw)
@@ -166,6 +172,7 @@ def export_version(
                 "input_name": target.input_name,
                 "raw_inputs": raw is not None,
                 "inputs": [dataclasses.asdict(t) for t in inputs] if inputs else None,
+                "parameters": parameters,  # config parameters this version needs (the online store's)
                 "output_name": target.output_name,
                 "objective": bundle.objective.to_dict(),
                 "aliases_at_export": list(ref.aliases),
@@ -230,7 +237,7 @@ def write_served_config(
     champion = served[0]
     meta = repository.metadata(model_name, champion)
     target = get_target(meta["target"])
-    parameters = {f"{alias}_version": str(v) for alias, v in sorted(aliases.items())}
+    parameters = {**meta.get("parameters", {}), **{f"{alias}_version": str(v) for alias, v in sorted(aliases.items())}}
     parameters["feature_spec_hash"] = str(meta.get("feature_spec_hash"))
     inputs = [TensorSpec(t["name"], tuple(t["dims"]), t["data_type"]) for t in meta["inputs"]] if meta.get("inputs") else None
     cfg = target.model_config(model_name, int(meta["n_features"]), int(meta["n_outputs"]), serving, served, parameters,
@@ -259,7 +266,8 @@ def export_model(
 
 
 def _raw_parity(bundle: registry.ModelBundle, scorer, tolerance: float) -> ParityReport:
-    """Raw-input graph on the held-out raw rows vs Polars features + xgboost on the same rows."""
+    """Raw-input graph on the held-out raw rows vs Polars features + xgboost on the same rows (history
+    features, which the online model reads from the store, fed as the spec computes them offline)."""
     raw = bundle.raw_holdout
     served = scorer(raw_feeds(bundle.fitted, raw))
     return check_parity(bundle.booster, lambda _features: served, bundle.fitted.matrix_raw(raw),

@@ -1,11 +1,10 @@
 """Serve raw transaction fields: one ONNX graph computing the stateless features in front of the trees.
 
-Inputs, one tensor each, [N, 1]: the raw columns the stateless features read (`amount` as
-double, `timestamp_s` as int64 epoch seconds UTC, categorical columns as strings) and every
-stateful feature as float. Stateful (per-card history) features are window expressions over
-earlier transactions of the card: a single request cannot compute them, so the client supplies
-them as computed by the feature spec (`card_txn_index`, `seconds_since_prev_card_txn`,
-`amount_to_card_mean` in FRAUD_FEATURES; NaN where missing).
+Inputs, one tensor each, [N, 1]: the raw columns the stateless features read, named after the raw
+fields (`amount` as double, `timestamp` as int64 epoch microseconds UTC, categorical columns as
+strings), and every stateful (history) feature as float. A single request cannot compute a history
+feature: the raw-transaction model (backends/online_model.py) feeds them from the online store,
+and parity feeds them as the feature spec computes them offline (NaN where missing).
 
 Which features exist, their order, which are categorical and their vocabularies all come from
 the `FittedFeatures`. A stateless numeric feature compiles only through `BUILDERS`, whose entry
@@ -34,10 +33,12 @@ from training.features import Feature, FittedFeatures
 
 log = logging.getLogger(__name__)
 
-TIMESTAMP_INPUT = "timestamp_s"
+#: Datetime raw fields are served as int64 epoch microseconds UTC under their own name.
+TIMESTAMP_INPUT = "timestamp"
 OPSET = 17
 ML_OPSET = 2  # LabelEncoder-2 (string -> float); TreeEnsemble*-1 stays valid
-_SECONDS_PER_DAY = 86_400
+_US_PER_DAY = 86_400_000_000
+_US_PER_HOUR = 3_600_000_000
 _EPOCH_ISO_WEEKDAY = 4  # 1970-01-01 was a Thursday
 
 RawDtype = Literal["double", "int64", "string", "float"]
@@ -49,7 +50,7 @@ _TRITON_TYPES = {"double": "TYPE_FP64", "int64": "TYPE_INT64", "string": "TYPE_S
 
 @dataclass(frozen=True)
 class RawInput:
-    """One graph input [N, 1]: a raw column or a client-supplied stateful feature."""
+    """One graph input [N, 1]: a raw column or a stateful (history) feature."""
 
     name: str
     dtype: RawDtype
@@ -92,20 +93,20 @@ def _amount(g: _Graph) -> str:
     return g.input(RawInput("amount", "double", "transaction amount (NaN if unknown)"))
 
 
-def _epoch_s(g: _Graph) -> str:
-    return g.input(RawInput(TIMESTAMP_INPUT, "int64", "transaction time, integer seconds since 1970-01-01 UTC"))
+def _epoch_us(g: _Graph) -> str:
+    return g.input(RawInput(TIMESTAMP_INPUT, "int64", "transaction time, integer microseconds since 1970-01-01 UTC"))
 
 
-def _second_of_day(g: _Graph) -> str:
-    if "second_of_day" not in g.cache:  # integer Mod (fmod=0) takes the divisor's sign: 0..86399 before 1970 too
-        g.cache["second_of_day"] = g.op("Mod", [_epoch_s(g), g.const(_SECONDS_PER_DAY, TensorProto.INT64)])
-    return g.cache["second_of_day"]
+def _us_of_day(g: _Graph) -> str:
+    if "us_of_day" not in g.cache:  # integer Mod (fmod=0) takes the divisor's sign: never negative before 1970 too
+        g.cache["us_of_day"] = g.op("Mod", [_epoch_us(g), g.const(_US_PER_DAY, TensorProto.INT64)])
+    return g.cache["us_of_day"]
 
 
 def _iso_weekday(g: _Graph) -> str:
     if "weekday" not in g.cache:
-        t = _epoch_s(g)
-        days = g.op("Div", [g.op("Sub", [t, _second_of_day(g)]), g.const(_SECONDS_PER_DAY, TensorProto.INT64)])
+        t = _epoch_us(g)
+        days = g.op("Div", [g.op("Sub", [t, _us_of_day(g)]), g.const(_US_PER_DAY, TensorProto.INT64)])
         shifted = g.op("Add", [days, g.const(_EPOCH_ISO_WEEKDAY - 1, TensorProto.INT64)])
         g.cache["weekday"] = g.op("Add", [g.op("Mod", [shifted, g.const(7, TensorProto.INT64)]),
                                           g.const(1, TensorProto.INT64)])
@@ -120,7 +121,7 @@ def _log_amount(g: _Graph) -> str:
 
 
 def _hour_of_day(g: _Graph) -> str:
-    return g.to_float(g.op("Div", [_second_of_day(g), g.const(3_600, TensorProto.INT64)]))
+    return g.to_float(g.op("Div", [_us_of_day(g), g.const(_US_PER_HOUR, TensorProto.INT64)]))
 
 
 def _day_of_week(g: _Graph) -> str:
@@ -150,7 +151,7 @@ BUILDERS: dict[str, Builder] = {
 
 def _compile_feature(g: _Graph, feature: Feature, fitted: FittedFeatures) -> str:
     if feature.stateful:
-        return g.input(RawInput(feature.name, "float", f"client-supplied: {feature.description}", stateful=True))
+        return g.input(RawInput(feature.name, "float", f"history: {feature.description}", stateful=True))
     if feature.categorical:
         if not feature.expr.meta.is_column():
             raise FeatureCompileError(
@@ -202,7 +203,7 @@ def compile_raw_model(fitted: FittedFeatures, booster: xgb.Booster) -> onnx.Mode
     tree_nodes = [_rename_input(n, INPUT_NAME, features) for n in trees.graph.node]
     model = _model(g, g.nodes + tree_nodes, list(trees.graph.output), list(trees.graph.initializer),
                    "raw_transactions_to_scores", ir_version=trees.ir_version)
-    log.info("raw-input graph: %d inputs (%d client-supplied stateful) -> %s", len(g.inputs),
+    log.info("raw-input graph: %d inputs (%d history features) -> %s", len(g.inputs),
              sum(r.stateful for r in g.inputs.values()), OUTPUT_NAME)
     return model
 
@@ -240,14 +241,14 @@ def _rename_input(node: onnx.NodeProto, old: str, new: str) -> onnx.NodeProto:
 
 
 def raw_feeds(fitted: FittedFeatures, raw: pl.DataFrame) -> dict[str, np.ndarray]:
-    """The inputs a client sends for `raw` rows (stateful features computed by the spec over `raw`)."""
+    """The graph's inputs for `raw` rows (history features computed by the spec over `raw`, offline)."""
     stateful = fitted.encode(fitted.spec.compute(raw.lazy())).collect()
     feeds: dict[str, np.ndarray] = {}
     for r in raw_inputs(fitted):
         if r.stateful:
             col = stateful[r.name].to_numpy()
         elif r.name == TIMESTAMP_INPUT:
-            col = raw["timestamp"].dt.epoch("s").to_numpy()
+            col = raw[r.name].dt.epoch("us").to_numpy()
         elif r.dtype == "string":
             col = raw[r.name].fill_null("").to_numpy()
         else:

@@ -3,6 +3,9 @@
 Each client reads the served model's signature from Triton's model metadata on first use (or takes one
 given), and builds every request from it: the feature tensor of tensor models (`features` ->
 `probabilities`, FIL's `input__0` -> `output__0`) or one input per raw field of raw-input models.
+Raw-transaction models (history features read and updated in the online store inside Triton) score
+transactions with `score_transactions`; chunks of one call are sent one after another, in order, so
+the store applies a card's transactions in the order given.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from export.signature import ServedSignature
 from server.errors import ScoringError, ServerError
-from server.requests import conform, grpc_request
+from server.requests import DEGRADED, READ_ONLY, conform, grpc_request
 from training.features import FittedFeatures, load_fitted
 
 log = logging.getLogger(__name__)
@@ -36,10 +39,12 @@ PemFile = str | os.PathLike[str] | None
 
 @dataclass(frozen=True)
 class Scores:
-    """The score output for each row (rows x classes, or rows x 1 for a regressor) and the version that answered."""
+    """The score output for each row (rows x classes, or rows x 1 for a regressor) and the version that answered;
+    `degraded` (raw-transaction models): per row, scored without history because the online store was down."""
 
     probabilities: np.ndarray
     model_version: str
+    degraded: np.ndarray | None = None
 
     @property
     def positive(self) -> np.ndarray:
@@ -131,8 +136,14 @@ class _ScoringBase:
         return self._signature
 
     @staticmethod
-    def _output(result: Any, signature: ServedSignature) -> tuple[np.ndarray, str]:
-        return result.as_numpy(signature.output.name), result.get_response().model_version
+    def _output(result: Any, signature: ServedSignature) -> tuple[np.ndarray, str, np.ndarray | None]:
+        degraded = result.as_numpy(DEGRADED)
+        return (result.as_numpy(signature.output.name), result.get_response().model_version,
+                None if degraded is None else degraded.reshape(-1))
+
+    @staticmethod
+    def _parameters(read_only: bool) -> dict[str, bool] | None:
+        return {READ_ONLY: True} if read_only else None
 
     def _should_retry(self, exc: InferenceServerException, attempt: int) -> bool:
         return exc.status() in RETRYABLE and attempt < self.retries
@@ -151,9 +162,11 @@ class _ScoringBase:
         )
 
     @staticmethod
-    def _scores(parts: list[tuple[np.ndarray, str]]) -> Scores:
-        probs = [p for p, _ in parts]
-        return Scores(np.concatenate(probs) if len(probs) > 1 else probs[0], parts[-1][1])
+    def _scores(parts: list[tuple[np.ndarray, str, np.ndarray | None]]) -> Scores:
+        probs = [p for p, _, _ in parts]
+        flags = [d for _, _, d in parts if d is not None]
+        return Scores(np.concatenate(probs) if len(probs) > 1 else probs[0], parts[-1][1],
+                      np.concatenate(flags) if flags else None)
 
 
 class ScoringClient(_ScoringBase):
@@ -194,11 +207,20 @@ class ScoringClient(_ScoringBase):
         """Score rows of raw fields (a DataFrame or dicts): the inputs the signature names, computed with `features`."""
         return self.score_inputs(request_feeds(self.served_signature(), features, raw))
 
-    def _infer(self, signature: ServedSignature, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
+    def score_transactions(self, raw: pl.DataFrame | Sequence[Mapping[str, Any]], read_only: bool = False) -> Scores:
+        """Score raw transactions with a raw-input model: one input per field the signature names (Datetime as
+        epoch µs). Rows go in the order given; `read_only` scores without adding them to the online store."""
+        signature = self.served_signature()
+        parameters = self._parameters(read_only)
+        return self._scores([self._infer(signature, part, parameters)
+                             for part in self._chunks(signature, transaction_feeds(signature, raw))])
+
+    def _infer(self, signature: ServedSignature, feeds: Mapping[str, np.ndarray],
+               parameters: dict[str, bool] | None = None) -> tuple[np.ndarray, str, np.ndarray | None]:
         inputs, outputs = grpc_request(signature, feeds)
         return self._output(self._call(lambda: self._client.infer(
             self.model_name, inputs, model_version=self.model_version, outputs=outputs,
-            client_timeout=self.timeout_s)), signature)
+            client_timeout=self.timeout_s, parameters=parameters)), signature)
 
     def _call(self, send: Any) -> Any:
         for attempt in range(self.retries + 1):
@@ -260,11 +282,20 @@ class AsyncScoringClient(_ScoringBase):
         """Score rows of raw fields (a DataFrame or dicts): the inputs the signature names, computed with `features`."""
         return await self.score_inputs(request_feeds(await self.served_signature(), features, raw))
 
-    async def _infer(self, signature: ServedSignature, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, str]:
+    async def score_transactions(self, raw: pl.DataFrame | Sequence[Mapping[str, Any]],
+                                 read_only: bool = False) -> Scores:
+        """`ScoringClient.score_transactions`: chunks are sent one after another (the store applies them in order)."""
+        signature = await self.served_signature()
+        parameters = self._parameters(read_only)
+        return self._scores([await self._infer(signature, part, parameters)
+                             for part in self._chunks(signature, transaction_feeds(signature, raw))])
+
+    async def _infer(self, signature: ServedSignature, feeds: Mapping[str, np.ndarray],
+                     parameters: dict[str, bool] | None = None) -> tuple[np.ndarray, str, np.ndarray | None]:
         inputs, outputs = grpc_request(signature, feeds)
         return self._output(await self._call(lambda: self._client.infer(
             self.model_name, inputs, model_version=self.model_version, outputs=outputs,
-            client_timeout=self.timeout_s)), signature)
+            client_timeout=self.timeout_s, parameters=parameters)), signature)
 
     async def _call(self, send: Any) -> Any:
         for attempt in range(self.retries + 1):
@@ -310,17 +341,44 @@ def request_feeds(
 ) -> dict[str, np.ndarray]:
     """The inputs `signature` names for rows of raw fields (a DataFrame or dicts), checked and cast to it.
 
-    A feature-tensor model gets the spec's features of the rows (its stateful features computed over
-    these rows); a raw-input model gets one input per raw field (and the stateful features it asks for).
+    A feature-tensor model gets the spec's features of the rows (its history features computed over
+    these rows alone); a raw-input model gets one input per raw field (`transaction_feeds`).
     """
     if not isinstance(raw, pl.DataFrame):
         raw = pl.DataFrame(list(raw), schema=features.spec.raw_schema, strict=False)
     tensor = signature.feature_tensor
     if tensor is not None:
         return conform(signature, {tensor.name: features.matrix_raw(raw)})
-    from export.raw_graph import raw_feeds  # the raw-input graph's own field encoding (pulls in onnx)
+    return transaction_feeds(signature, raw)
 
-    return conform(signature, raw_feeds(features, raw))
+
+def transaction_feeds(signature: ServedSignature, raw: pl.DataFrame | Sequence[Mapping[str, Any]]
+                      ) -> dict[str, np.ndarray]:
+    """One input per raw field `signature` names, [rows, 1], checked and cast to it: Datetime fields as epoch
+    microseconds UTC (INT64), text as BYTES (null: empty, an unknown category), null numbers as NaN.
+
+    Raises ScoringError naming a missing field, or a null in an integer or time field (row given).
+    """
+    frame = raw if isinstance(raw, pl.DataFrame) else pl.DataFrame(list(raw), strict=False)
+    feeds: dict[str, np.ndarray] = {}
+    for t in signature.inputs:
+        if t.name not in frame.columns:
+            raise ScoringError(f"the transactions have no field {t.name!r}; the served model takes "
+                               f"{[i.name for i in signature.inputs]} ({signature.describe()})")
+        col = frame[t.name]
+        if col.dtype.is_temporal():
+            col = col.cast(pl.Datetime("us")).dt.epoch("us")
+        if t.datatype == "BYTES":
+            values = col.cast(pl.String).fill_null("").to_numpy().astype(object)
+        elif t.datatype.startswith("FP"):
+            values = col.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        else:
+            if col.null_count():
+                row = col.is_null().arg_max()
+                raise ScoringError(f"field {t.name!r} row {row} is null; the served model takes {t.describe()}")
+            values = col.to_numpy()
+        feeds[t.name] = values.reshape(-1, *t.dims)
+    return conform(signature, feeds)
 
 
 def score_raw(

@@ -17,7 +17,7 @@ from pathlib import Path
 from server.errors import InsecureAdminError, PortInUseError, TritonStartError, TritonUnhealthyError
 from server.installation import TritonInstallation
 from server.server_record import ServerRecord, check_stale
-from server.settings import ADMIN_KEY_ENV, SupervisionSettings, TritonSettings
+from server.settings import ADMIN_KEY_ENV, ONLINE_STORE_URL_ENV, SupervisionSettings, TritonSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ class TritonServer:
         return [str(self.installation.binary), *self.settings.to_args(key_placeholder=self.key_in_environment)]
 
     def environment(self) -> dict[str, str]:
-        """tritonserver's environment: the installation's, plus the admin key and the shim that reads it."""
+        """tritonserver's environment: the installation's, the online store URL, the admin key and its shim."""
         env = self.installation.environment()
+        if self.settings.online_store_url is not None:
+            env[ONLINE_STORE_URL_ENV] = self.settings.online_store_url
         if self.key_in_environment:
             preload = env.get("LD_PRELOAD")
             env["LD_PRELOAD"] = f"{self.installation.admin_key_shim}:{preload}" if preload else str(

@@ -1,5 +1,8 @@
 """Inference requests built from a served model's signature: inputs checked and cast, as gRPC or KServe v2 JSON.
 
+A raw-transaction model (export/online.py) takes the request parameter READ_ONLY (true: score without
+updating the online store) and answers DEGRADED (BOOL per row) beside its scores.
+
 Light on purpose (numpy and tritonclient only): the Locust users import it next to the scoring clients.
 """
 
@@ -13,6 +16,11 @@ import tritonclient.grpc as grpcclient
 
 from export.signature import ServedSignature
 from server.errors import ScoringError
+
+#: Request parameter of raw-transaction models: score from the stored history without adding the transaction.
+READ_ONLY = "treeops_read_only"
+#: Output of raw-transaction models: true for a row scored without history (online store down).
+DEGRADED = "treeops_degraded"
 
 
 def conform(signature: ServedSignature, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -53,27 +61,30 @@ def conform(signature: ServedSignature, feeds: Mapping[str, np.ndarray]) -> dict
 def grpc_request(
     signature: ServedSignature, feeds: Mapping[str, np.ndarray]
 ) -> tuple[list[grpcclient.InferInput], list[grpcclient.InferRequestedOutput]]:
-    """gRPC inputs for already conformed `feeds`, asking for the signature's score output."""
+    """gRPC inputs for already conformed `feeds`, asking for the signature's outputs."""
     inputs = []
     for t in signature.inputs:
         values = feeds[t.name]
         inp = grpcclient.InferInput(t.name, list(values.shape), t.datatype)
         inp.set_data_from_numpy(values)
         inputs.append(inp)
-    return inputs, [grpcclient.InferRequestedOutput(signature.output.name)]
+    return inputs, [grpcclient.InferRequestedOutput(t.name) for t in signature.outputs]
 
 
-def http_body(signature: ServedSignature, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def http_body(signature: ServedSignature, feeds: Mapping[str, np.ndarray], read_only: bool = False) -> dict[str, Any]:
     """The KServe v2 JSON body (`POST /v2/models/<m>/infer`) for already conformed `feeds`."""
     def data(values: np.ndarray) -> list[Any]:
         flat = values.ravel()
         return [v.decode() if isinstance(v, bytes) else str(v) for v in flat] if values.dtype == object else flat.tolist()
 
-    return {
+    body = {
         "inputs": [{"name": t.name, "shape": list(feeds[t.name].shape), "datatype": t.datatype,
                     "data": data(feeds[t.name])} for t in signature.inputs],
-        "outputs": [{"name": signature.output.name}],
+        "outputs": [{"name": t.name} for t in signature.outputs],
     }
+    if read_only:
+        body["parameters"] = {READ_ONLY: True}
+    return body
 
 
 def read_signature(url: str, model_name: str, protocol: str = "grpc", timeout_s: float = 5.0) -> ServedSignature:

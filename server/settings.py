@@ -15,6 +15,8 @@ AdminApi = Literal["model-repository", "model-config", "shared-memory", "statist
 DEFAULT_ADMIN_APIS: tuple[AdminApi, ...] = ("model-repository", "shared-memory", "statistics", "trace", "logging")
 DEFAULT_ADMIN_HEADER = "treeops-admin-key"
 ADMIN_KEY_ENV = "TREEOPS_TRITON_ADMIN_KEY"
+#: How raw-transaction models inside tritonserver find the online store (backends/online_model.py).
+ONLINE_STORE_URL_ENV = "TREEOPS_ONLINE_STORE_URL"
 REDACTED = "**********"
 #: What `server/admin_key_shim.c` replaces with the value of ADMIN_KEY_ENV inside tritonserver.
 ADMIN_KEY_PLACEHOLDER = "@TREEOPS_TRITON_ADMIN_KEY@"
@@ -78,6 +80,11 @@ class TritonSettings(BaseSettings):
     grpc_server_cert: Path | None = Field(None, description="PEM server certificate (chain) for gRPC TLS")
     grpc_server_key: Path | None = Field(None, description="PEM private key of grpc_server_cert")
     grpc_root_cert: Path | None = Field(None, description="PEM CA that client certificates must chain to (mutual TLS)")
+    online_store_url: str | None = Field(
+        None, pattern=r"^(redis|rediss|unix)://\S+$",
+        description=f"online store (Redis) URL given to tritonserver as {ONLINE_STORE_URL_ENV} for raw-transaction "
+        "models; `treeops serve` sets it from OnlineStoreSettings, or to the local redis-server it starts",
+    )
 
     @field_validator("admin_key")
     @classmethod

@@ -12,6 +12,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import UnsupportedModelError
 from export.booster import n_outputs as served_width
+from export.online import is_online
 from export.parity import Scorer
 from export.signature import FEATURES_INPUT, SCORES_OUTPUT
 from export.triton_config import ServingSettings, TensorSpec
@@ -27,6 +28,8 @@ class ExportTarget(ABC):
     output_name: str = SCORES_OUTPUT
     #: Whether the target can serve the raw-input graph (`export/raw_graph.py`) instead of features.
     supports_raw_inputs: bool = False
+    #: Whether it can serve a spec with history features from raw fields (the online store, export/online.py).
+    supports_history: bool = False
 
     def n_outputs(self, booster: xgb.Booster) -> int:
         """Width of the served output: 2 (binary probabilities), num_class, or 1 (regression value)."""
@@ -44,6 +47,9 @@ class ExportTarget(ABC):
         if raw is not None and not self.supports_raw_inputs:
             raise UnsupportedModelError(f"the {self.name} target serves one feature tensor; export raw inputs with "
                                         "--target python-onnx or onnxruntime")
+        if isinstance(raw, FittedFeatures) and is_online(raw) and not self.supports_history:
+            raise UnsupportedModelError(f"spec {raw.spec.name!r} has history features, which the {self.name} target "
+                                        "cannot read from the online store; export raw inputs with --target python-onnx")
 
     def raw_scorer(self, version_dir: Path) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
         """An in-process scorer of a written raw-input model (feeds by input name), where supported."""

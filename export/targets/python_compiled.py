@@ -7,14 +7,14 @@ specific to the exporting machine's architecture.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.targets.compiled_forest_target import CompiledForestTarget
-from export.targets.python_onnx import TRITON_MODEL_SOURCE, PythonOnnxTarget
+from export.targets.python_onnx import PythonOnnxTarget
+from export.targets.python_runtime import FEATURE_MODEL, write_python_runtime
 from export.triton_config import ServingSettings, TensorSpec
 
 
@@ -24,7 +24,7 @@ class PythonCompiledTarget(CompiledForestTarget):
     name = "python-compiled"
 
     def write_runtime(self, version_dir: Path) -> None:
-        shutil.copyfile(TRITON_MODEL_SOURCE, version_dir / "model.py")
+        write_python_runtime(version_dir, FEATURE_MODEL)
 
     def model_config(
         self,

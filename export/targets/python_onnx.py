@@ -1,33 +1,38 @@
-"""ONNX run by ONNX Runtime inside Triton's Python backend (runs on the pip wheel's Triton)."""
+"""ONNX run by ONNX Runtime inside Triton's Python backend (runs on the pip wheel's Triton).
+
+With raw inputs and a spec with history features, the version is the raw-transaction model
+(export/online.py): backends/online_model.py computes the history features from the online store.
+"""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
-import backends
+from export.online import DEGRADED_OUTPUT, POLICY_PARAMETER, is_online
 from export.targets.onnx_file import OnnxFileTarget
+from export.targets.python_runtime import FEATURE_MODEL, ONLINE_MODEL, ONLINE_MODULES, write_python_runtime
 from export.triton_config import ServingSettings, TensorSpec, model_config
 from training.features import FittedFeatures
-
-#: Runs inside Triton (imports triton_python_backend_utils), so it is copied, never imported.
-TRITON_MODEL_SOURCE = Path(backends.__file__).resolve().with_name("python_model.py")
 
 
 class PythonOnnxTarget(OnnxFileTarget):
     """`model.onnx` plus the `model.py` that serves it; `backend: "python"`."""
 
     name = "python-onnx"
+    supports_history = True
 
     def write_artifacts(
         self, booster: xgb.Booster, n_features: int, version_dir: Path, raw_features: FittedFeatures | None = None
     ) -> None:
         super().write_artifacts(booster, n_features, version_dir, raw_features)
-        shutil.copyfile(TRITON_MODEL_SOURCE, version_dir / "model.py")
+        if is_online(raw_features):
+            write_python_runtime(version_dir, ONLINE_MODEL, ONLINE_MODULES)
+        else:
+            write_python_runtime(version_dir, FEATURE_MODEL)
 
     def model_config(
         self,
@@ -39,11 +44,15 @@ class PythonOnnxTarget(OnnxFileTarget):
         parameters: Mapping[str, str],
         inputs: Sequence[TensorSpec] | None = None,
     ) -> mc.ModelConfig:
+        outputs = [TensorSpec(self.output_name, (n_outputs,))]
+        if POLICY_PARAMETER in parameters:  # the raw-transaction model: flags answers scored without history
+            outputs.append(DEGRADED_OUTPUT)
+            serving = serving.model_copy(update={"warmup": False})  # warm-up rows would be written to the store
         return model_config(
             model_name,
             backend="python",
             inputs=inputs or [TensorSpec(self.input_name, (n_features,))],
-            outputs=[TensorSpec(self.output_name, (n_outputs,))],
+            outputs=outputs,
             serving=serving,
             versions=versions,
             parameters={"ort_intra_op_threads": "1", **parameters},
