@@ -7,9 +7,10 @@ Inputs are the raw fields named in the config (dims [1], requests [N, 1]): BYTES
 integers and Datetime fields as epoch microseconds UTC, FP64 numbers. For each dynamic batch:
 
 1. Every request is decoded and checked on its own: a string that is not UTF-8, a negative or
-   non-finite value of a `non_negative_fields` field (amounts), a time outside 1900-01-01..2200-01-01
-   UTC fail that request alone with INVALID_ARG naming the field and the row; nothing of a failed
-   request reaches the store. (Triton itself refuses a missing input or a wrong datatype, naming it.)
+   non-finite value of a `non_negative_fields` field (amounts), a time outside 1990-01-01..2200-01-01
+   UTC (it catches seconds or milliseconds sent as microseconds) fail that request alone with
+   INVALID_ARG naming the field and the row; nothing of a failed request reaches the store.
+   (Triton itself refuses a missing input or a wrong datatype, naming it.)
 2. One `OnlineHistory.features` call reads and updates the history of the valid rows of all
    requests (one pipelined Redis round trip; rows of one entity applied in (time, row) order, each
    seeing the ones before it; a transaction_id already seen gets the same features and changes
@@ -43,7 +44,7 @@ READ_ONLY_PARAMETER = "treeops_read_only"
 DEGRADED_OUTPUT = "treeops_degraded"
 DEGRADED_METRIC = "treeops_degraded_answers_total"
 POLICIES = ("error", "score_without_history")
-MIN_TIME_US = -2_208_988_800_000_000  # 1900-01-01T00:00:00Z
+MIN_TIME_US = 631_152_000_000_000  # 1990-01-01T00:00:00Z
 MAX_TIME_US = 7_258_118_400_000_000  # 2200-01-01T00:00:00Z
 _KINDS = {"TYPE_STRING": "string", "TYPE_INT64": "int64", "TYPE_FP64": "double"}
 
@@ -161,7 +162,7 @@ class TritonPythonModel:
         bad = np.flatnonzero((t < MIN_TIME_US) | (t >= MAX_TIME_US))
         if bad.size:
             row = int(bad[0])
-            raise RequestError(f"input {self.time!r} row {row}: {int(t[row])} is outside 1900-01-01..2200-01-01 "
+            raise RequestError(f"input {self.time!r} row {row}: {int(t[row])} is outside 1990-01-01..2200-01-01 "
                                "UTC; send epoch microseconds (seconds * 1_000_000)")
         return columns, _read_only(request)
 

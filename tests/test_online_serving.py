@@ -6,7 +6,10 @@ starts empty, so a transaction's history is the stream's earlier transactions of
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,9 @@ import mlflow
 import numpy as np
 import polars as pl
 import pytest
+import tritonclient.grpc as grpcclient
 import xgboost as xgb
+from tritonclient.utils import InferenceServerException
 
 from backends.online_history import connect
 from export.online import online_inputs
@@ -24,6 +29,7 @@ from export.repository import ModelRepository
 from online_store.redis_server import LocalRedis
 from redis_fixtures import local_redis
 from server.client import ScoringClient, load_features
+from server.errors import ScoringError
 from training.features import FittedFeatures
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
@@ -129,3 +135,150 @@ def test_one_transaction_per_call_scores_like_offline_features_plus_xgboost(expo
     again = client.score_transactions(stream.slice(last, 1)).positive
     assert again[0] == served[last]
     assert _state(store.url) == before
+
+
+def _by_id(stream: pl.DataFrame, scores: np.ndarray) -> dict[int, float]:
+    return dict(zip(stream["transaction_id"].to_list(), scores.tolist(), strict=True))
+
+
+def test_read_only_scores_without_changing_the_state(exported, client, store):
+    stream = _stream(rows=200, seed=9)
+    client.score_transactions(stream.head(150))
+    before = _state(store.url)
+    peek = client.score_transactions(stream.slice(150, 1), read_only=True).positive
+    assert _state(store.url) == before
+    scored = client.score_transactions(stream.slice(150, 1)).positive  # the same transaction, now recorded
+    assert peek[0] == scored[0]
+    assert _state(store.url) != before
+
+
+def test_one_request_of_several_transactions_of_a_card_applies_them_in_time_order(exported, client):
+    stream = _stream(rows=400, seed=21)
+    card = stream.filter(pl.col("card_id") == stream["card_id"][0]).head(12)
+    shuffled = card.sample(fraction=1.0, shuffle=True, seed=3)
+    served = client.score_transactions(shuffled).positive
+    assert _by_id(shuffled, served) == pytest.approx(_by_id(card, _offline(exported, card)), abs=1e-5)
+
+
+def _raw_client(triton) -> grpcclient.InferenceServerClient:
+    return grpcclient.InferenceServerClient(triton.settings.grpc_url)
+
+
+def _inputs(row: dict, **override: tuple[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """Plain tritonclient inputs of one transaction (dict of raw fields; timestamp in epoch µs)."""
+    types = {"transaction_id": "INT64", "card_id": "INT64", "timestamp": "INT64", "amount": "FP64",
+             "merchant_category": "BYTES", "country": "BYTES", "channel": "BYTES"}
+    inputs = []
+    for name, datatype in types.items():
+        datatype, values = override.get(name, (datatype, None))
+        if values is None:
+            values = np.array([[row[name]]], dtype=object if datatype == "BYTES" else NUMPY[datatype])
+        inp = grpcclient.InferInput(name, list(values.shape), datatype)
+        inp.set_data_from_numpy(values)
+        inputs.append(inp)
+    return inputs
+
+
+NUMPY = {"INT64": np.int64, "FP64": np.float64, "FP32": np.float32}
+TXN = {"transaction_id": 7, "card_id": 42, "timestamp": 1_767_225_600_000_000, "amount": 12.5,
+       "merchant_category": "grocery", "country": "US", "channel": "pos"}
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ({"amount": ("FP64", np.array([[12.5], [-3.0], [1.0]]))}, "'amount' row 1"),
+    ({"amount": ("FP64", np.array([[float("nan")]]))}, "'amount' row 0"),
+    ({"timestamp": ("INT64", np.array([[1_767_225_600]]))}, "'timestamp' row 0"),  # seconds, not µs
+    ({"amount": ("FP32", np.array([[12.5]], dtype=np.float32))}, "amount"),  # wrong datatype (Triton refuses)
+])
+def test_bad_input_is_refused_naming_field_and_row_and_writes_nothing(client, store, triton, override, named):
+    rows = len(next(iter(override.values()))[1])
+    full = {k: (d, np.repeat(np.array([[TXN[k]]], dtype=object if d == "BYTES" else NUMPY[d]), rows, axis=0))
+            for k, d in (("transaction_id", "INT64"), ("card_id", "INT64"), ("timestamp", "INT64"),
+                         ("merchant_category", "BYTES"), ("country", "BYTES"), ("channel", "BYTES"))}
+    if rows > 1:
+        full["transaction_id"] = ("INT64", np.arange(rows, dtype=np.int64).reshape(-1, 1))
+    with _raw_client(triton) as raw, pytest.raises(InferenceServerException) as err:
+        raw.infer(MODEL, _inputs(TXN, **{**full, **override}))
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert named in err.value.message()
+    assert _state(store.url) == {}
+
+
+def test_a_missing_field_is_refused_naming_it(client, store, triton):
+    inputs = [i for i in _inputs(TXN) if i.name() != "country"]
+    with _raw_client(triton) as raw, pytest.raises(InferenceServerException) as err:
+        raw.infer(MODEL, inputs)
+    assert "country" in err.value.message()
+    assert _state(store.url) == {}
+
+
+def test_plain_tritonclient_and_kserve_json_score_like_offline(exported, client, triton):
+    """The README's calls: tritonclient without treeops code, and `curl` (here urllib) with KServe v2 JSON."""
+    stream = _stream(rows=200, seed=33)
+    card = stream.filter(pl.col("card_id") == stream["card_id"][0]).head(4)
+    expected = _offline(exported, card)
+    rows = card.with_columns(pl.col("timestamp").dt.epoch("us")).to_dicts()
+    with _raw_client(triton) as raw:
+        first = raw.infer(MODEL, _inputs(rows[0])).as_numpy("probabilities")[0, 1]
+        second = raw.infer(MODEL, _inputs(rows[1])).as_numpy("probabilities")[0, 1]
+    body = {"inputs": [
+        {"name": k, "shape": [1, 1], "datatype": d, "data": [rows[2][k]]}
+        for k, d in (("transaction_id", "INT64"), ("card_id", "INT64"), ("timestamp", "INT64"), ("amount", "FP64"),
+                     ("merchant_category", "BYTES"), ("country", "BYTES"), ("channel", "BYTES"))]}
+    request = urllib.request.Request(f"http://{triton.settings.http_url}/v2/models/{MODEL}/infer",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        answer = json.loads(resp.read())
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    third = outputs["probabilities"]["data"][1]
+    assert outputs["treeops_degraded"]["data"] == [False]
+    body["parameters"] = {"treeops_read_only": True}
+    body["inputs"] = [dict(i, data=[rows[3][i["name"]]]) for i in body["inputs"]]
+    request = urllib.request.Request(request.full_url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        fourth = {o["name"]: o for o in json.loads(resp.read())["outputs"]}["probabilities"]["data"][1]
+    np.testing.assert_allclose([first, second, third, fourth], expected, rtol=0, atol=1e-5)
+
+
+def _metric(triton, name: str) -> float:
+    with urllib.request.urlopen(triton.settings.metrics_url, timeout=10) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{")
+               and f'model="{LENIENT}"' in line)
+
+
+def test_store_down_is_unavailable_naming_the_url_then_recovers_with_state_intact(exported, client, store, triton):
+    stream = _stream(rows=200, seed=41)
+    served = client.score_transactions(stream.head(100)).positive
+    time.sleep(1.5)  # appendfsync everysec: what a crash may lose
+    before = _state(store.url)
+    store.kill()
+    try:
+        with pytest.raises(ScoringError) as err:
+            client.score_transactions(stream.slice(100, 1))
+        assert "UNAVAILABLE" in str(err.value) and store.url in str(err.value)
+        with ScoringClient(triton.settings.grpc_url, LENIENT, retries=0) as lenient:
+            count = _metric(triton, "treeops_degraded_answers_total")
+            degraded = lenient.score_transactions(stream.slice(100, 2))
+            assert degraded.degraded.tolist() == [True, True]
+            assert _metric(triton, "treeops_degraded_answers_total") == count + 1  # one answer, two rows
+            no_history = exported.features.matrix_raw(stream.slice(100, 2))
+            no_history[:, [i for i, f in enumerate(exported.features.spec.features) if f.stateful]] = np.nan
+            np.testing.assert_allclose(degraded.positive, exported.booster.inplace_predict(no_history), atol=1e-5)
+    finally:
+        store.start()
+    assert _state(store.url) == before
+    rest = client.score_transactions(stream.slice(100))
+    assert not rest.degraded.any()
+    np.testing.assert_allclose(np.concatenate([served, rest.positive]), _offline(exported, stream), atol=1e-5)
+
+
+def test_two_tritons_on_one_redis_give_the_offline_answers_to_an_interleaved_stream(exported, client, store, triton):
+    stream = _stream(rows=300, seed=55)
+    with serving(exported.ws, exported.ws.reports_dir / "triton-b.log", models=[MODEL],
+                 online_store_url=store.url, exit_timeout_s=5) as other:
+        with ScoringClient(other.settings.grpc_url, MODEL, retries=0) as second:
+            served = [(client if i % 2 else second).score_transactions(stream.slice(i, 1)).positive[0]
+                      for i in range(stream.height)]
+    np.testing.assert_allclose(served, _offline(exported, stream), rtol=0, atol=1e-5)
