@@ -156,7 +156,11 @@ def export_cmd(
     target: Annotated[str | None, typer.Option(
         help="native-compiled (default: tl2cgen forest in treeops' C backend, fastest on CPU, needs gcc), "
              "python-onnx (default with --raw-inputs), python-compiled, onnxruntime or fil (NGC, GPU)")] = None,
-    raw_inputs: Annotated[bool, typer.Option(help="serve raw transaction fields; stateless features run in the graph")] = False,
+    raw_inputs: Annotated[bool, typer.Option(help="serve raw transaction fields; stateless features run in the graph, "
+                                             "history features in Triton from the online store (Redis)")] = False,
+    on_store_unavailable: Annotated[str, typer.Option(
+        help="raw-transaction model with Redis down: error (UNAVAILABLE naming the store URL) or "
+             "score_without_history (history missing, answer flagged treeops_degraded and counted)")] = "error",
     replace: Annotated[bool, typer.Option(help="replace the version if it is on disk with another target or raw "
                                           "inputs (atomic; refused while config.pbtxt serves it)")] = False,
     workspace: WorkspaceOpt = None,
@@ -174,7 +178,8 @@ def export_cmd(
     try:
         result = export_model(model_name, ModelRepository(ws.model_repository), alias=None if version else alias,
                               version=version, settings=ExportSettings(target=target, raw_inputs=raw_inputs,
-                                                                       replace=replace))
+                                                                       replace=replace,
+                                                                       on_store_unavailable=on_store_unavailable))
     except KeyboardInterrupt:
         raise CommandInterrupted("export interrupted; its staging folder was removed and no version was written") from None
     parity = result.parity
@@ -199,8 +204,9 @@ def _warn_on_registry_drift(ws: Workspace) -> None:
 
 
 def _triton(ws: Workspace, grpc_port: int, http_port: int, metrics_port: int, binary: Path | None = None, *,
-            insecure_admin: bool = False, ephemeral_key: bool = False):
-    """The workspace's Triton; `ephemeral_key`: without TREEOPS_TRITON_ADMIN_KEY, a random key for this run."""
+            insecure_admin: bool = False, ephemeral_key: bool = False, online_store_url: str | None = None):
+    """The workspace's Triton; `ephemeral_key`: without TREEOPS_TRITON_ADMIN_KEY, a random key for this run;
+    `online_store_url`: the Redis its raw-transaction models read (server.store.online_store_url)."""
     import secrets
 
     from server.installation import find_triton
@@ -208,7 +214,8 @@ def _triton(ws: Workspace, grpc_port: int, http_port: int, metrics_port: int, bi
     from server.settings import TritonSettings
 
     settings = TritonSettings(model_repository=ws.model_repository, grpc_port=grpc_port, http_port=http_port,
-                              metrics_port=metrics_port, insecure_admin=insecure_admin)
+                              metrics_port=metrics_port, insecure_admin=insecure_admin,
+                              online_store_url=online_store_url)
     if ephemeral_key and settings.admin_key is None:
         log.info("admin APIs restricted to a key generated for this run; set TREEOPS_TRITON_ADMIN_KEY to choose it")
         settings = settings.model_copy(update={"admin_key": pydantic.SecretStr(secrets.token_urlsafe(32))})
@@ -231,17 +238,26 @@ def serve(
 ) -> None:
     """Run Triton on the workspace's model repository in the foreground until SIGINT/SIGTERM.
 
-    Exits non-zero when tritonserver dies or stops answering `/v2/health/live`.
+    Raw-transaction models read their history from TREEOPS_ONLINE_STORE_URL; unset, a local redis-server
+    runs in the workspace while serving. Exits non-zero when tritonserver dies or stops answering `/v2/health/live`.
     """
     from server.settings import SupervisionSettings
+    from server.store import online_store_url
 
     ws = Workspace.resolve(workspace)
     overrides = {k: v for k, v in (("liveness_interval_s", liveness_interval_s),
                                    ("liveness_failures", liveness_failures)) if v is not None}
     supervision = SupervisionSettings(**overrides)
     _warn_on_registry_drift(ws)
-    server = _triton(ws, grpc_port, http_port, metrics_port, triton_binary, insecure_admin=insecure_admin)
     _stop_on_sigterm()
+    with online_store_url(ws.root, ws.model_repository) as store_url:
+        server = _triton(ws, grpc_port, http_port, metrics_port, triton_binary, insecure_admin=insecure_admin,
+                         online_store_url=store_url)
+        _supervise(server, ws, supervision, timeout_s, as_json)
+
+
+def _supervise(server, ws: Workspace, supervision, timeout_s: float, as_json: bool) -> None:
+    """Start `server`, announce it, and supervise it until it exits or SIGINT/SIGTERM; always stopped."""
     try:
         server.start(timeout_s=timeout_s)
         s = server.settings
