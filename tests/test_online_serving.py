@@ -7,7 +7,10 @@ starts empty, so a transaction's history is the stream's earlier transactions of
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +26,7 @@ import xgboost as xgb
 from tritonclient.utils import InferenceServerException
 
 from backends.online_history import connect
+from conftest import TREEOPS
 from export.online import online_inputs
 from export.pipeline import ExportSettings, export_model
 from export.repository import ModelRepository
@@ -30,6 +34,7 @@ from online_store.redis_server import LocalRedis
 from redis_fixtures import local_redis
 from server.client import ScoringClient, load_features
 from server.errors import ScoringError
+from server.launcher import free_port
 from training.features import FittedFeatures
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
@@ -282,3 +287,39 @@ def test_two_tritons_on_one_redis_give_the_offline_answers_to_an_interleaved_str
             served = [(client if i % 2 else second).score_transactions(stream.slice(i, 1)).positive[0]
                       for i in range(stream.height)]
     np.testing.assert_allclose(served, _offline(exported, stream), rtol=0, atol=1e-5)
+
+
+def _redis_processes(directory: Path) -> list[int]:
+    """Pids of processes working in `directory` (redis-server chdirs into its --dir and retitles itself)."""
+    pids = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if cwd.resolve() == directory.resolve():
+                pids.append(int(cwd.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_serve_without_a_store_url_runs_a_local_redis_in_the_workspace_while_serving(exported, tmp_path):
+    root = tmp_path / "ws"
+    shutil.copytree(exported.ws.model_repository, root / "model_repository")
+    shutil.copy2(exported.ws.root / "mlflow.db", root / "mlflow.db")
+    env = {k: v for k, v in os.environ.items() if k not in {"TREEOPS_ONLINE_STORE_URL", "MLFLOW_TRACKING_URI"}}
+    ports = [arg for flag in ("--grpc-port", "--http-port", "--metrics-port") for arg in (flag, str(free_port()))]
+    serve = subprocess.Popen([TREEOPS, "serve", *ports, "--insecure-admin", "--json", "--workspace", str(root)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = serve.stdout.readline()
+        assert line, f"serve exited {serve.wait()}: {serve.stderr.read()[-2000:]}"
+        ready = json.loads(line)
+        stream = _stream(rows=100, seed=61).head(3)
+        with ScoringClient(ready["grpc_url"], MODEL, retries=0) as c:
+            served = c.score_transactions(stream).positive
+        np.testing.assert_allclose(served, _offline(exported, stream), atol=1e-5)
+        assert _redis_processes(root / "online_store")
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0, serve.stderr.read()[-2000:]
+    assert not _redis_processes(root / "online_store")
+    assert list((root / "online_store").rglob("*.aof*")), "the local store keeps its state (AOF) in the workspace"
