@@ -71,6 +71,7 @@ class H2Load(asyncio.Protocol):
         self._window = window
         self._done = done
         self._next = first
+        self.sent = 0  # calls sent, whether inside the window or not
         self._buffer = bytearray()
         self._stream_id = 1
         self._streams: dict[int, list[int]] = {}  # id -> [start_ns, received message bytes]
@@ -97,6 +98,7 @@ class H2Load(asyncio.Protocol):
         self._stream_id += 2
         body = self._bodies[self._next % len(self._bodies)]
         self._next += 1
+        self.sent += 1
         self._streams[stream] = [time.perf_counter_ns(), 0]
         sid = struct.pack(">I", stream)
         n = len(body)

@@ -48,12 +48,10 @@ async def _closed_loop(url: str, payload_sets: dict[str, tuple[list[bytes], int]
 
     shares = [job.concurrency // job.connections + (i < job.concurrency % job.connections)
               for i in range(job.connections)]
-    if job.client == "h2":
-        await _h2_loop(url, job.method, messages, expected, [s for s in shares if s], window, window_marks())
-    else:
-        await _aio_loop(url, job.method, messages, expected, [s for s in shares if s], window, window_marks())
+    loop = _h2_loop if job.client == "h2" else _aio_loop
+    sent = await loop(url, job.method, messages, expected, [s for s in shares if s], window, window_marks())
     out: dict[str, Any] = {"latencies_ns": window.latencies_ns, "failures": window.failures,
-                           "cpu_s": marks[1][0] - marks[0][0]}
+                           "cpu_s": marks[1][0] - marks[0][0], "sent": sent}
     if observe is not None:
         out["server_cpu_s"] = marks[1][1] - marks[0][1]
         out["stats"] = (marks[0][2], marks[1][2])
@@ -61,40 +59,46 @@ async def _closed_loop(url: str, payload_sets: dict[str, tuple[list[bytes], int]
 
 
 async def _h2_loop(url: str, method: str, messages: list[bytes], expected: int, shares: list[int], window: Window,
-                   marks: Any) -> None:
+                   marks: Any) -> int:
+    """Run the step over one connection per share; returns the calls sent in all."""
     loop = asyncio.get_running_loop()
     host, port = url.rsplit(":", 1)
     connections = []
     for i, users in enumerate(shares):
         done: asyncio.Future[None] = loop.create_future()
-        transport, _ = await loop.create_connection(
+        transport, protocol = await loop.create_connection(
             lambda users=users, done=done, i=i: H2Load(url, method, messages, expected, users, window, done, first=i * 7),
             host, int(port))
-        connections.append((transport, done))
+        connections.append((transport, done, protocol))
     try:
         await marks
-        for _, done in connections:
+        for _, done, _ in connections:
             try:
                 await asyncio.wait_for(done, timeout=60)
             except TimeoutError:
                 raise RequestFailedError(f"calls to {url} were still open 60 s after the step ended: is Triton "
                                          "stuck? See its log (triton.log in the benchmark's workdir)") from None
     finally:
-        for transport, _ in connections:
+        for transport, _, _ in connections:
             transport.close()
+    return sum(protocol.sent for _, _, protocol in connections)
 
 
 async def _aio_loop(url: str, method: str, messages: list[bytes], expected: int, shares: list[int], window: Window,
-                    marks: Any) -> None:
+                    marks: Any) -> int:
+    """Run the step with one grpc.aio channel per share; returns the calls sent in all."""
     channels = [grpc.aio.insecure_channel(url) for _ in shares]
+    sent = 0
     try:
         async def user(call: Any, k: int) -> None:
+            nonlocal sent
             i = k * 7
             while True:
                 start = time.perf_counter_ns()
                 if start >= window.stop_ns:
                     return
                 failure = None
+                sent += 1
                 try:
                     answer = await call(messages[i % len(messages)])
                     if len(answer) != expected:
@@ -114,6 +118,7 @@ async def _aio_loop(url: str, method: str, messages: list[bytes], expected: int,
     finally:
         for ch in channels:
             await ch.close()
+    return sent
 
 
 def _client_process(conn: Any, url: str, payload_sets: dict[str, tuple[list[bytes], int]],
@@ -160,7 +165,8 @@ class LoadGenerator:
 
     def run(self, client: Client, method: str, key: str, concurrency: int, warmup_s: float,
             step_s: float) -> dict[str, Any]:
-        """Latencies (ns), failures, client CPU seconds and the observer's samples of one closed-loop step."""
+        """Latencies (ns), failures, client CPU seconds, calls sent in all and the observer's samples of one
+        closed-loop step."""
         lead_ns = 20_000_000 if not self._workers else 200_000_000  # time for the workers to receive the job
         start = time.perf_counter_ns() + lead_ns + int(warmup_s * 1e9)
         n = max(len(self._workers), 1)
@@ -180,6 +186,7 @@ class LoadGenerator:
             "latencies_ns": [x for p in parts for x in p["latencies_ns"]],
             "failures": [x for p in parts for x in p["failures"]],
             "cpu_s": sum(p["cpu_s"] for p in parts),
+            "sent": sum(p["sent"] for p in parts),
         }
         merged.update({k: parts[0][k] for k in ("server_cpu_s", "stats") if k in parts[0]})
         return merged

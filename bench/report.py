@@ -94,6 +94,32 @@ class PerfAnalyzerStep:
 
 
 @dataclass(frozen=True)
+class RawPath:
+    """What the raw-transaction path measured (bench.online): the store, the served check and three steps.
+
+    `backfill_*`: online_store backfill of the training transactions; `checked` transactions were scored one at a time
+    and compared with offline features + xgboost (`max_abs_diff`, `flipped` decisions); `redis_ping`: bare Redis
+    round trips from the client process, sequential; `sequential` / `loaded`: single raw transactions, one at a time
+    and `loaded.concurrency` in flight, every request a new transaction_id of a backfilled card
+    (`distinct_transactions` were serialized for the run; none was sent twice).
+    """
+
+    model: str
+    trees: int
+    history_features: tuple[str, ...]
+    backfill_rows: int
+    backfill_s: float
+    backfill_rows_per_s: float
+    checked: int
+    max_abs_diff: float
+    flipped: int
+    redis_ping: Step
+    sequential: Step
+    loaded: Step
+    distinct_transactions: int
+
+
+@dataclass(frozen=True)
 class BenchResult:
     """Everything one run measured; `lines()` is the human table, `to_dict()` the JSON."""
 
@@ -111,6 +137,8 @@ class BenchResult:
     perf_analyzer: list[PerfAnalyzerStep] = field(default_factory=list)
     #: Why perf_analyzer's figures are missing and how to get them (None when it ran or was not asked for).
     perf_analyzer_note: str | None = None
+    #: The raw-transaction path (None when the run measured the feature-tensor path alone).
+    raw: RawPath | None = None
 
     def floor(self, runtime: str, rows: int) -> Floor:
         """The floor of `runtime` ("onnxruntime" or "xgboost") on `rows` rows (1 or batch_rows)."""
@@ -129,7 +157,12 @@ class BenchResult:
         served1 = self.floor(served_floor, 1)
         servedn = self.floor(served_floor, self.settings.batch_rows)
         best = max(self.sweep, key=lambda s: s.req_per_s)
-        return {
+        raw = {} if self.raw is None else {
+            "raw_sequential_p50_over_health_p50": self.raw.sequential.p50_us / self.health.p50_us,
+            "raw_sequential_p50_over_sequential_p50": self.raw.sequential.p50_us / self.sequential.p50_us,
+            "redis_ping_p50_over_health_p50": self.raw.redis_ping.p50_us / self.health.p50_us,
+        }
+        return raw | {
             "sequential_p50_over_health_p50": self.sequential.p50_us / self.health.p50_us,
             "sequential_p50_over_onnxruntime_1_row": self.sequential.p50_us / ort1.p50_us,
             "sequential_p50_over_served_runtime_1_row": self.sequential.p50_us / served1.p50_us,
@@ -166,6 +199,7 @@ class BenchResult:
             "reference": asdict(self.reference) if self.reference else None,
             "perf_analyzer": [asdict(p) for p in self.perf_analyzer],
             "perf_analyzer_note": self.perf_analyzer_note,
+            "raw": asdict(self.raw) if self.raw else None,
             "ratios": self.ratios,
             "targets": self.targets,
         }
@@ -191,6 +225,8 @@ class BenchResult:
         if self.perf_analyzer_note:
             out.append(f"perf_analyzer: {self.perf_analyzer_note}")
         r = self.ratios
+        if self.raw is not None:
+            out += self._raw_lines()
         out += [
             f"sequential p50 / bare round trip p50: {r['sequential_p50_over_health_p50']:.2f}x "
             f"(p50 {self.sequential.p50_us:.0f} us, p99 {self.sequential.p99_us:.0f} us)",
@@ -203,6 +239,37 @@ class BenchResult:
         ]
         return out
 
+    def _raw_lines(self) -> list[str]:
+        """The raw-transaction section: its steps as table rows, then each figure with its target's PASS/MISS."""
+        raw, verdicts = self.raw, self.targets
+        by_figure = {t.figure: t for t in load_targets(self.settings.targets_path or DEFAULT_TARGETS)}
+
+        def verdict(figure: str) -> str:
+            t = by_figure.get(figure)
+            if t is None or t.name not in verdicts:
+                return ""
+            v = verdicts[t.name]
+            return f"   target {'<=' if t.max is not None else '>='} {v['target']:,g}: {'PASS' if v['met'] else 'MISS'}"
+
+        seq, loaded = raw.sequential, raw.loaded
+        return [
+            f"raw transactions: model {raw.model} ({raw.trees} trees), history features from Redis "
+            f"({', '.join(raw.history_features)}); every request a new transaction of a backfilled card",
+            *(step_line(step) for step in (raw.redis_ping, seq, loaded)),
+            f"  backfill: {raw.backfill_rows:,} rows in {raw.backfill_s:.2f} s = {raw.backfill_rows_per_s:,.0f} rows/s"
+            + verdict("backfill_rows_per_s"),
+            f"  bare round trips, sequential p50/p99: gRPC health {self.health.p50_us:.0f}/{self.health.p99_us:.0f} us, "
+            f"Redis PING {raw.redis_ping.p50_us:.0f}/{raw.redis_ping.p99_us:.0f} us",
+            f"  1 transaction sequential: p50 {seq.p50_us:.0f} us, p99 {seq.p99_us:.0f} us = "
+            f"{seq.p50_us / self.health.p50_us:.2f}x health p50" + verdict("raw_sequential_p50_over_health_p50"),
+            f"  {loaded.concurrency} in flight: {loaded.req_per_s:,.0f} txn/s, p50 {loaded.p50_us:.0f} us, "
+            f"p99 {loaded.p99_us:.0f} us, {loaded.failures} failed" + verdict("raw_txn_per_s"),
+            f"  feature-tensor path, same run: sequential p50 {self.sequential.p50_us:.0f} us; raw / feature-tensor "
+            f"{seq.p50_us / self.sequential.p50_us:.2f}x",
+            f"  served vs offline features + xgboost: {raw.checked} transactions, max |diff| {raw.max_abs_diff:.2g}, "
+            f"{raw.flipped} flipped",
+        ]
+
 
 def _triton_columns(t: TritonStats | None) -> str:
     return (f"{t.queue_us:>7.0f}{t.compute_input_us:>6.0f}{t.compute_infer_us:>7.0f}{t.compute_output_us:>6.0f}"
@@ -212,7 +279,7 @@ def _triton_columns(t: TritonStats | None) -> str:
 def step_line(s: Step) -> str:
     """One row of the table (the header is in `BenchResult.lines`)."""
     tri = _triton_columns(s.triton)
-    name = s.name if s.client == "h2" or s.name in ("health", "sequential") else f"{s.name} {s.client}"
+    name = f"{s.name} {s.client}" if s.client == "grpc-aio" else s.name
     return (f"{name:<17}{s.concurrency:>5}{s.rows_per_request:>5}{s.req_per_s:>9,.0f}{s.rows_per_s:>10,.0f}"
             f"{s.p50_us:>9.0f}{s.p99_us:>9.0f}{s.client_cpu_us_per_req:>6.0f}{s.server_cpu_us_per_req:>6.0f}"
             f"{tri}{s.failures:>5}")
@@ -257,6 +324,10 @@ FIGURES: dict[str, Callable[[BenchResult, Target], float | None]] = {
     "batch_rows_per_s": lambda r, t: r.batch.rows_per_s,
     "sweep_req_per_s": lambda r, t: s.req_per_s if (s := _sweep(r, t)) else None,
     "sweep_p99_us": lambda r, t: s.p99_us if (s := _sweep(r, t)) else None,
+    "raw_sequential_p50_over_health_p50": lambda r, t: r.raw.sequential.p50_us / r.health.p50_us if r.raw else None,
+    "raw_txn_per_s": lambda r, t: r.raw.loaded.req_per_s if r.raw and t.concurrency in (None, r.raw.loaded.concurrency)
+    else None,
+    "backfill_rows_per_s": lambda r, t: r.raw.backfill_rows_per_s if r.raw else None,
 }
 
 
@@ -269,7 +340,7 @@ class Target(BaseModel):
     figure: Literal[tuple(FIGURES)]  # type: ignore[valid-type]
     max: float | None = None
     min: float | None = None
-    concurrency: int | None = None  # the sweep step (figures sweep_*)
+    concurrency: int | None = None  # the sweep step (figures sweep_*); raw_txn_per_s: held only at this concurrency
     batch_rows: int | None = None  # held only by runs whose batch step has this many rows
 
     @model_validator(mode="after")

@@ -20,7 +20,10 @@ One run (`run_serving_benchmark`):
      a usual Python client costs;
    - single rows at each `perf_analyzer_concurrency` with NVIDIA perf_analyzer (bench.perf_analyzer),
      the client the field reports Triton figures with, when it is installed.
-4. reports it all in one table and checks it against bench/targets.toml (bench.report).
+4. with `settings.raw` (the default), measures the raw-transaction path on the same Triton (bench.online): the
+   fraud model on raw fields with its history in a Redis of the run, backfill rows/s, a bare Redis round trip, single
+   transactions sequential and at 32 in flight, next to the bare gRPC round trip and the feature-tensor path above;
+5. reports it all in one table and checks it against bench/targets.toml (bench.report).
 
 Load generators: on a 2-core machine the client shares the CPUs with the server, so its cost
 decides what can be measured. The sweep uses a minimal HTTP/2 gRPC client (bench.h2, about 10-20 us
@@ -35,9 +38,8 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +51,13 @@ from bench.errors import PerfAnalyzerError, RequestFailedError
 from bench.floors import measure_floors
 from bench.loadgen import LoadGenerator
 from bench.model import BENCH_MODEL, BENCH_TARGETS, export_bench_model, synthetic_rows, train_bench_model
+from bench.online import RawModel, measure_raw_path, prepare_raw_model
 from bench.perf_analyzer import find_perf_analyzer, run_perf_analyzer, write_input_data
-from bench.report import BenchResult, PerfAnalyzerStep, Step, make_step, step_line
-from bench.requests import (
-    INFER_METHOD,
-    LIVE_METHOD,
-    PAYLOADS,
-    decode_outputs,
-    infer_payloads,
-    response_size,
-    sequential_latency,
-)
-from bench.sampling import Observer, stats_diff
+from bench.report import BenchResult, PerfAnalyzerStep, Step
+from bench.requests import INFER_METHOD, LIVE_METHOD, PAYLOADS, decode_outputs, infer_payloads, response_size
+from bench.sampling import Observer
 from bench.settings import BenchSettings, Client
+from bench.steps import closed_step, sequential_step
 from export.compiled_forest import COMPILED_FILE
 from export.repository import ModelRepository
 from export.signature import ServedSignature
@@ -73,32 +69,34 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def serve_bench_model(settings: BenchSettings,
-                      workdir: Path) -> Iterator[tuple[TritonServer, float, Any, ServedSignature]]:
+def serve_bench_model(settings: BenchSettings, workdir: Path,
+                      raw: RawModel | None = None) -> Iterator[tuple[TritonServer, float, Any, ServedSignature]]:
     """Train, export (parity-gated) and serve the benchmark model; yields the server, parity diff, booster and
     the signature of the exported config (what every request is built from).
 
-    The server is stopped (process group killed) when the block exits.
+    `raw`: a raw-transaction model already exported into the same repository (bench.online), served beside it with
+    its store URL given to tritonserver. The server is stopped (process group killed) when the block exits.
     """
     booster = train_bench_model(settings.model)
     root = workdir / "model_repository"
-    if root.exists():
-        shutil.rmtree(root)
+    shutil.rmtree(root / BENCH_MODEL, ignore_errors=True)
     report = export_bench_model(booster, settings.model.features, root, settings.serving, seed=settings.model.seed,
                                 target=settings.target)
     config = parse(ModelRepository(root).read_config(BENCH_MODEL) or "", f"{root / BENCH_MODEL}/config.pbtxt")
     signature = ServedSignature.from_config(config)
     if settings.model_source is not None:
         shutil.copyfile(settings.model_source, root / BENCH_MODEL / "1" / "model.py")
+    models = (BENCH_MODEL, raw.name) if raw else (BENCH_MODEL,)
     triton = settings.triton.model_copy(update={
         "model_repository": root, "model_repository_uri": None, "host": "127.0.0.1", "bind_address": "127.0.0.1",
         "grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port(),
-        "model_control_mode": "explicit", "load_models": (BENCH_MODEL,), "admin_key": None,
+        "model_control_mode": "explicit", "load_models": models, "admin_key": None,
         "insecure_admin": True,  # loopback only, one run: statistics are read without a key
         "grpc_use_ssl": False, "grpc_use_ssl_mutual": False, "backend_directory": None,
+        "online_store_url": raw.store_url if raw else None,
     })
     server = TritonServer(triton, find_triton(None, workdir / "triton"), workdir / "triton.log")
-    server.start(timeout_s=120, models=[BENCH_MODEL])
+    server.start(timeout_s=120, models=models)
     try:
         yield server, report.max_abs_diff, booster, signature
     finally:
@@ -133,7 +131,7 @@ def run_serving_benchmark(
 def _run(settings: BenchSettings, work: Path) -> BenchResult:
     s = settings
     rows = synthetic_rows(max(4096, s.batch_rows * 2), s.model.features, s.model.seed + 3)
-    with serve_bench_model(s, work) as (server, parity_diff, booster, signature):
+    with _raw_model(s, work) as raw, serve_bench_model(s, work, raw) as (server, parity_diff, booster, signature):
         version_dir = work / "model_repository" / BENCH_MODEL / "1"
         compiled = version_dir / COMPILED_FILE if s.target != "python-onnx" else None
         floors = measure_floors(version_dir / "model.onnx", booster, rows, s.batch_rows, s.floor_repeats,
@@ -152,21 +150,12 @@ def _run(settings: BenchSettings, work: Path) -> BenchResult:
         try:
             with LoadGenerator(url, payload_sets, s.client_processes, s.connections, observe) as generator:
                 def sequential(name: str, method: str, payloads: list[bytes], n: int, rows_per_request: int) -> Step:
-                    sequential_latency(url, method, payloads, s.warmup_requests)
-                    cpu0, before = observe.sample()
-                    start = time.perf_counter()
-                    samples, client_cpu_s = sequential_latency(url, method, payloads, n)
-                    elapsed = time.perf_counter() - start
-                    cpu1, after = observe.sample()
-                    return _logged(make_step(name, "grpc", 1, rows_per_request, samples, 0, elapsed, client_cpu_s,
-                                             cpu1 - cpu0, stats_diff(before, after)), [])
+                    warmup = [payloads[i % len(payloads)] for i in range(s.warmup_requests)]
+                    return sequential_step(name, url, method, warmup, payloads, n, rows_per_request, observe)
 
                 def closed(name: str, client: Client, method: str, key: str, conc: int, rows_per_request: int) -> Step:
-                    r = generator.run(client, method, key, conc, s.warmup_s, s.step_s)
-                    stats = stats_diff(*r["stats"]) if "stats" in r else None
-                    return _logged(make_step(name, client, conc, rows_per_request, r["latencies_ns"],
-                                             len(r["failures"]), s.step_s, r["cpu_s"], r.get("server_cpu_s", 0.0),
-                                             stats), r["failures"])
+                    return closed_step(name, generator, client, method, key, conc, rows_per_request, s.warmup_s,
+                                       s.step_s)[0]
 
                 health = sequential("health", LIVE_METHOD, live, s.health_requests, 0)
                 seq = sequential("sequential", INFER_METHOD, single, s.sequential_requests, 1)
@@ -181,9 +170,20 @@ def _run(settings: BenchSettings, work: Path) -> BenchResult:
             perf, perf_note = _perf_analyzer_steps(s, url, signature, rows, observe, work)
         finally:
             observe.close()
+        raw_path = None
+        if raw is not None:
+            raw_path = measure_raw_path(s.raw, raw, url, server.pid, sequential_requests=s.sequential_requests,
+                                        warmup_requests=s.warmup_requests, warmup_s=s.warmup_s, step_s=s.step_s)
         command = [str(a) for a in server.command]
     return BenchResult(s, floors, health, seq, sweep, big, health_loaded, reference, os.cpu_count() or 1, command,
-                       parity_diff, perf, perf_note)
+                       parity_diff, perf, perf_note, raw_path)
+
+
+def _raw_model(s: BenchSettings, work: Path) -> AbstractContextManager[RawModel | None]:
+    """The raw-transaction model of the run, exported into the benchmark's repository (None: not asked for)."""
+    if s.raw is None:
+        return nullcontext()
+    return prepare_raw_model(s.raw, s.serving, work / "model_repository", work / "raw")
 
 
 def _perf_analyzer_steps(s: BenchSettings, url: str, signature: ServedSignature, rows: np.ndarray,
@@ -206,13 +206,6 @@ def _perf_analyzer_steps(s: BenchSettings, url: str, signature: ServedSignature,
         log.info("perf_analyzer c%d: %.0f req/s, p50 %.0f us, p99 %.0f us", c, steps[-1].req_per_s,
                  steps[-1].p50_us, steps[-1].p99_us)
     return steps, None
-
-
-def _logged(step: Step, failures: list[str]) -> Step:
-    if failures:
-        log.warning("%s: %d failed requests, first: %s", step.name, len(failures), failures[0])
-    log.info("%s", step_line(step))
-    return step
 
 
 def check_served_scores(url: str, signature: ServedSignature, x: np.ndarray,

@@ -16,6 +16,36 @@ Client = Literal["h2", "grpc-aio"]
 
 
 @dataclass(frozen=True)
+class RawBenchSpec:
+    """The raw-transaction path of the serving benchmark (bench.online): the fraud model on raw fields, history
+    features read from and written to a Redis online store inside Triton.
+
+    rows: generated transactions the model is trained on and the store is backfilled with; trees / depth: boosting
+    rounds at most (early stopping may keep fewer) and tree depth; check_transactions: new transactions whose served
+    scores are checked against offline features + xgboost before anything is timed; concurrency: requests in
+    flight of the throughput step; max_txn_per_s: the rate the pool of distinct pre-serialized transactions is
+    sized for (a step that would send more fails instead of repeating a transaction_id, which takes the cheaper
+    idempotent path); seed: of the data and the model.
+    """
+
+    rows: int = 200_000
+    trees: int = 200
+    depth: int = 6
+    check_transactions: int = 200
+    concurrency: int = 32
+    max_txn_per_s: int = 30_000
+    seed: int = 7
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rows < 1000:
+            out.append(f"raw.rows must be >= 1000 (train/valid/test split and a card population), got {self.rows}")
+        if min(self.trees, self.depth, self.check_transactions, self.concurrency, self.max_txn_per_s) < 1:
+            out.append("raw.trees, depth, check_transactions, concurrency and max_txn_per_s must be >= 1")
+        return out
+
+
+@dataclass(frozen=True)
 class BenchSettings:
     """What one serving benchmark run does; sizes fit a 2-core machine (about a minute) by default.
 
@@ -34,7 +64,8 @@ class BenchSettings:
     perf_analyzer: also drive NVIDIA perf_analyzer (bench.perf_analyzer) at each of `perf_analyzer_concurrency`,
     from `perf_analyzer_path` (None: looked up, see bench.perf_analyzer.find_perf_analyzer); when it is not
     installed the run says how to install it and reports the light client's figures alone; targets_path: the
-    serving targets the run is checked against (None: bench/targets.toml).
+    serving targets the run is checked against (None: bench/targets.toml); raw: also measure the raw-transaction
+    path (RawBenchSpec; needs redis-server), None: the feature-tensor path alone.
     """
 
     model: BenchModelSpec = field(default_factory=BenchModelSpec)
@@ -59,6 +90,7 @@ class BenchSettings:
     perf_analyzer_concurrency: tuple[int, ...] = (1, 32)
     perf_analyzer_path: Path | None = None
     targets_path: Path | None = None
+    raw: RawBenchSpec | None = field(default_factory=RawBenchSpec)
 
     def __post_init__(self) -> None:
         problems = []
@@ -87,6 +119,8 @@ class BenchSettings:
                 load_targets(self.targets_path)
             except SettingsError as exc:
                 problems.append(str(exc))
+        if self.raw is not None:
+            problems += self.raw.problems()
         if problems:
             raise SettingsError("invalid benchmark settings: " + "; ".join(problems))
 

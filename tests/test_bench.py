@@ -9,16 +9,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from tritonclient.grpc import service_pb2
+from tritonclient.utils import deserialize_bytes_tensor
 
 from bench.errors import SettingsError
 from bench.h2 import grpc_request_headers
 from bench.model import BenchModelSpec, synthetic_rows, train_bench_model
+from bench.online import raw_payloads
 from bench.perf_analyzer import PERF_ANALYZER_ENV, find_perf_analyzer, write_input_data
 from bench.report import DEFAULT_TARGETS, load_targets
 from bench.requests import infer_payloads
 from bench.serving import BenchSettings, run_serving_benchmark
+from bench.settings import RawBenchSpec
 from export.compiled_forest import compile_forest, compiled_scorer
 from export.parity import check_parity, gate_rows
 from export.signature import ServedSignature, Tensor
@@ -30,7 +34,7 @@ TINY = BenchModelSpec(trees=8, depth=3, features=6, train_rows=500, seed=1)
 def _tiny(**overrides) -> BenchSettings:
     base = dict(model=TINY, serving=ServingSettings(max_batch_size=64), sequential_requests=30, health_requests=30,
                 warmup_requests=5, concurrency=(1, 4), step_s=0.4, warmup_s=0.1, batch_rows=16, batch_concurrency=2,
-                floor_repeats=20, perf_analyzer_concurrency=(2,))
+                floor_repeats=20, perf_analyzer_concurrency=(2,), raw=None)
     return BenchSettings(**{**base, **overrides})
 
 
@@ -135,6 +139,73 @@ def test_benchmark_with_python_backend_targets_and_two_client_processes(target, 
         assert result.perf_analyzer_note is None  # not asked for
 
 
+RAW_TARGETS = ["raw_sequential_p50_le_2.5x_health_p50", "raw_c32_ge_5000_txn_per_s", "backfill_ge_100k_rows_per_s"]
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_raw_transaction_path_reports_every_figure_next_to_its_references():
+    """A tiny raw path (5k backfilled rows, a few hundred new transactions): every figure, every verdict, the served
+    scores checked against offline features + xgboost, and no server or Redis left running."""
+    before = set(subprocess.run(["pgrep", "-f", "treeops-bench-"], capture_output=True, text=True).stdout.split())
+    raw = RawBenchSpec(rows=5000, trees=20, depth=4, check_transactions=40)
+    result = run_serving_benchmark(_tiny(raw=raw, concurrency=(4,), reference_client=False, perf_analyzer=False,
+                                         sequential_requests=100, health_requests=100))
+    _no_tritonserver_left(before)
+
+    r = result.raw
+    assert r is not None and r.model == "fraud" and 1 <= r.trees <= 20
+    assert set(r.history_features) >= {"card_txn_count_1h", "seconds_since_prev_card_txn"}
+    assert r.backfill_rows == 5000 and r.backfill_s > 0 and r.backfill_rows_per_s == pytest.approx(5000 / r.backfill_s)
+    # Checked before anything was timed: the parity gate's limits over real history read from Redis.
+    assert r.checked == 40 and r.max_abs_diff <= 1e-5 and r.flipped == 0
+    assert (r.redis_ping.client, r.sequential.client, r.loaded.client) == ("redis", "grpc", "h2")
+    assert r.redis_ping.requests == r.sequential.requests == 100 and r.loaded.concurrency == 32
+    for step in (r.redis_ping, r.sequential, r.loaded):
+        assert step.requests > 0 and step.failures == 0 and 0 < step.p50_us <= step.p99_us, step
+    assert r.sequential.triton.mean_batch_rows == 1.0 and r.sequential.triton.requests == 100
+    assert abs(r.loaded.triton.requests - r.loaded.requests) <= 2 * 32
+    # Every request was a distinct transaction: the pool holds more than were sent.
+    assert r.distinct_transactions > r.checked + 5 + 100 + r.loaded.requests
+
+    data = result.to_dict()
+    assert set(data["raw"]) >= {"backfill_rows_per_s", "redis_ping", "sequential", "loaded", "max_abs_diff"}
+    assert set(data["targets"]) >= set(RAW_TARGETS)
+    assert all(isinstance(data["targets"][t]["met"], bool) for t in RAW_TARGETS)
+    assert data["ratios"]["raw_sequential_p50_over_health_p50"] == pytest.approx(r.sequential.p50_us
+                                                                                  / result.health.p50_us)
+    assert data["settings"]["raw"]["rows"] == 5000
+    text = result.lines()
+    for needle in ("redis PING", "raw sequential", "raw c32", "backfill: 5,000 rows", "Redis PING",
+                   "feature-tensor path, same run", "served vs offline features + xgboost: 40 transactions"):
+        assert any(needle in line for line in text), (needle, text)
+    verdicts = [line for line in text if line.rstrip().endswith(("PASS", "MISS"))]
+    assert len(verdicts) == 3, text  # backfill, sequential ratio, throughput at 32 in flight
+
+
+def test_raw_requests_carry_each_field_as_the_signature_types_it():
+    frame = pl.DataFrame({"transaction_id": [7, 8], "amount": [12.5, 0.0], "country": ["GB", "NG"],
+                          "timestamp": [1_767_225_600_000_000, 1_767_225_601_000_001]},
+                         schema={"transaction_id": pl.Int64, "amount": pl.Float64, "country": pl.String,
+                                 "timestamp": pl.Datetime("us")})
+    signature = ServedSignature((Tensor("transaction_id", "INT64", (1,)), Tensor("amount", "FP64", (1,)),
+                                 Tensor("country", "BYTES", (1,)), Tensor("timestamp", "INT64", (1,))),
+                                (Tensor("probabilities", "FP32", (2,)),))
+    payloads = raw_payloads(signature, frame)
+    assert len(payloads) == 2
+    request = service_pb2.ModelInferRequest.FromString(payloads[1])
+    assert request.model_name == "fraud" and [t.name for t in request.outputs] == ["probabilities"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in request.inputs] == [
+        ("transaction_id", "INT64", [1, 1]), ("amount", "FP64", [1, 1]), ("country", "BYTES", [1, 1]),
+        ("timestamp", "INT64", [1, 1])]
+    ids, amounts, country, times = request.raw_input_contents
+    assert np.frombuffer(ids, np.int64).tolist() == [8] and np.frombuffer(amounts, np.float64).tolist() == [0.0]
+    assert deserialize_bytes_tensor(country).tolist() == [b"NG"]
+    assert np.frombuffer(times, np.int64).tolist() == [1_767_225_601_000_001]  # epoch microseconds UTC
+    with pytest.raises(SettingsError, match="takes input 'merchant'"):
+        raw_payloads(ServedSignature((Tensor("merchant", "BYTES", (1,)),), signature.outputs), frame)
+
+
 def test_compiled_forest_passes_the_parity_gate(tmp_path):
     pytest.importorskip("tl2cgen", reason="the compiled runtime needs tl2cgen==1.0.0")
     booster = train_bench_model(TINY)
@@ -167,7 +238,8 @@ def test_unknown_target_on_the_command_line_is_one_line(tmp_path):
 def test_targets_file_is_the_default_and_invalid_entries_name_file_and_entry(tmp_path):
     names = [t.name for t in load_targets(DEFAULT_TARGETS)]
     assert names == ["sequential_p50_le_1.75x_health_p50", "sequential_p99_le_600_us",
-                     "batch_256_rows_ge_200k_rows_per_s", "c32_ge_12000_req_per_s", "c32_p99_le_5000_us"]
+                     "batch_256_rows_ge_200k_rows_per_s", "c32_ge_12000_req_per_s", "c32_p99_le_5000_us",
+                     *RAW_TARGETS]
     bad = tmp_path / "targets.toml"
     good = '[[target]]\nname = "a"\nfigure = "sequential_p99_us"\nmax = 1\n'
     bad.write_text(good + '[[target]]\nname = "b"\nfigure = "p42"\nmin = 1\n')
@@ -228,6 +300,7 @@ import numpy as np
 from pathlib import Path
 from export.compiled_forest import compile_forest, compiled_scorer
 from bench.model import BenchModelSpec, synthetic_rows, train_bench_model
+from bench.online import raw_payloads
 spec = BenchModelSpec(trees=8, depth=3, features=6, train_rows=500, seed=1)
 path = compile_forest(train_bench_model(spec), 6, Path({str(tmp_path)!r}) / "forest.so")
 score = compiled_scorer(path, 2)
