@@ -204,8 +204,12 @@ class ScoringClient(_ScoringBase):
         return self._scores([self._infer(signature, part) for part in self._chunks(signature, feeds)])
 
     def score_raw(self, features: FittedFeatures, raw: pl.DataFrame | Sequence[Mapping[str, Any]]) -> Scores:
-        """Score rows of raw fields (a DataFrame or dicts): the inputs the signature names, computed with `features`."""
-        return self.score_inputs(request_feeds(self.served_signature(), features, raw))
+        """Score rows of raw fields (a DataFrame or dicts): the inputs the signature names, computed with `features`
+        (a raw-input model: `score_transactions`, rows in the order given)."""
+        signature = self.served_signature()
+        if signature.feature_tensor is None:
+            return self.score_transactions(raw_frame(features, raw))
+        return self.score_inputs(request_feeds(signature, features, raw))
 
     def score_transactions(self, raw: pl.DataFrame | Sequence[Mapping[str, Any]], read_only: bool = False) -> Scores:
         """Score raw transactions with a raw-input model: one input per field the signature names (Datetime as
@@ -279,8 +283,12 @@ class AsyncScoringClient(_ScoringBase):
         return self._scores(list(await asyncio.gather(*(self._infer(signature, part) for part in parts))))
 
     async def score_raw(self, features: FittedFeatures, raw: pl.DataFrame | Sequence[Mapping[str, Any]]) -> Scores:
-        """Score rows of raw fields (a DataFrame or dicts): the inputs the signature names, computed with `features`."""
-        return await self.score_inputs(request_feeds(await self.served_signature(), features, raw))
+        """Score rows of raw fields (a DataFrame or dicts): the inputs the signature names, computed with `features`
+        (a raw-input model: `score_transactions`, its chunks one after another)."""
+        signature = await self.served_signature()
+        if signature.feature_tensor is None:
+            return await self.score_transactions(raw_frame(features, raw))
+        return await self.score_inputs(request_feeds(signature, features, raw))
 
     async def score_transactions(self, raw: pl.DataFrame | Sequence[Mapping[str, Any]],
                                  read_only: bool = False) -> Scores:
@@ -344,12 +352,17 @@ def request_feeds(
     A feature-tensor model gets the spec's features of the rows (its history features computed over
     these rows alone); a raw-input model gets one input per raw field (`transaction_feeds`).
     """
-    if not isinstance(raw, pl.DataFrame):
-        raw = pl.DataFrame(list(raw), schema=features.spec.raw_schema, strict=False)
+    raw = raw_frame(features, raw)
     tensor = signature.feature_tensor
     if tensor is not None:
         return conform(signature, {tensor.name: features.matrix_raw(raw)})
     return transaction_feeds(signature, raw)
+
+
+def raw_frame(features: FittedFeatures, raw: pl.DataFrame | Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+    """`raw` as a DataFrame; dicts are read with the spec's raw schema."""
+    return raw if isinstance(raw, pl.DataFrame) else pl.DataFrame(list(raw), schema=features.spec.raw_schema,
+                                                                   strict=False)
 
 
 def transaction_feeds(signature: ServedSignature, raw: pl.DataFrame | Sequence[Mapping[str, Any]]

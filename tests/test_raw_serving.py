@@ -1,6 +1,8 @@
 """A raw-input version served by the real Triton: score == Polars features + xgboost on every row.
 
-The client turns rows of raw fields into the inputs the served signature names (one per raw field).
+The client turns rows of raw fields into the inputs the served signature names (one per raw field);
+the fraud spec's history features come from a real Redis inside Triton, so rows are sent in time
+order in requests of 256 transactions of many cards, and the store starts empty.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import pytest
 
 from export.pipeline import ExportSettings, export_model
 from export.repository import ModelRepository
+from redis_fixtures import local_redis
 from server.client import ScoringClient, load_features
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
@@ -36,8 +39,9 @@ def test_raw_input_version_scores_like_polars_features_plus_xgboost(tmp_path):
         mlflow.set_tracking_uri(before)
     assert result.parity is not None and result.parity.passed
     features = load_features(result.version_dir)
-    test_set = generate_transactions(GenerateSpec(rows=3_000, seed=77))  # unseen data, other cards and days
-    with serving(ws, models=["raw"], exit_timeout_s=5) as server:
+    test_set = generate_transactions(GenerateSpec(rows=3_000, seed=77)).sort("timestamp")  # unseen, in time order
+    with local_redis(tmp_path / "redis") as store, serving(ws, models=["raw"], exit_timeout_s=5,
+                                                           online_store_url=store.url) as server:
         with ScoringClient(server.settings.grpc_url, "raw", retries=0, max_rows_per_request=256) as client:
             assert client.served_signature().feature_tensor is None
             served = client.score_raw(features, test_set).positive

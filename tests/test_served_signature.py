@@ -19,11 +19,13 @@ import pytest
 import xgboost as xgb
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from backends.online_history import connect
 from export.pipeline import ExportSettings, export_model
 from export.repository import ModelRepository
 from export.signature import ServedSignature
 from export.targets.fil import FilTarget
 from export.triton_config import ServingSettings, parse
+from redis_fixtures import local_redis
 from server.client import AsyncScoringClient, ScoringClient, load_features
 from server.launcher import TritonServer, free_port
 from training.features import FittedFeatures
@@ -50,6 +52,14 @@ class Served:
     booster: xgb.Booster
     features: FittedFeatures
     current: pl.DataFrame  # data/current.parquet, the CLI's default rows
+    store_url: str  # the Redis of the raw model's history features
+
+
+def _fresh_history(served: Served, name: str) -> None:
+    """Empty the raw model's store: current.parquet spans 90 days, longer than the store keeps a transaction's
+    first answer (longest window + 1 day), so scoring its rows again must start from the same empty state."""
+    if MODELS[name][1]:
+        connect(served.store_url).flushall()
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +85,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     finally:
         mlflow.set_tracking_uri(before)
     features = load_features(repo.version_dir("native", 1))
-    with serving(ws, models=list(MODELS), start_timeout_s=120) as server:
-        yield Served(ws, server, booster, features, load_raw(current, features.spec.raw_schema).collect())
+    with local_redis(ws.root / "redis") as store, serving(ws, models=list(MODELS), start_timeout_s=120,
+                                                          online_store_url=store.url) as server:
+        yield Served(ws, server, booster, features, load_raw(current, features.spec.raw_schema).collect(), store.url)
 
 
 def _config_signature(served: Served, name: str) -> ServedSignature:
@@ -94,7 +105,7 @@ def test_the_signature_read_from_triton_is_the_exported_one(served, name):
     if MODELS[name][1]:
         assert tensor is None
         kinds = {t.name: t.datatype for t in signature.inputs}
-        assert kinds["amount"] == "FP64" and kinds["timestamp_s"] == "INT64" and "BYTES" in kinds.values()
+        assert kinds["amount"] == "FP64" and kinds["timestamp"] == "INT64" and "BYTES" in kinds.values()
     else:
         assert tensor is not None and tensor.dims == (len(served.features.spec.names),)
 
@@ -104,6 +115,7 @@ def test_the_signature_read_from_triton_is_the_exported_one(served, name):
 def test_clients_score_raw_rows_like_xgboost_on_every_target(served, name):
     raw = served.current
     expected = served.booster.inplace_predict(served.features.matrix_raw(raw))
+    _fresh_history(served, name)
     with ScoringClient(served.server.settings.grpc_url, name, max_rows_per_request=128) as client:
         scores = client.score_raw(served.features, raw)
 
@@ -112,6 +124,7 @@ def test_clients_score_raw_rows_like_xgboost_on_every_target(served, name):
             return await client.score_raw(served.features, raw.to_dicts())
 
     np.testing.assert_allclose(scores.positive, expected, atol=1e-5)
+    _fresh_history(served, name)
     np.testing.assert_allclose(asyncio.run(score_async()).positive, scores.positive, atol=1e-6)
     assert scores.model_version == "1"
 
@@ -128,6 +141,7 @@ def test_a_feature_matrix_for_a_raw_input_model_is_refused_naming_its_inputs(ser
 @pytest.mark.triton
 @pytest.mark.parametrize("name", MODELS)
 def test_treeops_score_uses_the_served_signature(served, treeops, name):
+    _fresh_history(served, name)
     proc = treeops("score", "--model-name", name, "--grpc-url", served.server.settings.grpc_url, "--rows", "7",
                        "--json", workspace=served.ws.root)
     assert proc.returncode == 0, proc.stderr
