@@ -6,7 +6,8 @@ imports only numpy and redis.
 Semantics (the same as training/history.py offline): for transaction i of entity e at time t, its
 history H(i) is e's transactions j that arrived before i and have t - window <= t_j < t (a strictly
 earlier timestamp: equal timestamps never see each other). Aggregates over H(i), float64:
-count |H| (0 when empty); sum of value_j (0.0 when empty); mean sum/count (NaN when empty);
+count |H| (0 when empty); sum of value_j added left to right in (t_j, value_j) order (0.0 when empty);
+mean sum/count (NaN when empty);
 seconds_since_prev (t - max t_j) / 1e6 (NaN when empty); ratio_to_mean value_i / mean (NaN when
 empty or mean == 0). A late arrival never changes a score already given: it only joins the history
 of transactions arriving after it.
@@ -258,7 +259,7 @@ class OnlineHistory:
             elif agg == 3:
                 row[k] = (t - member_t[-1]) / 1e6 if count else math.nan
             else:
-                total = float(members[start:, col].sum()) if count else 0.0
+                total = _sum(member_t[start:], members[start:, col]) if count else 0.0
                 if agg == 1:
                     row[k] = total
                 elif agg == 2:
@@ -267,6 +268,14 @@ class OnlineHistory:
                     mean = total / count if count else 0.0
                     row[k] = own[col] / mean if mean != 0.0 else math.nan
         return row
+
+
+def _sum(times: np.ndarray, values: np.ndarray) -> float:
+    """The values added left to right in (time, value) order: the one float64 the offline rule gives
+    (training.history) whatever the arrival order. `times` is sorted; only ties need the values sorted."""
+    if times.shape[0] > 1 and (times[1:] == times[:-1]).any():
+        values = values[np.lexsort((values, times))]
+    return float(np.add.accumulate(values)[-1])
 
 
 _SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()

@@ -1,0 +1,121 @@
+"""Property tests: the online store's answers equal the offline rule (training.history.as_arrived) on random
+streams with ties, out-of-order timestamps, retries and window edges; backfill writes the streamed state."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backends.online_history import OnlineHistory, connect, namespace_for
+from online_store.redis_server import LocalRedis
+from training.features import FRAUD_FEATURES, history_feature
+from training.history import History, as_arrived
+
+pytest_plugins = ("redis_fixtures",)
+
+HOUR = 3_600_000_000
+T0 = 1_767_225_600_000_000
+#: The fraud spec's history features plus a mean (the spec has none), all on card_id.
+FEATURES = [f for f in FRAUD_FEATURES.features if f.history] + [
+    history_feature("card_amount_mean_1h", History("mean", "1h", value="amount"), "mean amount in the hour before")]
+DECLARED = [{"name": f.name, "history": f.history.to_dict()} for f in FEATURES]
+AMOUNTS = [0.0, 0.1, 1 / 3, 2.5, 2.5, 19.99, 1e6]
+
+# A time on a grid that puts pairs exactly on every window edge (1 h, 24 h, 30 d) and 1 us either side.
+times = st.builds(lambda half_hours, month, us: T0 + half_hours * HOUR // 2 + month * 30 * 24 * HOUR + us,
+                  st.integers(0, 50), st.integers(0, 1), st.sampled_from([0, 0, 0, 1, -1]))
+transactions = st.tuples(st.integers(0, 2), times, st.sampled_from(AMOUNTS))
+# Events: a new transaction, or (an int) a retry of the k-th earlier event; split into calls of 1-4 rows.
+streams = st.lists(st.one_of(transactions, transactions, st.integers(0, 40)), min_size=1, max_size=40)
+splits = st.lists(st.integers(1, 4), min_size=40, max_size=40)
+
+
+def _rows(stream: list) -> list[tuple[int, int, float, int]]:
+    """(card, time_us, amount, transaction_id) per event; a retry repeats an earlier event's row."""
+    rows: list[tuple[int, int, float, int]] = []
+    for event in stream:
+        if isinstance(event, int):
+            if rows:
+                rows.append(rows[event % len(rows)])
+        else:
+            rows.append((*event, len(rows)))
+    return rows
+
+
+def _calls(rows: list, sizes: list[int]) -> list[list[int]]:
+    """Row indices of each call, each call's rows in the order the store applies them: (time, index)."""
+    calls, at = [], 0
+    for size in sizes:
+        if at >= len(rows):
+            break
+        calls.append(sorted(range(at, min(at + size, len(rows))), key=lambda i: (rows[i][1], i)))
+        at += size
+    return calls
+
+
+def _lateness(rows: list, applied: list[int]) -> int:
+    """How far behind its card's newest transaction a row arrived, at most (the store's late_us must cover it)."""
+    newest: dict[int, int] = {}
+    late = 0
+    for i in applied:
+        card, t = rows[i][0], rows[i][1]
+        late = max(late, newest.get(card, t) - t)
+        newest[card] = max(newest.get(card, t), t)
+    return late
+
+
+def _reference(rows: list, applied: list[int]) -> dict[int, np.ndarray]:
+    """Features of each transaction id by the offline rule, arrival = first application."""
+    first: dict[int, int] = {}
+    for i in applied:
+        first.setdefault(rows[i][3], len(first))
+    unique = {rows[i][3]: rows[i] for i in applied}
+    ids = list(first)
+    raw = pl.DataFrame({
+        "card_id": [unique[k][0] for k in ids],
+        "timestamp": pl.Series([unique[k][1] for k in ids], dtype=pl.Int64).cast(pl.Datetime("us")),
+        "amount": [unique[k][2] for k in ids],
+        "arrival": [first[k] for k in ids],
+    })
+    got = as_arrived(raw, FEATURES, "arrival").to_numpy()
+    return {k: got[n] for n, k in enumerate(ids)}
+
+
+def _stream(h: OnlineHistory, rows: list, calls: list[list[int]]) -> dict[int, np.ndarray]:
+    """Send each call; the answer of every row by row index."""
+    answers = {}
+    for call in calls:
+        card, t, amount, txn = (np.array([rows[i][k] for i in call]) for k in range(4))
+        got = h.features(card, t, {"amount": amount}, txn)
+        answers.update(zip(call, got))
+    return answers
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=streams, sizes=splits)
+def test_online_answers_equal_the_offline_rule(redis_server: LocalRedis, stream: list, sizes: list[int]) -> None:
+    client = connect(redis_server.url)
+    client.flushall()
+    rows = _rows(stream)
+    calls = _calls(rows, sizes)
+    applied = [i for call in calls for i in call]
+    # the smallest retention that keeps every answer exact: pruning still happens, and must not show
+    h = OnlineHistory(client, redis_server.url, namespace_for("p", "card_id"), DECLARED,
+                      late_us=_lateness(rows, applied))
+    answers = _stream(h, rows, calls)
+    want = _reference(rows, applied)
+    for i in applied:
+        np.testing.assert_array_equal(answers[i], want[rows[i][3]], err_msg=f"row {i} {rows[i]} of {rows}")
+    h.close()
+    client.close()
+
+
+def _dump(client: redis.Redis) -> dict:
+    out = {}
+    for key in sorted(client.keys("*")):
+        kind = client.type(key)
+        out[key] = client.zrange(key, 0, -1, withscores=True) if kind == b"zset" else client.hgetall(key)
+    return out
