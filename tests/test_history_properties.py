@@ -10,8 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.online_history import OnlineHistory, connect, namespace_for
+from online_store.backfill import backfill
 from online_store.redis_server import LocalRedis
-from training.features import FRAUD_FEATURES, history_feature
+from online_store.spec import online_history
+from training.features import FRAUD_FEATURES, FeatureSpec, FittedFeatures, history_feature
 from training.history import History, as_arrived
 
 pytest_plugins = ("redis_fixtures",)
@@ -119,3 +121,35 @@ def _dump(client: redis.Redis) -> dict:
         kind = client.type(key)
         out[key] = client.zrange(key, 0, -1, withscores=True) if kind == b"zset" else client.hgetall(key)
     return out
+
+
+SPEC = FeatureSpec("properties_v1", {"transaction_id": pl.Int64(), "card_id": pl.Int64(),
+                                     "timestamp": pl.Datetime("us"), "amount": pl.Float64()}, tuple(FEATURES))
+# Times over three months, so that backfill and streaming both drop old members.
+spread = st.builds(lambda days, half_hours, us: T0 + days * 24 * HOUR + half_hours * HOUR // 2 + us,
+                   st.integers(0, 90), st.integers(0, 3), st.sampled_from([0, 0, 1]))
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.integers(0, 3), spread, st.sampled_from(AMOUNTS)), min_size=1, max_size=60),
+       late_us=st.sampled_from([0, HOUR, 40 * 24 * HOUR]))
+def test_backfill_writes_the_state_streaming_the_file_leaves(redis_server: LocalRedis, tmp_path_factory,
+                                                             rows: list, late_us: int) -> None:
+    client = connect(redis_server.url)
+    client.flushall()
+    data = tmp_path_factory.mktemp("bf") / "rows.parquet"
+    pl.DataFrame({"transaction_id": range(len(rows)), "card_id": [r[0] for r in rows],
+                  "timestamp": pl.Series([r[1] for r in rows]).cast(pl.Datetime("us")),
+                  "amount": [r[2] for r in rows]}).write_parquet(data)
+    fitted = FittedFeatures(SPEC, {})
+    result = backfill(redis_server.url, fitted, data, late_us=late_us, partition_rows=7, batch_rows=5)
+    assert result.rows == len(rows) and result.entities == len({r[0] for r in rows})
+    backfilled = _dump(client)
+    client.flushall()
+    h = online_history(fitted, client, redis_server.url, late_us=late_us)
+    for i in sorted(range(len(rows)), key=lambda i: (rows[i][1], i)):  # timestamp order, ties in file order
+        card, t, amount = rows[i]
+        h.features(np.array([card]), np.array([t]), {"amount": np.array([amount])}, np.array([i]))
+    assert _dump(client) == backfilled
+    h.close()
+    client.close()
