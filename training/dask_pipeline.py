@@ -47,7 +47,8 @@ def train_and_register_dask(
         spec = choose_spec_for_schema(schema, target, features, where=data)
         dataset = open_dataset(data, {**spec.raw_schema, target: None}, entity_key)
         with dask_client(settings) as dask:
-            outcome = train_distributed(dask, dataset, spec, target, entity_key, params, settings.partitions)
+            outcome = train_distributed(dask, dataset, spec, target, entity_key, params, settings.partitions,
+                                            settings.collective_timeout_s)
         client.log_param(run_id, "workers", outcome.workers)
         client.log_param(run_id, "partitions", outcome.partitions)
         for i, mib in enumerate(outcome.worker_peak_rss_mib):

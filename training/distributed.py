@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from training.dataset import ParquetDataset
-from training.errors import DataError, DistributedError
+from training.errors import DataError, DistributedError, TrainingError
 from training.features import SPECS, FeatureSpec, FittedFeatures
 from training.objectives import Objective, infer_objective
 from training.train import RAW_HOLDOUT_ROWS, TrainParams, TrainResult, xgb_safe
@@ -44,7 +45,9 @@ class DaskSettings:
     """Where training runs: `scheduler` (tcp://HOST:8786) or, when None, a LocalCluster of `workers`.
 
     `partitions` defaults to the worker count, more when a partition would exceed ROWS_PER_PARTITION rows;
-    `threads_per_worker` is also XGBoost's nthread on each worker.
+    `threads_per_worker` is also XGBoost's nthread on each worker. `collective_timeout_s` bounds one of
+    XGBoost's collective operations (a peer that stops answering fails the run after it; XGBoost's default
+    is 30 minutes).
     """
 
     scheduler: str | None = None
@@ -53,6 +56,7 @@ class DaskSettings:
     threads_per_worker: int = 1
     connect_timeout_s: float = 10.0
     memory_limit: str = "auto"
+    collective_timeout_s: int = 300
 
 
 @contextmanager
@@ -79,6 +83,8 @@ def dask_client(settings: DaskSettings) -> Iterator[Any]:
     with dask.config.set({"distributed.scheduler.work-stealing": False}):
         cluster = LocalCluster(n_workers=settings.workers, threads_per_worker=settings.threads_per_worker,
                                processes=True, dashboard_address=":0", memory_limit=settings.memory_limit)
+    log.info("local Dask cluster of %d workers: scheduler %s, dashboard %s", settings.workers,
+             cluster.scheduler_address, cluster.dashboard_link)
     try:
         with Client(cluster) as client:
             yield client
@@ -322,10 +328,74 @@ class DistributedRun:
 
 
 def train_distributed(client: Any, dataset: ParquetDataset, spec: FeatureSpec, target: str, entity_key: str,
-                      params: TrainParams, partitions: int | None = None) -> DistributedRun:
-    """Features per partition, global split and vocabularies, xgboost.dask training, test metrics."""
+                      params: TrainParams, partitions: int | None = None,
+                      collective_timeout_s: int = DaskSettings.collective_timeout_s) -> DistributedRun:
+    """Features per partition, global split and vocabularies, xgboost.dask training, test metrics.
+
+    A worker that leaves the cluster meanwhile (killed, out of memory, shut down) fails the run at once
+    with a DistributedError naming it (see `watch_workers`).
+    """
+    return watch_workers(client, _train, client, dataset, spec, target, entity_key, params, partitions,
+                         collective_timeout_s)
+
+
+def watch_workers(client: Any, fn: Any, *args: Any, poll_s: float = 0.5, grace_s: float = 5.0) -> Any:
+    """`fn(*args)` in a thread, while the cluster's workers are watched: one that leaves fails the call.
+
+    Partitions are pinned to their workers, so the scheduler cannot recompute a lost one elsewhere: its
+    tasks would wait for the gone worker forever. The thread is a daemon: a call stuck on the lost
+    worker ends when its client closes and never holds the process up. When `fn` fails on its own
+    (XGBoost's collective usually notices a dead peer before the scheduler does), the scheduler gets
+    `grace_s` to report a lost worker, so the error names the cause rather than a socket error.
+    """
+    started = _worker_addresses(client)
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="treeops-dask-training", daemon=True).start()
+    while not done.wait(poll_s):
+        _raise_if_lost(client, started)
+    error = outcome.get("error")
+    if error is None:
+        return outcome["value"]
+    if not isinstance(error, TrainingError):
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            _raise_if_lost(client, started, error)
+            time.sleep(poll_s)
+    raise error
+
+
+def _worker_addresses(client: Any) -> set[str]:
+    try:
+        return set(client.scheduler_info(n_workers=-1)["workers"])
+    except OSError as exc:
+        raise DistributedError(f"lost the Dask scheduler at {client.scheduler.address} ({type(exc).__name__}); "
+                               "check that it still runs, then rerun") from exc
+
+
+def _raise_if_lost(client: Any, started: set[str], cause: BaseException | None = None) -> None:
+    lost = sorted(started - _worker_addresses(client))
+    if lost:
+        raise DistributedError(
+            f"Dask worker(s) {', '.join(lost)} left the cluster during training (killed, out of memory or shut "
+            "down); the partitions they held are gone, so the run stops; rerun on a whole cluster (out of memory: "
+            "more memory per worker or more --partitions)") from cause
+
+
+def _train(client: Any, dataset: ParquetDataset, spec: FeatureSpec, target: str, entity_key: str,
+           params: TrainParams, partitions: int | None, collective_timeout_s: int) -> DistributedRun:
     import xgboost as xgb
     from xgboost import dask as dxgb
+    from xgboost.collective import Config
 
     if not spec.order_by:
         raise DataError(f"the dask engine needs a feature spec with a time order; {spec.name!r} has none "
@@ -348,7 +418,8 @@ def train_distributed(client: Any, dataset: ParquetDataset, spec: FeatureSpec, t
     booster_params = {**params.booster_params(objective), "nthread": params.nthread or 1}
     out = dxgb.train(client, booster_params, dtrain, num_boost_round=params.num_boost_round,
                      evals=[(dvalid, "valid")], early_stopping_rounds=params.early_stopping_rounds,
-                     verbose_eval=False)
+                     verbose_eval=False,
+                     coll_cfg=Config(timeout=collective_timeout_s))
     del dtrain, dvalid
     log.info("xgboost.dask trained after %.1f s", time.perf_counter() - started)
     booster = out["booster"]
