@@ -19,11 +19,12 @@ One run (`run_serving_benchmark`):
    - single rows at the top concurrency again with a standard `grpc.aio` client, to show what
      a usual Python client costs;
    - single rows at each `perf_analyzer_concurrency` with NVIDIA perf_analyzer (bench.perf_analyzer),
-     the client the field reports Triton figures with, when it is installed.
-4. with `settings.raw` (the default), measures the raw-transaction path on the same Triton (bench.online): the
-   fraud model on raw fields with its history in a Redis of the run, backfill rows/s, a bare Redis round trip, single
-   transactions sequential and at 32 in flight, next to the bare gRPC round trip and the feature-tensor path above;
-5. reports it all in one table and checks it against bench/targets.toml (bench.report).
+     the client the field reports Triton figures with, when it is installed;
+   - with `settings.raw` (the default), right after the two sequential steps (so their ratios share the
+     machine's conditions): the raw-transaction path on the same Triton (bench.online), the fraud model on raw
+     fields with its history in a Redis of the run: backfill rows/s (measured before Triton starts), a bare Redis
+     round trip, single transactions sequential and at 32 in flight;
+4. reports it all in one table and checks it against bench/targets.toml (bench.report).
 
 Load generators: on a 2-core machine the client shares the CPUs with the server, so its cost
 decides what can be measured. The sweep uses a minimal HTTP/2 gRPC client (bench.h2, about 10-20 us
@@ -159,6 +160,10 @@ def _run(settings: BenchSettings, work: Path) -> BenchResult:
 
                 health = sequential("health", LIVE_METHOD, live, s.health_requests, 0)
                 seq = sequential("sequential", INFER_METHOD, single, s.sequential_requests, 1)
+                raw_path = None
+                if raw is not None:  # right after the sequential references, so their ratios share conditions
+                    raw_path = measure_raw_path(s.raw, raw, url, server.pid, sequential_requests=s.sequential_requests,
+                                                warmup_requests=s.warmup_requests, warmup_s=s.warmup_s, step_s=s.step_s)
                 sweep = [closed(f"single c{c}", s.client, INFER_METHOD, "single", c, 1) for c in s.concurrency]
                 big = closed(f"batch {s.batch_rows}", s.client, INFER_METHOD, "batch", s.batch_concurrency,
                              s.batch_rows)
@@ -170,10 +175,6 @@ def _run(settings: BenchSettings, work: Path) -> BenchResult:
             perf, perf_note = _perf_analyzer_steps(s, url, signature, rows, observe, work)
         finally:
             observe.close()
-        raw_path = None
-        if raw is not None:
-            raw_path = measure_raw_path(s.raw, raw, url, server.pid, sequential_requests=s.sequential_requests,
-                                        warmup_requests=s.warmup_requests, warmup_s=s.warmup_s, step_s=s.step_s)
         command = [str(a) for a in server.command]
     return BenchResult(s, floors, health, seq, sweep, big, health_loaded, reference, os.cpu_count() or 1, command,
                        parity_diff, perf, perf_note, raw_path)

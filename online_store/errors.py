@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from treeops.errors import TreeopsError
+from treeops.errors import InvalidSettingsError, TreeopsError
 
 
 class OnlineStoreError(TreeopsError):
@@ -23,3 +23,7 @@ class StoreUnavailableError(OnlineStoreError):
 
 class NoHistoryFeaturesError(OnlineStoreError):
     """The model's feature spec declares no history feature, so there is no online state."""
+
+
+class InvalidStoreArgumentError(OnlineStoreError, InvalidSettingsError):
+    """An argument of a store command that cannot work (an entity the spec does not key by, a bad time)."""

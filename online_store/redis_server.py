@@ -7,11 +7,14 @@ Persistence: appendonly yes with appendfsync everysec, so `stop` (SHUTDOWN) lose
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -19,6 +22,34 @@ import redis
 from online_store.errors import RedisNotFoundError, RedisStartError
 
 STORE_DIR = "online_store"
+#: Written while a LocalRedis runs: {"pid", "port"}, so other commands find it instead of starting a second
+#: server on the same files.
+OWNER_FILE = "redis.json"
+_PR_SET_PDEATHSIG = 1
+
+
+def running_url(workspace_dir: Path | str) -> str | None:
+    """The URL of the redis-server a LocalRedis of this workspace runs now (it answers PING), else None."""
+    try:
+        owner = json.loads((Path(workspace_dir) / STORE_DIR / OWNER_FILE).read_text())
+        cmdline = Path(f"/proc/{int(owner['pid'])}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if b"redis-server" not in cmdline:
+        return None
+    client = redis.Redis(port=int(owner["port"]), socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return f"redis://127.0.0.1:{int(owner['port'])}/0" if client.ping() else None
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM (a clean shutdown, AOF flushed) when the starting process dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -42,6 +73,8 @@ class LocalRedis:
 
     `start` returns once PING answers; `stop` shuts down cleanly (AOF flushed); `kill` is SIGKILL, as a
     crash; `restart` starts again on the same port and data. Usable as a context manager (stop at exit).
+    The server gets SIGTERM (a clean shutdown) if the starting process dies, so none is left behind; while
+    one runs, a second LocalRedis of the same workspace refuses to start (two servers would corrupt one AOF).
     """
 
     def __init__(self, workspace_dir: Path | str, port: int | None = None, start_timeout_s: float = 15.0):
@@ -68,9 +101,15 @@ class LocalRedis:
         """Start the server and wait until it answers PING (it has loaded its AOF by then)."""
         if self.running:
             return self
+        other = running_url(self.dir.parent)
+        if other is not None:
+            raise RedisStartError(f"a redis-server of this workspace already runs at {other} (data in {self.dir}), "
+                                  f"started by another treeops command: use it (TREEOPS_ONLINE_STORE_URL={other}) or "
+                                  "stop that command first")
         self.dir.mkdir(parents=True, exist_ok=True)
+        # Own session: Ctrl-C in a terminal reaches only treeops, which then stops the server cleanly.
         self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True)
+                                        stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent)
         client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
         deadline = time.monotonic() + self.start_timeout_s
         try:
@@ -82,6 +121,7 @@ class LocalRedis:
                                           f"{said or self._log_tail()} (is port {self.port} taken?)")
                 with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
                     if client.ping():
+                        (self.dir / OWNER_FILE).write_text(json.dumps({"pid": self.process.pid, "port": self.port}))
                         return self
                 if time.monotonic() > deadline:
                     self.kill()
@@ -125,6 +165,10 @@ class LocalRedis:
         return self.start()
 
     def _close(self) -> None:
+        owner = self.dir / OWNER_FILE
+        with contextlib.suppress(OSError, ValueError):
+            if self.process is not None and json.loads(owner.read_text()).get("pid") == self.process.pid:
+                owner.unlink()
         if self.process is not None and self.process.stderr is not None:
             self.process.stderr.close()
 
@@ -140,3 +184,17 @@ class LocalRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def workspace_store(workspace_dir: Path | str, url: str | None = None) -> Iterator[str]:
+    """The store a command of this workspace uses: `url` (TREEOPS_ONLINE_STORE_URL) when given; else the
+    workspace's running LocalRedis (of `treeops serve`, say); else a LocalRedis started for the block and
+    stopped after it (SHUTDOWN: its writes are on disk)."""
+    if url is None:
+        url = running_url(workspace_dir)
+    if url is not None:
+        yield url
+        return
+    with LocalRedis(workspace_dir) as local:
+        yield local.url

@@ -20,6 +20,9 @@ from treeops.workspace import Workspace
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: figures next to an in-process baseline of the same run.")
 app.add_typer(bench_app, name="bench")
+features_app = typer.Typer(no_args_is_help=True, help="The online feature store (Redis) behind history features: "
+                           "backfill it, show an entity's state.")
+app.add_typer(features_app, name="features")
 log = logging.getLogger("treeops")
 
 WorkspaceOpt = Annotated[
@@ -550,14 +553,16 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate, train, register, export, serve, score, load-test and check drift, end to end."""
-    from treeops.demo import DemoSettings, run_demo
+    from treeops.demo import DemoSettings, demo_store, run_demo
 
     ws = Workspace.resolve(workspace)
     settings = DemoSettings(rows=rows, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
                             loadtest_s=loadtest_s, keep_serving=keep_serving)
     if keep_serving:
         _stop_on_sigterm()
-    summary = run_demo(ws, settings, _triton(ws, grpc_port, http_port, metrics_port, ephemeral_key=True))
+    with demo_store(ws.root) as store_url:
+        server = _triton(ws, grpc_port, http_port, metrics_port, ephemeral_key=True, online_store_url=store_url)
+        summary = run_demo(ws, settings, server, store_url)
     _emit(as_json, summary.to_dict(), summary.lines())
 
 
@@ -610,14 +615,22 @@ def bench_serving(
     perf_analyzer_path: Annotated[Path | None, typer.Option(help="perf_analyzer binary (default: TREEOPS_PERF_ANALYZER, "
                                                                  "<venv>/perf_analyzer, PATH)")] = None,
     targets: Annotated[Path | None, typer.Option(help="serving targets TOML (default: bench/targets.toml)")] = None,
+    raw_transactions: Annotated[bool, typer.Option(help="also the raw-transaction path: the fraud model on raw fields "
+                                                        "with its history in a Redis of the run (needs redis-server)")] = True,
+    raw_rows: Annotated[int, typer.Option(min=1000, help="transactions the raw model trains on and Redis is "
+                                                         "backfilled with")] = 200_000,
+    raw_max_txn_per_s: Annotated[int, typer.Option(min=1, help="rate the distinct raw transactions are serialized for "
+                                                               "(none is sent twice)")] = 30_000,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Serve a 200-tree forest on a real Triton: latency, throughput and overhead next to in-process floors."""
+    """Serve a 200-tree forest on a real Triton: latency, throughput and overhead next to in-process floors; with the
+    raw-transaction path (default) the fraud model on raw fields, its history in Redis, in the same run."""
     from export.triton_config import ServingSettings
     from bench.errors import SettingsError
     from bench.model import BenchModelSpec
     from bench.serving import BenchSettings, run_serving_benchmark
+    from bench.settings import RawBenchSpec
     from server.settings import TritonSettings
 
     ws = Workspace.resolve(workspace)
@@ -638,9 +651,62 @@ def bench_serving(
         triton=TritonSettings(summary_latencies=summary_latencies), perf_analyzer=perf_analyzer,
         perf_analyzer_concurrency=levels("--perf-analyzer-concurrency", perf_analyzer_concurrency),
         perf_analyzer_path=perf_analyzer_path, targets_path=targets,
+        raw=RawBenchSpec(rows=raw_rows, max_txn_per_s=raw_max_txn_per_s) if raw_transactions else None,
     )
     result = run_serving_benchmark(settings, out_path=out or ws.reports_dir / "bench_serving.json")
     _emit(as_json, result.to_dict(), result.lines())
+
+
+@features_app.command("backfill")
+def features_backfill(
+    data: Annotated[Path, typer.Option(help="historical transactions (CSV or Parquet) with the spec's raw fields")],
+    model_name: Annotated[str, typer.Option("--model-name", "--model", help="served model whose feature spec "
+                                            "declares the history features")] = "fraud",
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load each entity's history from past transactions (timestamp order), so its first live one sees it.
+    Store: TREEOPS_ONLINE_STORE_URL, else the workspace's redis-server (started for the command if not running)."""
+    from online_store.backfill import backfill
+    from online_store.redis_server import workspace_store
+    from online_store.settings import OnlineStoreSettings
+    from server.repository_view import served_features
+
+    ws = Workspace.resolve(workspace)
+    version, fitted = served_features(ws.model_repository, model_name)
+    with workspace_store(ws.root, OnlineStoreSettings().url) as url:
+        result = backfill(url, fitted, data)
+    _emit(as_json, {"store_url": url, "model_version": version, "rows": result.rows, "entities": result.entities,
+                    "stored": result.stored, "seconds": result.seconds, "rows_per_s": result.rows_per_s},
+          [f"backfilled {result.rows:,} transactions of {result.entities:,} entities into {url} "
+           f"({result.stored:,} kept within the windows) in {result.seconds:.2f} s: {result.rows_per_s:,.0f} rows/s"])
+
+
+@features_app.command("show")
+def features_show(
+    entity: Annotated[str, typer.Option(help="ENTITY=VALUE, e.g. card_id=123")],
+    at: Annotated[str | None, typer.Option(help="time of the next transaction, ISO 8601, UTC (default: now)")] = None,
+    value: Annotated[list[str], typer.Option("--value", help="NAME=X of the next transaction, e.g. amount=42.5 "
+                                             "(ratios to a mean need it; default NaN)")] = [],
+    model_name: Annotated[str, typer.Option("--model-name", "--model", help="served model whose feature spec "
+                                            "declares the history features")] = "fraud",
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print an entity's stored history and the features its next transaction would get (changes nothing)."""
+    from online_store.redis_server import workspace_store
+    from online_store.settings import OnlineStoreSettings
+    from online_store.show import check_entity, parse_pair, parse_time_us, parse_values, show
+    from server.repository_view import served_features
+
+    ws = Workspace.resolve(workspace)
+    _, fitted = served_features(ws.model_repository, model_name)
+    name, key = parse_pair(entity, "--entity")
+    check_entity(fitted, name)
+    values = parse_values(value)
+    with workspace_store(ws.root, OnlineStoreSettings().url) as url:
+        state = show(url, fitted, key, at_us=parse_time_us(at) if at else None, values=values)
+    _emit(as_json, {"store_url": url, **state.to_dict()}, state.lines())
 
 
 def _stop_on_sigterm() -> None:

@@ -5,20 +5,28 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
+import polars as pl
 
 from export.pipeline import ExportSettings, export_model, export_version
 from export.repository import PARITY_FILE, ModelRepository
-from loadtest.latency import health_latency, scoring_latency
+from loadtest.latency import health_latency
 from loadtest.pipeline import loadtest_served_model
 from monitoring.drift import run_drift_report
-from server.client import ScoringClient, load_features, request_feeds
+from online_store.backfill import backfill
+from online_store.redis_server import LocalRedis
+from online_store.settings import OnlineStoreSettings
+from server.client import load_features
 from server.launcher import TritonServer
-from training.features import FRAUD_FEATURES
+from server.replay import replay, replay_parity
+from training.features import FRAUD_FEATURES, FittedFeatures
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.ingest import load_raw
 from training.pipeline import train_and_register
@@ -43,6 +51,7 @@ class DemoSettings:
     loadtest_users: int = 8
     loadtest_p99_ms: float = 250.0  # generous: the demo runs on whatever machine it is given
     latency_requests: int = 1000
+    replay_clients: int = 8
     keep_serving: bool = False
 
 
@@ -62,12 +71,18 @@ class DemoSummary:
             "treeops demo summary",
             f"  served model         {MODEL} version {v['served_version']} (@champion) from {v['model_repository']}",
             f"  trained this run     version {v['registered_version']} (@{v['registered_alias']})",
-            f"  test metrics         ROC AUC {v['roc_auc']:.4f}, PR AUC {v['pr_auc']:.4f}, log loss {v['log_loss']:.4f}",
+            f"  test metrics         ROC AUC {v['roc_auc']:.4f} (without the history features "
+            f"{_auc(v['roc_auc_without_history'])}), PR AUC {v['pr_auc']:.4f}, log loss {v['log_loss']:.4f}",
             f"  parity (file vs xgb) max |diff| {v['parity_max_abs_diff']:.2e} on {v['parity_rows']} rows, "
             f"{v['parity_flipped']} flipped",
-            f"  served vs xgboost    max |diff| {v['served_max_abs_diff']:.2e} on {v['scored_rows']} rows over gRPC",
-            f"  ScoringClient 1 row  p50 {v['score_p50_us']:.0f} us, p99 {v['score_p99_us']:.0f} us "
-            f"(health round trip p50 {v['health_p50_us']:.0f} us; server-side figures: treeops bench serving)",
+            f"  online store         {v['store_url']}: backfilled {v['backfill_rows']} transactions "
+            f"({v['backfill_rows_per_s']:,.0f}/s)",
+            f"  served vs offline    max |diff| {v['served_max_abs_diff']:.2e}, {v['served_flipped']} flipped, on "
+            f"{v['scored_rows']} raw transactions, one per gRPC call in time order "
+            f"({'PASS' if v['served_parity_passed'] else 'FAIL'})",
+            f"  raw transaction      p50 {v['score_p50_us']:.0f} us, p99 {v['score_p99_us']:.0f} us sequential "
+            f"(health round trip p50 {v['health_p50_us']:.0f} us); {v['replay_rate']:,.0f} txn/s from "
+            f"{v['replay_clients']} clients (server-side figures: treeops bench serving)",
         ]
         if "loadtest" in v:
             lt = v["loadtest"]
@@ -82,32 +97,61 @@ class DemoSummary:
         return lines
 
 
-def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer) -> DemoSummary:
-    """Generate -> train -> register -> export -> serve -> score -> load test -> drift; Triton stops at the end."""
+@contextmanager
+def demo_store(workspace_root: Path) -> Iterator[str]:
+    """TREEOPS_ONLINE_STORE_URL when set, else a local redis-server in the workspace while the demo runs."""
+    url = OnlineStoreSettings().url
+    if url is not None:
+        yield url
+        return
+    with LocalRedis(workspace_root) as local:
+        yield local.url
+
+
+def _auc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer, store_url: str) -> DemoSummary:
+    """Generate -> train -> register -> export -> backfill -> serve -> replay -> load test -> drift.
+
+    The current batch is the period after the training data (same cards); the served `fraud` takes raw
+    transactions and reads each card's history from the online store at `store_url`, which is backfilled
+    with the training period first. Triton stops at the end.
+    """
     start = time.perf_counter()
-    v: dict[str, Any] = {"workspace": str(ws.root), "model_repository": str(ws.model_repository)}
+    v: dict[str, Any] = {"workspace": str(ws.root), "model_repository": str(ws.model_repository), "store_url": store_url}
     train_path, current_path, shifted_path = (ws.data_dir / f"{n}.parquet" for n in ("train", "current", "shifted"))
-    write_transactions(generate_transactions(GenerateSpec(rows=settings.rows, seed=settings.seed)), train_path)
-    write_transactions(generate_transactions(GenerateSpec(rows=settings.batch_rows, seed=settings.seed + 1)), current_path)
+    history = generate_transactions(GenerateSpec(rows=settings.rows + settings.batch_rows, seed=settings.seed))
+    history = history.sort("timestamp", "transaction_id")
+    cut = history["timestamp"][settings.rows]
+    train, current = history.filter(pl.col("timestamp") < cut), history.filter(pl.col("timestamp") >= cut)
+    write_transactions(train, train_path)
+    write_transactions(current, current_path)
     write_transactions(generate_transactions(GenerateSpec(rows=settings.batch_rows, seed=settings.seed + 2, drift=1.0)),
                        shifted_path)
 
     outcome = train_and_register(train_path, "is_fraud", MODEL, tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
     v.update({k: outcome.metrics[k] for k in ("roc_auc", "pr_auc", "log_loss")})
+    v["roc_auc_without_history"] = outcome.metrics.get("roc_auc_without_history")
     v.update(registered_version=outcome.registered.version, registered_alias=outcome.registered.alias)
 
     mlflow.set_tracking_uri(ws.tracking_uri)
     repo = ModelRepository(ws.model_repository)
-    trained = export_version(MODEL, repo, version=outcome.registered.version)  # the parity gate of this run's model
-    exported = export_model(MODEL, repo, alias="champion", settings=ExportSettings())  # serves the champion
+    raw_inputs = ExportSettings(raw_inputs=True)
+    trained = export_version(MODEL, repo, version=outcome.registered.version, settings=raw_inputs)  # this run's gate
+    exported = export_model(MODEL, repo, alias="champion", settings=raw_inputs)  # serves the champion
     v["served_version"] = exported.version
     parity = json.loads((trained.version_dir / PARITY_FILE).read_text())
     v.update(parity_max_abs_diff=parity["max_abs_diff"], parity_rows=parity["rows"],
              parity_flipped=parity["flipped_decisions"])
+    features = load_features(exported.version_dir)
+    loaded = backfill(store_url, features, train_path)
+    v.update(backfill_rows=loaded.rows, backfill_rows_per_s=loaded.rows_per_s)
 
     try:
         server.start(timeout_s=120, models=[MODEL])
-        v.update(_score_and_measure(server, repo, exported.version, current_path, settings))
+        v.update(_replay_current(server, exported.version, features, train, current, settings))
         lt = loadtest_served_model(
             ws.model_repository, MODEL, current_path, ws.reports_dir / "loadtest",
             grpc_url=server.settings.grpc_url, http_url=server.settings.http_url, protocols=("grpc",),
@@ -134,28 +178,30 @@ def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer) -> Dem
     return DemoSummary(v)
 
 
-def _score_and_measure(server: TritonServer, repo: ModelRepository, version: int, batch: Path,
-                       settings: DemoSettings) -> dict[str, Any]:
-    import numpy as np
-
-    features = load_features(repo.version_dir(MODEL, version))
-    raw = load_raw(batch, features.spec.raw_schema).collect()
+def _replay_current(server: TritonServer, version: int, features: FittedFeatures, train: pl.DataFrame,
+                    current: pl.DataFrame, settings: DemoSettings) -> dict[str, Any]:
+    """Score the current batch one transaction per call in time order: the first `latency_requests` from one
+    client (sequential latency), the rest from `replay_clients` clients (cards interleaved); every score is
+    compared with offline features + xgboost on the card's history."""
     booster = mlflow.xgboost.load_model(f"models:/{MODEL}/{version}")
-    x = features.matrix_raw(raw)
-    with ScoringClient(server.settings.grpc_url, MODEL) as client:
-        feeds = request_feeds(client.served_signature(), features, raw)  # what the served model takes
-        scores = client.score_inputs(feeds)
-        served_diff = float(np.max(np.abs(scores.positive - booster.inplace_predict(x))))
-        latency = scoring_latency(client, {k: v[:256] for k, v in feeds.items()}, requests=settings.latency_requests)
-    health = health_latency(server.settings.grpc_url, requests=settings.latency_requests)
-    log.info("scored %d rows through Triton version %s", len(raw), scores.model_version)
+    url, n = server.settings.grpc_url, min(settings.latency_requests, current.height)
+    stream = current.drop("is_fraud")
+    health = health_latency(url, requests=settings.latency_requests)
+    sequential = replay(url, MODEL, stream.head(n), "card_id", clients=1)
+    concurrent = replay(url, MODEL, stream.slice(n), "card_id", clients=settings.replay_clients)
+    served = np.concatenate([sequential.probabilities, concurrent.probabilities])
+    parity = replay_parity(booster, features, train, current, served)
+    log.info("replayed %d transactions through Triton version %s", current.height, version)
     return {
-        "scored_rows": len(raw),
-        "served_max_abs_diff": served_diff,
-        "score_p50_us": latency.p50_us,
-        "score_p99_us": latency.p99_us,
+        "scored_rows": current.height,
+        "served_max_abs_diff": parity.max_abs_diff,
+        "served_flipped": parity.flipped_decisions,
+        "served_parity_passed": parity.passed,
+        "score_p50_us": float(np.percentile(sequential.latency_us, 50)),
+        "score_p99_us": float(np.percentile(sequential.latency_us, 99)),
+        "replay_clients": concurrent.clients,
+        "replay_rate": concurrent.rate,
         "health_p50_us": health.p50_us,
-        "answered_version": scores.model_version,
     }
 
 
