@@ -553,14 +553,16 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate, train, register, export, serve, score, load-test and check drift, end to end."""
-    from treeops.demo import DemoSettings, demo_store, run_demo
+    from online_store.redis_server import workspace_store
+    from online_store.settings import OnlineStoreSettings
+    from treeops.demo import DemoSettings, run_demo
 
     ws = Workspace.resolve(workspace)
     settings = DemoSettings(rows=rows, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
                             loadtest_s=loadtest_s, keep_serving=keep_serving)
     if keep_serving:
         _stop_on_sigterm()
-    with demo_store(ws.root) as store_url:
+    with workspace_store(ws.root, OnlineStoreSettings().url) as store_url:
         server = _triton(ws, grpc_port, http_port, metrics_port, ephemeral_key=True, online_store_url=store_url)
         summary = run_demo(ws, settings, server, store_url)
     _emit(as_json, summary.to_dict(), summary.lines())

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -21,8 +18,6 @@ from loadtest.latency import health_latency
 from loadtest.pipeline import loadtest_served_model
 from monitoring.drift import run_drift_report
 from online_store.backfill import backfill
-from online_store.redis_server import LocalRedis
-from online_store.settings import OnlineStoreSettings
 from server.client import load_features
 from server.launcher import TritonServer
 from server.replay import replay, replay_parity
@@ -95,17 +90,6 @@ class DemoSummary:
             f"  wall time            {v['wall_s']:.1f} s",
         ]
         return lines
-
-
-@contextmanager
-def demo_store(workspace_root: Path) -> Iterator[str]:
-    """TREEOPS_ONLINE_STORE_URL when set, else a local redis-server in the workspace while the demo runs."""
-    url = OnlineStoreSettings().url
-    if url is not None:
-        yield url
-        return
-    with LocalRedis(workspace_root) as local:
-        yield local.url
 
 
 def _auc(value: float | None) -> str:
