@@ -13,8 +13,9 @@ import pytest
 from server.client import AsyncScoringClient, ScoringClient
 from server.errors import ScoringError
 from server.launcher import free_port
+from training.features import FRAUD_FEATURES
 
-N_FEATURES = 10
+N_FEATURES = len(FRAUD_FEATURES.names)  # the fraud model the `trained` workspace serves
 
 
 def _batches(count: int, seed: int = 1) -> list[np.ndarray]:

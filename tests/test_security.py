@@ -27,6 +27,7 @@ from server.errors import ScoringError
 from server.installation import find_triton
 from server.launcher import TritonServer
 from server.settings import ADMIN_KEY_ENV, DEFAULT_ADMIN_HEADER, REDACTED, TritonSettings
+from training.features import FRAUD_FEATURES
 
 from triton_fixtures import serving
 
@@ -96,7 +97,7 @@ def restricted(trained, admin_key, tmp_path_factory) -> Iterator[TritonServer]:
 
 
 def _x(n: int = 4) -> np.ndarray:
-    return np.random.default_rng(0).normal(size=(n, 10)).astype(np.float32)
+    return np.random.default_rng(0).normal(size=(n, len(FRAUD_FEATURES.names))).astype(np.float32)
 
 
 @pytest.mark.triton

@@ -24,6 +24,7 @@ from server.errors import InsecureAdminError
 from server.launcher import describe_exit, free_port
 from server.server_record import ServerRecord
 from server.settings import ADMIN_KEY_ENV
+from training.features import FRAUD_FEATURES
 
 from conftest import TREEOPS
 from triton_fixtures import serving, triton_server
@@ -219,8 +220,9 @@ def test_shutdown_answers_unavailable_not_not_found(trained, tmp_path):
 
         def loop() -> None:
             client = grpcclient.InferenceServerClient(url)
-            request = grpcclient.InferInput("features", [1, 10], "FP32")
-            request.set_data_from_numpy(np.zeros((1, 10), np.float32))
+            width = len(FRAUD_FEATURES.names)
+            request = grpcclient.InferInput("features", [1, width], "FP32")
+            request.set_data_from_numpy(np.zeros((1, width), np.float32))
             while not done.is_set():
                 started = time.monotonic()
                 try:
