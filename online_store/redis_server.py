@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
+import os
 import shutil
 import signal
 import socket
@@ -25,6 +27,8 @@ STORE_DIR = "online_store"
 #: Written while a LocalRedis runs: {"pid", "port"}, so other commands find it instead of starting a second
 #: server on the same files.
 OWNER_FILE = "redis.json"
+#: Held (flock, exclusive) by the redis-server of the directory for as long as it runs, loading included.
+LOCK_FILE = "redis.lock"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -74,7 +78,9 @@ class LocalRedis:
     `start` returns once PING answers; `stop` shuts down cleanly (AOF flushed); `kill` is SIGKILL, as a
     crash; `restart` starts again on the same port and data. Usable as a context manager (stop at exit).
     The server gets SIGTERM (a clean shutdown) if the starting process dies, so none is left behind; while
-    one runs, a second LocalRedis of the same workspace refuses to start (two servers would corrupt one AOF).
+    one runs (starting and loading its AOF included), a second LocalRedis of the same directory, in this
+    process or another, refuses to start: two servers would corrupt one AOF. The guard is an exclusive
+    flock on `<dir>/redis.lock` that the server process itself holds (the file descriptor is passed to it).
     """
 
     def __init__(self, workspace_dir: Path | str, port: int | None = None, start_timeout_s: float = 15.0):
@@ -101,15 +107,15 @@ class LocalRedis:
         """Start the server and wait until it answers PING (it has loaded its AOF by then)."""
         if self.running:
             return self
-        other = running_url(self.dir.parent)
-        if other is not None:
-            raise RedisStartError(f"a redis-server of this workspace already runs at {other} (data in {self.dir}), "
-                                  f"started by another treeops command: use it (TREEOPS_ONLINE_STORE_URL={other}) or "
-                                  "stop that command first")
         self.dir.mkdir(parents=True, exist_ok=True)
-        # Own session: Ctrl-C in a terminal reaches only treeops, which then stops the server cleanly.
-        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent)
+        lock = self._lock()
+        try:
+            # Own session: Ctrl-C in a terminal reaches only treeops, which then stops the server cleanly.
+            self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE, start_new_session=True, pass_fds=(lock,),
+                                            preexec_fn=_die_with_parent)
+        finally:
+            os.close(lock)  # the server holds the lock from here on, until it exits
         client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
         deadline = time.monotonic() + self.start_timeout_s
         try:
@@ -163,6 +169,27 @@ class LocalRedis:
         """Stop (if running) and start again on the same port and data directory."""
         self.stop()
         return self.start()
+
+    def _lock(self) -> int:
+        """A descriptor holding the directory's lock; RedisStartError naming the server that holds it already."""
+        path = self.dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = running_url(self.dir.parent)
+            if other is not None:
+                raise RedisStartError(f"a redis-server of this workspace already runs at {other} (data in {self.dir}), "
+                                      f"started by another treeops command: use it (TREEOPS_ONLINE_STORE_URL={other}) "
+                                      "or stop that command first") from None
+            raise RedisStartError(f"another redis-server holds {path} (data in {self.dir}): it is still starting or "
+                                  "loading its data; wait and use it, or stop the treeops command that started it"
+                                  ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _close(self) -> None:
         owner = self.dir / OWNER_FILE

@@ -101,8 +101,13 @@ def show(url: str, fitted: FittedFeatures, value: str, at_us: int | None = None,
     client = client or redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     history = online_history(fitted, client, url)
     at = int(time.time() * 1e6) if at_us is None else int(at_us)
-    given = {c: float((values or {}).get(c, math.nan)) for c in history.value_columns}
     try:
+        unknown = sorted(set(values or {}) - set(history.value_columns))
+        if unknown:
+            raise InvalidStoreArgumentError(f"--value {unknown[0]}=...: the history features of feature spec "
+                                            f"{fitted.spec.name!r} read no {unknown[0]!r}; they read "
+                                            f"{history.value_columns or 'no value'}: write --value NAME=X with one of them")
+        given = {c: float((values or {}).get(c, math.nan)) for c in history.value_columns}
         z, _, h = history.keys(value)
         pipe = client.pipeline(transaction=False)
         pipe.zrange(z, 0, -1)
