@@ -22,7 +22,8 @@ entity's keys in one Redis Cluster slot:
 - `ns:{v}:t` sorted set of transaction ids scored by time_us, to find the records to prune.
 - pruning: each insert drops members and records older than the entity's newest time minus the longest
   window minus `late_us` (default 1 day): a transaction arriving up to `late_us` behind its entity's
-  newest one still gets its exact history, and a retry of it within that time its first answer.
+  newest one still gets its exact history, and a retry of it within that time its first answer; one
+  arriving later sees only the kept part of its window (the rule's allowance clause, training/history.py).
 
 Each (row, entity) is one Lua script call (EVALSHA, loaded again on NOSCRIPT), atomic in Redis: a
 transaction id already recorded returns the history as it was at its first arrival (members with a

@@ -5,7 +5,9 @@ Like a partitioned stream: each entity's transactions go through one client, in 
 clients run concurrently, so entities interleave at the server. A transaction's expected history is
 everything of its entity that arrived before it: the backfilled history (arrival = timestamp order)
 and then the stream's earlier rows (arrival = stream order, so late arrivals count as they arrive),
-computed by `training.history.as_arrived` from the same declarations the served model reads.
+computed by `training.history.as_arrived` from the same declarations the served model reads, with the
+store's late allowance (a transaction arriving more than LATE_US behind its entity's newest one sees
+only the part of its window the store still keeps).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import polars as pl
 import xgboost as xgb
 
+from backends.online_history import LATE_US
 from export.parity import ParityReport, check_parity
 from server.client import ScoringClient, transaction_feeds
 from server.errors import ScoringError
@@ -90,12 +93,14 @@ def replay(url: str, model: str, stream: pl.DataFrame, entity: str, *, clients: 
     return ReplayResult(scores[:, -1], latency, wall, clients)
 
 
-def offline_matrix(fitted: FittedFeatures, history: pl.DataFrame, stream: pl.DataFrame) -> np.ndarray:
+def offline_matrix(fitted: FittedFeatures, history: pl.DataFrame, stream: pl.DataFrame, *,
+                   late_us: int = LATE_US) -> np.ndarray:
     """The encoded features of each stream row given `history` (arrived first, in timestamp order) and the
-    stream's earlier rows (arrived in stream order).
+    stream's earlier rows (arrived in stream order), for a store with late allowance `late_us`.
 
-    A stream in timestamp order arrives as training assumes, so the spec's own Polars expressions give
-    its features; any other order goes through the arrival-order reference (`as_arrived`, slower).
+    A stream in timestamp order arrives as training assumes (the allowance then removes nothing), so the
+    spec's own Polars expressions give its features; any other order goes through the arrival-order
+    reference (`as_arrived`, slower).
     """
     raw = list(fitted.spec.raw_schema)
     times = sorted({f.history.time for f in fitted.spec.features if f.history is not None})
@@ -103,12 +108,13 @@ def offline_matrix(fitted: FittedFeatures, history: pl.DataFrame, stream: pl.Dat
     if all(frame[t].is_sorted() for t in times):
         computed = fitted.spec.compute(frame.lazy()).collect()
     else:
-        computed = as_arrived(frame, fitted.spec.features, _ARRIVAL)
+        computed = as_arrived(frame, fitted.spec.features, _ARRIVAL, late_us=late_us)
     return fitted.matrix(computed.tail(stream.height))
 
 
 def replay_parity(booster: xgb.Booster, fitted: FittedFeatures, history: pl.DataFrame, stream: pl.DataFrame,
-                  served: np.ndarray, *, tolerance: float = 1e-5) -> ParityReport:
-    """The parity gate's comparison of the served P(positive) per stream row with xgboost on offline features."""
-    x = offline_matrix(fitted, history, stream)
+                  served: np.ndarray, *, tolerance: float = 1e-5, late_us: int = LATE_US) -> ParityReport:
+    """The parity gate's comparison of the served P(positive) per stream row with xgboost on offline features
+    (`late_us`: the serving store's late allowance)."""
+    x = offline_matrix(fitted, history, stream, late_us=late_us)
     return check_parity(booster, lambda _: served.reshape(-1, 1), x, tolerance=tolerance)

@@ -10,6 +10,11 @@ The rule (shared by training, backfill and the online store):
 - Online, a transaction that arrives late (timestamp older than ones already seen) gets a score
   from the history that arrived before it, and never changes a score already given.
   `as_arrived` is the reference for any arrival order.
+- The online store keeps an entity's transactions back to its newest time minus (the entity's longest
+  window + a late allowance `late_us`), so a transaction arriving more than `late_us` behind its
+  entity's newest one sees only that kept part of its window: H(i) also requires
+  t_j >= max(t_k of the entity's transactions k that arrived before i) - longest window - late_us.
+  `as_arrived(..., late_us=...)` applies it. In timestamp order (training, backfill) it never removes anything.
 - Aggregates over H(i), all float64: count = |H| (0 when empty); sum of the values (0.0 when
   empty); mean = sum / count (NaN when empty); seconds_since_prev = (t - max t_j) / 1e6, in seconds
   (NaN when empty); ratio_to_mean = value_i / mean (NaN when empty or mean == 0).
@@ -91,13 +96,22 @@ class History:
         return pl.Series(out, dtype=pl.Float64)
 
 
-def as_arrived(raw: pl.DataFrame, features: Sequence[Feature], arrival: str) -> pl.DataFrame:
+def as_arrived(raw: pl.DataFrame, features: Sequence[Feature], arrival: str,
+               late_us: int | None = None) -> pl.DataFrame:
     """Reference: every feature of `raw` in input row order, each history feature computed with
     H(i) = the entity's rows whose `arrival` (a unique, orderable column) is smaller than i's and
-    whose time is in [t - window, t). With arrival = timestamp order this equals `History.expr`."""
+    whose time is in [t - window, t). With arrival = timestamp order this equals `History.expr`.
+    `late_us`: the online store's late allowance; H(i) then also leaves out what the store no longer
+    keeps when i arrives (the longest window is that of `features` on the same entity and time; see the
+    module rules). None: the store keeps everything."""
     if raw[arrival].null_count() or raw[arrival].n_unique() != raw.height:
         raise DataError(f"arrival column {arrival!r} must be unique and non-null: it orders the rows as they arrived")
     order = raw[arrival].arg_sort().to_numpy()
+    longest: dict[tuple[str, str], int] = defaultdict(int)
+    for f in features:
+        if f.history is not None:
+            key = (f.history.entity, f.history.time)
+            longest[key] = max(longest[key], f.history.window_us)
     cols = {}
     for f in features:
         if f.history is None:
@@ -105,15 +119,19 @@ def as_arrived(raw: pl.DataFrame, features: Sequence[Feature], arrival: str) -> 
             continue
         entity, t, v, valid = _columns(raw, f.history)
         seen: dict[Any, list[tuple[int, float]]] = defaultdict(list)
+        newest: dict[Any, int] = {}
         out = np.full(raw.height, np.nan)
         w = f.history.window_us
+        kept = None if late_us is None else longest[(f.history.entity, f.history.time)] + int(late_us)
         for i in order:
             if not valid[i]:
                 continue
-            past = seen[entity[i]]
-            h = sorted((tj, vj) for tj, vj in past if t[i] - w <= tj < t[i])
-            out[i] = _aggregate(f.history.aggregate, int(t[i]), float(v[i]), [tj for tj, _ in h], [vj for _, vj in h])
-            past.append((int(t[i]), float(v[i])))
+            e, ti = entity[i], int(t[i])
+            start = ti - w if kept is None or e not in newest else max(ti - w, newest[e] - kept)
+            h = sorted((tj, vj) for tj, vj in seen[e] if start <= tj < ti)
+            out[i] = _aggregate(f.history.aggregate, ti, float(v[i]), [tj for tj, _ in h], [vj for _, vj in h])
+            seen[e].append((ti, float(v[i])))
+            newest[e] = max(newest.get(e, ti), ti)
         cols[f.name] = pl.Series(f.name, out, dtype=pl.Float64)
     return pl.DataFrame(cols)
 
