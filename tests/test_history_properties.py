@@ -1,12 +1,13 @@
 """Property tests: the online store's answers equal the offline rule (training.history.as_arrived) on random
-streams with ties, out-of-order timestamps, retries and window edges; backfill writes the streamed state."""
+streams with ties, out-of-order timestamps (within and beyond the store's late allowance), retries and window
+edges; backfill writes the streamed state."""
 
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from backends.online_history import OnlineHistory, connect, namespace_for
@@ -69,8 +70,9 @@ def _lateness(rows: list, applied: list[int]) -> int:
     return late
 
 
-def _reference(rows: list, applied: list[int]) -> dict[int, np.ndarray]:
-    """Features of each transaction id by the offline rule, arrival = first application."""
+def _reference(rows: list, applied: list[int], late_us: int | None) -> dict[int, np.ndarray]:
+    """Features of each transaction id by the offline rule for a store with late allowance `late_us` (None:
+    keeps everything), arrival = first application."""
     first: dict[int, int] = {}
     for i in applied:
         first.setdefault(rows[i][3], len(first))
@@ -82,7 +84,7 @@ def _reference(rows: list, applied: list[int]) -> dict[int, np.ndarray]:
         "amount": [unique[k][2] for k in ids],
         "arrival": [first[k] for k in ids],
     })
-    got = as_arrived(raw, FEATURES, "arrival").to_numpy()
+    got = as_arrived(raw, FEATURES, "arrival", late_us=late_us).to_numpy()
     return {k: got[n] for n, k in enumerate(ids)}
 
 
@@ -96,19 +98,32 @@ def _stream(h: OnlineHistory, rows: list, calls: list[list[int]]) -> dict[int, n
     return answers
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(stream=streams, sizes=splits)
-def test_online_answers_equal_the_offline_rule(redis_server: LocalRedis, stream: list, sizes: list[int]) -> None:
+# A card's transaction at T0, its newest 30 d + 2 h later, then one 29 d after T0 arriving 1 d 2 h late:
+# an allowance of 1 h has dropped T0 from that late one's 30 d window, one of 2 d has not.
+BEYOND = [(1, T0, 1.0), (1, T0 + 30 * 24 * HOUR + 2 * HOUR, 5.0), (1, T0 + 29 * 24 * HOUR, 2.0)]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stream=streams, sizes=splits, allowance=st.sampled_from(["covering", 0, HOUR, 24 * HOUR]))
+@example(stream=BEYOND, sizes=[1] * 40, allowance=HOUR)
+@example(stream=BEYOND, sizes=[1] * 40, allowance=48 * HOUR)
+def test_online_answers_equal_the_offline_rule(redis_server: LocalRedis, stream: list, sizes: list[int],
+                                               allowance: str | int) -> None:
     client = connect(redis_server.url)
     client.flushall()
     rows = _rows(stream)
     calls = _calls(rows, sizes)
     applied = [i for call in calls for i in call]
-    # the smallest retention that keeps every answer exact: pruning still happens, and must not show
-    h = OnlineHistory(client, redis_server.url, namespace_for("p", "card_id"), DECLARED,
-                      late_us=_lateness(rows, applied))
+    # "covering": the smallest allowance that keeps every window whole (pruning still happens, and must not
+    # show); a smaller one drops the oldest part of a window for transactions arriving later than it
+    late_us = _lateness(rows, applied) if allowance == "covering" else int(allowance)
+    h = OnlineHistory(client, redis_server.url, namespace_for("p", "card_id"), DECLARED, late_us=late_us)
     answers = _stream(h, rows, calls)
-    want = _reference(rows, applied)
+    want = _reference(rows, applied, late_us)
+    if allowance == "covering":
+        unbounded = _reference(rows, applied, None)
+        for k, v in want.items():
+            np.testing.assert_array_equal(v, unbounded[k])
     for i in applied:
         np.testing.assert_array_equal(answers[i], want[rows[i][3]], err_msg=f"row {i} {rows[i]} of {rows}")
     h.close()
