@@ -24,8 +24,10 @@ down at load does not fail the load. When it is unreachable, config parameter `o
 decides: "error" fails the requests with UNAVAILABLE naming the store URL (a retry is safe: rows
 already written are recognised by transaction_id); "score_without_history" scores with the history
 features missing (NaN), sets `treeops_degraded` and counts the answer in the Triton metric
-`treeops_degraded_answers_total{model,version}` (metrics port). tritonserver 2.51's Python backend
-cannot set response parameters, so the flag is an output tensor.
+`treeops_degraded_answers_total{model,version}` (metrics port). The flag is an output tensor, not a
+response parameter: tritonserver 2.51's Python backend cannot set those (`InferenceResponse` takes only
+`output_tensors` and `error`; `parameters=` raises TypeError, and libtriton_python.so calls no
+`TRITONBACKEND_ResponseSet*Parameter`). Config parameter `treeops_degraded_output` describes it.
 """
 
 import json

@@ -33,7 +33,14 @@ NAMESPACE_PARAMETER = "store_namespace"
 TRANSACTION_ID_PARAMETER = "transaction_id_field"
 NON_NEGATIVE_PARAMETER = "non_negative_fields"
 #: Second output: true for each row scored without history (store down, policy score_without_history).
+#: An output, not a response parameter: tritonserver 2.51's Python backend cannot set response parameters
+#: (its `InferenceResponse` takes only `output_tensors` and `error`).
 DEGRADED_OUTPUT = TensorSpec("treeops_degraded", (1,), "TYPE_BOOL")
+#: Config parameter documenting that output for clients reading the model config (`GET /v2/models/<m>/config`).
+DEGRADED_DOC_PARAMETER = "treeops_degraded_output"
+DEGRADED_DOC = ("output BOOL [-1, 1]: true for a row scored without its history features because the online store "
+                "was unreachable (on_store_unavailable=score_without_history), false otherwise; such answers are "
+                "counted in treeops_degraded_answers_total on the metrics port")
 
 
 def history_features(fitted: FittedFeatures) -> list[Feature]:
@@ -88,7 +95,8 @@ def served_inputs(fitted: FittedFeatures) -> list[RawInput]:
 
 
 def online_parameters(fitted: FittedFeatures, on_store_unavailable: StorePolicy) -> Mapping[str, str]:
-    """The config parameters of the raw-transaction model (empty for a stateless spec)."""
+    """The config parameters of the raw-transaction model (empty for a stateless spec); all but the
+    `treeops_degraded` output's description are read by backends/online_model.py."""
     if not is_online(fitted):
         return {}
     values = sorted({f.history.value for f in history_features(fitted) if f.history.value})
@@ -97,4 +105,5 @@ def online_parameters(fitted: FittedFeatures, on_store_unavailable: StorePolicy)
         NAMESPACE_PARAMETER: namespace_for(fitted.spec.name, _entity(fitted)),
         TRANSACTION_ID_PARAMETER: TRANSACTION_ID,
         NON_NEGATIVE_PARAMETER: ",".join(values),
+        DEGRADED_DOC_PARAMETER: DEGRADED_DOC,
     }
