@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from backends.online_history import connect
 from conftest import TREEOPS
-from export.online import online_inputs
+from export.online import DEGRADED_DOC, online_inputs
 from export.pipeline import ExportSettings, export_model
 from export.repository import ModelRepository
 from online_store.redis_server import LocalRedis
@@ -56,11 +56,9 @@ class Exported:
     version_dir: Path
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    """A model trained on history features, exported with --raw-inputs (parity gate passed), plus a lenient copy."""
+def export_online(ws: Workspace) -> Exported:
+    """A model trained on history features in `ws`, exported with --raw-inputs as `online` (parity gate passed)."""
     before = mlflow.get_tracking_uri()
-    ws = Workspace(tmp_path_factory.mktemp("online"))
     data = write_transactions(generate_transactions(GenerateSpec(rows=8_000, seed=5)), ws.data_dir / "t.parquet")
     try:
         train_and_register(data, "is_fraud", MODEL, params=TrainParams(num_boost_round=30),
@@ -71,13 +69,24 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     finally:
         mlflow.set_tracking_uri(before)
     assert result.parity is not None and result.parity.passed, result.parity
-    lenient = ws.model_repository / LENIENT
-    shutil.copytree(ws.model_repository / MODEL, lenient)
-    config = (lenient / "config.pbtxt").read_text().replace(f'name: "{MODEL}"', f'name: "{LENIENT}"')
-    policy = 'key: "on_store_unavailable"\n  value {\n    string_value: "error"'
-    assert policy in config, config
-    (lenient / "config.pbtxt").write_text(config.replace(policy, policy.replace('"error"', '"score_without_history"')))
     return Exported(ws, load_features(result.version_dir), booster, result.version_dir)
+
+
+def copy_model(exported: Exported, repository: Path, name: str, policy: str = "error") -> None:
+    """The exported `online` model served as `repository/name`, with config parameter on_store_unavailable `policy`."""
+    shutil.copytree(exported.ws.model_repository / MODEL, repository / name)
+    config = (repository / name / "config.pbtxt").read_text().replace(f'name: "{MODEL}"', f'name: "{name}"')
+    default = 'key: "on_store_unavailable"\n  value {\n    string_value: "error"'
+    assert default in config, config
+    (repository / name / "config.pbtxt").write_text(config.replace(default, default.replace('"error"', f'"{policy}"')))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """`export_online`, plus a lenient copy (on_store_unavailable = score_without_history) beside it."""
+    exported = export_online(Workspace(tmp_path_factory.mktemp("online")))
+    copy_model(exported, exported.ws.model_repository, LENIENT, "score_without_history")
+    return exported
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +129,16 @@ def _state(url: str) -> dict:
     return out
 
 
-def test_inputs_are_the_raw_fields(exported: Exported, client: ScoringClient):
+def test_inputs_are_the_raw_fields(exported: Exported, client: ScoringClient, triton):
     signature = client.served_signature()
     assert {t.name: t.datatype for t in signature.inputs} == {
         "transaction_id": "INT64", "card_id": "INT64", "timestamp": "INT64", "amount": "FP64",
         "merchant_category": "BYTES", "country": "BYTES", "channel": "BYTES"}
     assert [r.name for r in online_inputs(exported.features)] == [t.name for t in signature.inputs]
     assert [t.name for t in signature.outputs] == ["probabilities", "treeops_degraded"]
+    with _raw_client(triton) as raw:  # the flag is an output (2.51's Python backend sets no response parameters)
+        parameters = raw.get_model_config(MODEL, as_json=True)["config"]["parameters"]
+    assert parameters["treeops_degraded_output"]["string_value"] == DEGRADED_DOC
 
 
 def test_one_transaction_per_call_scores_like_offline_features_plus_xgboost(exported, client, store):
@@ -223,8 +235,11 @@ def test_plain_tritonclient_and_kserve_json_score_like_offline(exported, client,
     card = stream.filter(pl.col("card_id") == stream["card_id"][0]).head(4)
     expected = _offline(exported, card)
     rows = card.with_columns(pl.col("timestamp").dt.epoch("us")).to_dicts()
+    version = exported.version_dir.name
     with _raw_client(triton) as raw:
-        first = raw.infer(MODEL, _inputs(rows[0])).as_numpy("probabilities")[0, 1]
+        answer = raw.infer(MODEL, _inputs(rows[0]))
+        assert answer.get_response().model_version == version
+        first = answer.as_numpy("probabilities")[0, 1]
         second = raw.infer(MODEL, _inputs(rows[1])).as_numpy("probabilities")[0, 1]
     body = {"inputs": [
         {"name": k, "shape": [1, 1], "datatype": d, "data": [rows[2][k]]}
@@ -236,6 +251,7 @@ def test_plain_tritonclient_and_kserve_json_score_like_offline(exported, client,
         answer = json.loads(resp.read())
     outputs = {o["name"]: o for o in answer["outputs"]}
     third = outputs["probabilities"]["data"][1]
+    assert answer["model_version"] == version
     assert outputs["treeops_degraded"]["data"] == [False]
     body["parameters"] = {"treeops_read_only": True}
     body["inputs"] = [dict(i, data=[rows[3][i["name"]]]) for i in body["inputs"]]
@@ -267,6 +283,7 @@ def test_store_down_is_unavailable_naming_the_url_then_recovers_with_state_intac
             count = _metric(triton, "treeops_degraded_answers_total")
             degraded = lenient.score_transactions(stream.slice(100, 2))
             assert degraded.degraded.tolist() == [True, True]
+            assert degraded.model_version == exported.version_dir.name
             assert _metric(triton, "treeops_degraded_answers_total") == count + 1  # one answer, two rows
             no_history = exported.features.matrix_raw(stream.slice(100, 2))
             no_history[:, [i for i, f in enumerate(exported.features.spec.features) if f.stateful]] = np.nan
