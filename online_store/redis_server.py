@@ -21,6 +21,7 @@ from pathlib import Path
 
 import redis
 
+from backends.online_history import connect
 from online_store.errors import RedisNotFoundError, RedisStartError
 
 STORE_DIR = "online_store"
@@ -29,6 +30,9 @@ STORE_DIR = "online_store"
 OWNER_FILE = "redis.json"
 #: Held (flock, exclusive) by the redis-server of the directory for as long as it runs, loading included.
 LOCK_FILE = "redis.lock"
+#: redis-server flags of the store's persistence, here and in the Kubernetes StatefulSet (server/manifests.py):
+#: the AOF alone (no RDB snapshots), fsynced every second.
+PERSISTENCE_ARGS = ("--appendonly", "yes", "--appendfsync", "everysec", "--save", "")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -41,7 +45,7 @@ def running_url(workspace_dir: Path | str) -> str | None:
         return None
     if b"redis-server" not in cmdline:
         return None
-    client = redis.Redis(port=int(owner["port"]), socket_timeout=1, socket_connect_timeout=1)
+    client = connect(f"redis://127.0.0.1:{int(owner['port'])}/0", timeout_s=1, retries=0)
     try:
         return f"redis://127.0.0.1:{int(owner['port'])}/0" if client.ping() else None
     except redis.RedisError:
@@ -100,8 +104,7 @@ class LocalRedis:
     def command(self) -> list[str]:
         """The redis-server command line."""
         return [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
-                "--logfile", str(self.log_path), "--protected-mode", "yes"]
+                *PERSISTENCE_ARGS, "--daemonize", "no", "--logfile", str(self.log_path), "--protected-mode", "yes"]
 
     def start(self) -> LocalRedis:
         """Start the server and wait until it answers PING (it has loaded its AOF by then)."""
@@ -116,7 +119,7 @@ class LocalRedis:
                                             preexec_fn=_die_with_parent)
         finally:
             os.close(lock)  # the server holds the lock from here on, until it exits
-        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        client = connect(self.url, timeout_s=1, retries=0)
         deadline = time.monotonic() + self.start_timeout_s
         try:
             while True:
@@ -145,7 +148,9 @@ class LocalRedis:
         """SHUTDOWN (the AOF is flushed), then wait for the process; SIGKILL if it does not exit."""
         if not self.running:
             return
-        client = redis.Redis(port=self.port, socket_timeout=timeout_s, socket_connect_timeout=2)
+        # No retries: the server closing the connection is SHUTDOWN's answer (redis-py's default retries with
+        # backoff would reconnect to the exiting server for about 4 s).
+        client = connect(self.url, timeout_s=timeout_s, retries=0)
         try:
             client.shutdown(nosave=False)
         except redis.RedisError:
