@@ -162,9 +162,8 @@ def test_a_killed_redis_keeps_every_write_acknowledged_before_a_pause(exported: 
             _send(history, late[i:i + 1])
             prefixes.append({k: v for k, v in _dump(client).items() if k in watched})
         assert prefixes[-1] != prefixes[0]
-        server.process.send_signal(signal.SIGKILL)
-        assert server.process.wait(10) == -signal.SIGKILL
-        server.kill()  # forgets the dead process (and its owner file)
+        server.kill()
+        assert server.process.returncode == -signal.SIGKILL
         server.start()
         restored = _dump(client)
         assert {k: v for k, v in restored.items() if k not in watched} == \
@@ -268,8 +267,10 @@ def test_features_show_prints_the_window_and_the_next_transactions_features(expo
     assert shown["store_url"] == workspace_redis.url and shown["arrivals"] == own.height
     retention_us = online_history(exported.features, client, workspace_redis.url).retention_us
     kept = own.filter(pl.col("timestamp") >= own["timestamp"][-1] - dt.timedelta(microseconds=retention_us))
-    assert [m["transaction_id"] for m in shown["members"]] == [str(t) for t in kept["transaction_id"]]
-    assert [m["values"]["amount"] for m in shown["members"]] == kept["amount"].to_list()
+    members = [(m["time_us"], m["transaction_id"], m["values"]["amount"]) for m in shown["members"]]
+    assert [t for t, _, _ in members] == sorted(t for t, _, _ in members)  # oldest first
+    assert sorted(members) == sorted(zip(kept["timestamp"].dt.epoch("us").to_list(),
+                                         map(str, kept["transaction_id"]), kept["amount"].to_list()))
 
     # Offline: the spec's own features of that transaction appended to the file.
     nxt = own[-1:].with_columns(timestamp=pl.lit(at).cast(own["timestamp"].dtype), amount=pl.lit(20.0),
@@ -277,6 +278,7 @@ def test_features_show_prints_the_window_and_the_next_transactions_features(expo
     offline = exported.features.spec.compute(pl.concat([data, nxt]).lazy()).collect()[-1]
     assert list(shown["features"]) == [f.name for f in exported.features.spec.features if f.history is not None]
     np.testing.assert_array_equal(list(shown["features"].values()), [offline[n][0] for n in shown["features"]])
+    assert any(np.isfinite(v) and v != 0 for v in shown["features"].values())  # a history to compare
 
     human = treeops("features", "show", "--entity", f"card_id={card}", "--at", at.isoformat(), "--value", "amount=20",
                     workspace=workspace)
@@ -285,7 +287,7 @@ def test_features_show_prints_the_window_and_the_next_transactions_features(expo
     assert lines[0] == f"card_id={card}: {own.height} transactions arrived, {kept.height} kept " \
                        "(within the longest window, oldest first)"
     assert [re.search(r"transaction (\S+)", line)[1] for line in lines[1:1 + kept.height]] == \
-           [str(t) for t in kept["transaction_id"]]
+           [txn for _, txn, _ in members]
     assert lines[1 + kept.height].endswith("amount=20.0 would get:")
     assert lines[2 + kept.height:] == [f"  {k} = {v!r}" for k, v in shown["features"].items()]
     assert _dump(client) == before  # show only reads
