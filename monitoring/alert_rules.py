@@ -33,29 +33,30 @@ def duration(value: timedelta) -> str:
     raise ValueError(f"duration {value} is not a whole number of milliseconds; Prometheus cannot express it")
 
 
-def _sum_rate(selector: str, window: timedelta) -> str:
-    return f"sum by (model) (rate({selector}[{duration(window)}]))"
+def _sum_rate(metric: str, window: str, matcher: str = "") -> str:
+    return f"sum by (model) (rate({metric}{matcher}[{window}]))"
 
 
-def slow_request_ratio(settings: AlertSettings, window: timedelta) -> str:
-    """PromQL: share of requests slower than the latency target over `window`, per model."""
+def slow_request_ratio(settings: AlertSettings, window: str) -> str:
+    """PromQL: share of requests slower than the latency target over `window` (a PromQL range), per model."""
     total = _sum_rate(f"{names.REQUEST_DURATION.name}_count", window)
     le = names.le_label(settings.latency_target_s)
-    fast = _sum_rate(f'{names.REQUEST_DURATION.name}_bucket{{le="{le}"}}', window)
+    fast = _sum_rate(f"{names.REQUEST_DURATION.name}_bucket", window, f'{{le="{le}"}}')
     return f"({total} - {fast}) / {total}"
 
 
-def error_ratio(window: timedelta) -> str:
-    """PromQL: share of requests that failed over `window`, per model (failures of every `reason` summed)."""
-    failed = _sum_rate(names.TRITON_REQUEST_FAILURE.name, window)
-    return f"{failed} / ({_sum_rate(names.TRITON_REQUEST_SUCCESS.name, window)} + {failed})"
+def error_ratio(window: str, matcher: str = "") -> str:
+    """PromQL: share of requests that failed over `window` (a PromQL range), per model, failures of every `reason`
+    summed; `matcher` (`{model=~"..."}`) narrows both counters."""
+    failed = _sum_rate(names.TRITON_REQUEST_FAILURE.name, window, matcher)
+    return f"{failed} / ({_sum_rate(names.TRITON_REQUEST_SUCCESS.name, window, matcher)} + {failed})"
 
 
 def _burn_expr(settings: AlertSettings, ratio: Any, budget: float) -> str:
     pairs = []
     for w in settings.burn_windows:
         line = f"({w.factor:g} * {budget:g})"
-        pairs.append(f"(\n  {ratio(w.long)} > {line}\nand\n  {ratio(w.short)} > {line}\n)")
+        pairs.append(f"(\n  {ratio(duration(w.long))} > {line}\nand\n  {ratio(duration(w.short))} > {line}\n)")
     return "\nor\n".join(pairs) + "\n"
 
 
@@ -85,8 +86,9 @@ def rule_groups(settings: AlertSettings) -> dict[str, Any]:
         "{{ $labels.model }} spends its error budget too fast",
         f"At most {s.error_budget:.2%} of requests may fail ({s.availability_objective:.2%} availability SLO); "
         f"the budget burns {_windows_text(s)}; {names.TRITON_REQUEST_FAILURE.name} by reason tells why.")
-    queue_ms = (f"{_sum_rate(names.TRITON_QUEUE_DURATION_US.name, s.queue_window)} / "
-                f"{_sum_rate(names.TRITON_REQUEST_SUCCESS.name, s.queue_window)} / 1000")
+    queue_window = duration(s.queue_window)
+    queue_ms = (f"{_sum_rate(names.TRITON_QUEUE_DURATION_US.name, queue_window)} / "
+                f"{_sum_rate(names.TRITON_REQUEST_SUCCESS.name, queue_window)} / 1000")
     queue = _alert(
         "TreeopsQueueTimeHigh", f"{queue_ms} > {s.max_mean_queue_time_ms:g}\n", s.queue_for, "ticket",
         "{{ $labels.model }} requests wait {{ $value | printf \"%.1f\" }} ms in Triton's queue",
