@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 import numpy as np
 import polars as pl
 import psutil
 import pytest
+from distributed import Client
 from mlflow.tracking import MlflowClient
 
 from export.pipeline import export_model
@@ -31,6 +37,8 @@ from treeops.workspace import Workspace
 from triton_fixtures import serving
 
 pytestmark = [pytest.mark.slow]
+
+T = TypeVar("T")
 
 TARGET = "is_fraud"
 SPEC = FRAUD_FEATURES
@@ -159,15 +167,75 @@ def _fails_cleanly(data: Path | str, tmp_path: Path, **settings: object) -> str:
         train_and_register_dask(str(data), TARGET, "fraud", settings=DaskSettings(**settings),
                                 params=TrainParams(num_boost_round=5), tracking_uri=ws.tracking_uri,
                                 artifact_root=ws.artifact_root)
+    return _failed_cleanly(ws, info.value)
+
+
+def _failed_cleanly(ws: Workspace, error: BaseException) -> str:
+    """No worker process left, no version registered, the one run FAILED with the error; the message in one line."""
     assert_no_dask_processes()
     mlflow.set_tracking_uri(ws.tracking_uri)
     client = MlflowClient()
     assert client.search_registered_models() == [] or not client.search_model_versions("name='fraud'")
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
-    message = str(info.value)
+    message = str(error)
     assert "\n" not in message and runs[0].data.tags["error"]
     return message
+
+
+@pytest.mark.timeout(240)  # a hang fails the test (pytest-timeout) instead of holding the suite
+def test_worker_killed_during_training_fails_fast(dataset: Path, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """SIGKILL one worker of the command's LocalCluster while xgboost trains: a clear error soon, never a hang.
+
+    The monitoring client, opened after the engine's own, becomes the process's default client, as in a
+    notebook: xgboost.dask's internal waits must still go through the engine's client (they deadlocked the
+    event loop before `watch_workers` made it current).
+    """
+    caplog.set_level(logging.INFO, logger="training.distributed")
+    ws = Workspace(tmp_path / "ws")
+    outcome: dict[str, BaseException] = {}
+
+    def train() -> None:
+        try:  # early stopping off and a small step: xgboost is still training when the worker dies
+            train_and_register_dask(str(dataset), TARGET, "fraud", settings=DaskSettings(workers=2),
+                                    params=TrainParams(num_boost_round=3000, early_stopping_rounds=3000,
+                                                       learning_rate=0.001),
+                                    tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    address = _wait_for(lambda: next((m.group(1) for r in caplog.records
+                                      if (m := re.search(r"scheduler (tcp://\S+),", r.getMessage()))), None),
+                        60, "the local cluster's log line naming its scheduler")
+    with Client(address, timeout=10) as monitor:
+        # xgboost.dask (3.x) submits one training task per worker, keyed "fn-<uuid>".
+        victim = _wait_for(lambda: next((w for w, keys in monitor.processing().items()
+                                         if any(str(k).startswith("fn-") for k in keys)), None),
+                           120, "xgboost.dask's training task")
+        pid = monitor.run(os.getpid, workers=[victim])[victim]
+        time.sleep(1)  # a few boosting rounds in
+    killed = time.monotonic()
+    psutil.Process(pid).kill()
+    thread.join(90)
+    took = time.monotonic() - killed
+    assert not thread.is_alive(), "training still runs 90 s after a worker was killed"
+    assert "error" in outcome, "training finished before the kill; make it longer"
+    message = _failed_cleanly(ws, outcome["error"])
+    assert isinstance(outcome["error"], DistributedError), message
+    assert f"Dask worker(s) {victim} left the cluster during training" in message
+    assert took < 30, f"the error came {took:.0f} s after the kill"
+
+
+def _wait_for(probe: Callable[[], T | None], timeout_s: float, what: str) -> T:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (found := probe()) is not None:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} within {timeout_s:g} s")
 
 
 def test_unreachable_scheduler(dataset: Path, tmp_path: Path) -> None:

@@ -353,8 +353,9 @@ def watch_workers(client: Any, fn: Any, *args: Any, poll_s: float = 0.5, grace_s
     done = threading.Event()
 
     def target() -> None:
-        try:
-            outcome["value"] = fn(*args)
+        try:  # xgboost.dask waits through the process's default client: make it this one, not a later one
+            with client.as_current():
+                outcome["value"] = fn(*args)
         except BaseException as exc:  # re-raised in the caller's thread
             outcome["error"] = exc
         finally:
