@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -288,3 +289,15 @@ def test_cli_reports_a_bad_dataset_in_one_line(dataset: Path, tmp_path: Path, tr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]  # MLflow logs its own lines
     assert len(errors) == 1 and f"Parquet file {bad} cannot be read" in errors[0], done.stderr[-1000:]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "transactions/"], ["bench", "training"]])
+def test_cli_unknown_engine_is_a_settings_error(command: list[str], tmp_path: Path, treeops) -> None:
+    """`--engine bogus`: the project's settings error (exit 2) listing the engines, before any work starts."""
+    done = treeops(*command, "--engine", "bogus", "--json", workspace=tmp_path / "ws")
+    assert done.returncode == 2, done.stderr[-1000:]
+    body = json.loads(done.stdout)
+    expected = "unknown engine 'bogus'; choose one of ['single', 'dask']"
+    assert body == {"error": expected, "kind": "SettingsError", "exit_code": 2}
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [f"error: {expected}"]
+    assert "Traceback" not in done.stderr and not (tmp_path / "ws").exists()

@@ -107,9 +107,11 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train an XGBoost model, track it in MLflow and register it (first version: champion, then challenger)."""
+    from training.engines import check_engine
     from training.pipeline import train_and_register
     from training.train import TrainParams
 
+    check_engine(engine)
     ws = Workspace.resolve(workspace)
     params = TrainParams(objective=objective, seed=seed, num_boost_round=max_rounds)
     if engine == "dask":
@@ -120,12 +122,10 @@ def train(
         outcome = train_and_register_dask(data, target, model_name, settings=settings, entity_key=entity_key,
                                           params=params, features=features, tracking_uri=ws.tracking_uri,
                                           artifact_root=ws.artifact_root)
-    elif engine == "single":
+    else:
         outcome = train_and_register(data, target, model_name, params=params, features=features,
                                      tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root,
                                      reports_dir=ws.reports_dir)
-    else:
-        raise typer.BadParameter(f"unknown engine {engine!r}; choose single or dask", param_hint="--engine")
     shown = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items() if k != "best_iteration")
     _emit(as_json, outcome.to_dict(), [
         f"registered {model_name} version {outcome.registered.version} as @{outcome.registered.alias} "
@@ -579,16 +579,16 @@ def bench_training(
 ) -> None:
     """Generate N rows, compute features and train; rows/s for each step and the peak memory."""
     from bench.training import run_training_benchmark
+    from training.engines import check_engine
 
+    check_engine(engine)
     ws = Workspace.resolve(workspace)
     if engine == "dask":
         from training.dask_benchmark import run_dask_training_benchmark
 
         result = run_dask_training_benchmark(rows, ws.data_dir, workers=workers, max_rounds=max_rounds)
-    elif engine == "single":
-        result = run_training_benchmark(rows, ws.data_dir, max_rounds=max_rounds)
     else:
-        raise typer.BadParameter(f"unknown engine {engine!r}; choose single or dask", param_hint="--engine")
+        result = run_training_benchmark(rows, ws.data_dir, max_rounds=max_rounds)
     _emit(as_json, result.to_dict(), result.lines())
 
 
