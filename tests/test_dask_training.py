@@ -262,6 +262,25 @@ def test_partition_with_a_different_schema_is_named(dataset: Path, tmp_path: Pat
     assert f"Parquet file {odd}: column 'amount' is String" in message
 
 
+def test_text_in_a_numeric_column_names_the_file_and_row(dataset: Path, tmp_path: Path) -> None:
+    frame = pl.read_parquet(dataset).with_columns(pl.col("amount").cast(pl.String))
+    folder = write_dataset(frame, tmp_path / "ds", files=2)
+    second = folder / "part-001.parquet"
+    pl.read_parquet(second).with_columns(
+        pl.when(pl.int_range(pl.len()) == 17).then(pl.lit("n/a")).otherwise(pl.col("amount")).alias("amount")
+    ).write_parquet(second)
+    message = _fails_cleanly(folder, tmp_path)
+    assert (f"Parquet file {folder / 'part-000.parquet'}: column 'amount' must be numeric (Float64) but is String, "
+            f"and row 18 of {second} holds 'n/a'; write it as a number") in message
+
+
+def test_text_timestamps_are_named(dataset: Path, tmp_path: Path) -> None:
+    frame = pl.read_parquet(dataset).with_columns(pl.col("timestamp").dt.to_string())
+    folder = write_dataset(frame, tmp_path / "ds", files=2)
+    message = _fails_cleanly(folder, tmp_path)
+    assert f"Parquet file {folder / 'part-000.parquet'}: column 'timestamp' must be a timestamp" in message
+
+
 def test_missing_entity_key_is_named(dataset: Path, tmp_path: Path) -> None:
     frame = pl.read_parquet(dataset)
     folder = write_dataset(frame, tmp_path / "ds", files=2)
@@ -271,13 +290,33 @@ def test_missing_entity_key_is_named(dataset: Path, tmp_path: Path) -> None:
     assert f"Parquet file {odd} lacks entity key ['card_id']" in message
 
 
+def _null_rows(frame: pl.DataFrame, column: str) -> list[int]:
+    """1-based rows of `frame` where `column` is null: what the error names."""
+    return [i + 1 for i in frame.with_row_index("i").filter(pl.col(column).is_null())["i"].to_list()]
+
+
 def test_failure_on_the_cluster_shuts_it_down(dataset: Path, tmp_path: Path) -> None:
-    """Missing labels are found by the workers: the error comes back, the run fails, the cluster is gone."""
+    """Missing labels are found by the workers: the error names the file and rows, the run fails, the cluster is gone."""
     frame = pl.read_parquet(dataset).with_columns(
         pl.when(pl.col("transaction_id") % 1000 == 0).then(None).otherwise(pl.col(TARGET)).alias(TARGET))
     folder = write_dataset(frame, tmp_path / "ds", files=2)
+    first = pl.read_parquet(folder / "part-000.parquet")
+    rows = _null_rows(first, TARGET)
     message = _fails_cleanly(folder, tmp_path)
-    assert f"target column {TARGET!r} has 60 missing values" in message
+    assert (f"target column {TARGET!r} of {folder / 'part-000.parquet'} has {len(rows)} missing, NaN or infinite "
+            f"value(s) (rows {', '.join(map(str, rows[:10]))} and {len(rows) - 10} more)") in message
+
+
+def test_missing_timestamp_names_the_file_and_rows(dataset: Path, tmp_path: Path) -> None:
+    frame = pl.read_parquet(dataset)
+    folder = write_dataset(frame, tmp_path / "ds", files=2)
+    odd = folder / "part-009.parquet"
+    bad = frame.head(100).with_columns(
+        pl.when(pl.col("transaction_id").is_in([7, 42])).then(None).otherwise(pl.col("timestamp")).alias("timestamp"))
+    bad.write_parquet(odd)
+    rows = ", ".join(map(str, _null_rows(bad, "timestamp")))
+    message = _fails_cleanly(folder, tmp_path)
+    assert f"Parquet file {odd}: column 'timestamp' has 2 missing value(s) (rows {rows});" in message
 
 
 def test_cli_reports_a_bad_dataset_in_one_line(dataset: Path, tmp_path: Path, treeops) -> None:

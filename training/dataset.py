@@ -15,6 +15,8 @@ from pathlib import Path
 import polars as pl
 
 from training.errors import DataError
+from training.ingest import _first_unparseable
+from training.objectives import check_target_values
 
 #: A fixed seed: the same key lands in the same partition in every process and every run.
 _HASH_SEED = 11
@@ -36,6 +38,20 @@ class ParquetDataset:
         """The rows whose `key` hashes to partition `index` of `partitions`, cast to the schema."""
         lf = pl.scan_parquet(list(self.files)).select(pl.col(c).cast(t) for c, t in self.schema.items())
         return lf.filter(partition_of(pl.col(key), partitions) == index)
+
+
+def check_file_values(path: str, target: str, not_null: tuple[str, ...], shown: int = 10) -> None:
+    """Refuse missing/NaN/infinite targets and missing `not_null` values in one file, naming the file and the
+    first rows (1-based, in file order), as the one-process ingest does; reads only those columns."""
+    lf = pl.scan_parquet(path)
+    check_target_values(lf, target, path, shown)
+    for name in not_null:
+        rows = lf.select(pl.col(name)).with_row_index("_row").filter(pl.col(name).is_null()).collect()["_row"]
+        if rows.len():
+            first = ", ".join(str(r + 1) for r in rows.head(shown).to_list())
+            more = f" and {rows.len() - shown} more" if rows.len() > shown else ""
+            raise DataError(f"Parquet file {path}: column {name!r} has {rows.len()} missing value(s) "
+                            f"(rows {first}{more}); the rows are ordered by it, so fill or drop those rows")
 
 
 def partition_of(key: pl.Expr, partitions: int) -> pl.Expr:
@@ -71,9 +87,21 @@ def open_dataset(source: str, schema: Mapping[str, pl.DataType], entity_key: str
     for c, t in resolved.items():
         src = first[c]
         if t.is_numeric() and not (src.is_numeric() or src == pl.Boolean):
-            raise DataError(f"Parquet file {files[0]}: column {c!r} must be numeric ({t}) but is {src}; "
-                            "write it as a number")
+            raise DataError(f"Parquet file {files[0]}: column {c!r} must be numeric ({t}) but is {src}"
+                            f"{_first_text(files, c, t)}; write it as a number")
+        if t.is_temporal() and not src.is_temporal():
+            raise DataError(f"Parquet file {files[0]}: column {c!r} must be a timestamp ({t}) but is {src}; "
+                            "write it as a Parquet timestamp")
     return ParquetDataset(source, tuple(files), resolved)
+
+
+def _first_text(files: list[str], column: str, dtype: pl.DataType) -> str:
+    """`, and row R of FILE holds 'V'` for the first value (in file order) that is not a number; read on failure only."""
+    for path in files:
+        bad = _first_unparseable(pl.scan_parquet(path), column, dtype)
+        if bad is not None:
+            return f", and row {bad[0]} of {path} holds {bad[1]!r}"
+    return ""
 
 
 def list_files(source: str) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from training.dataset import ParquetDataset
+from training.dataset import ParquetDataset, check_file_values
 from training.errors import DataError, DistributedError, TrainingError
 from training.features import SPECS, FeatureSpec, FittedFeatures
 from training.objectives import Objective, infer_objective
@@ -235,18 +235,20 @@ def fit_globally(parts: Partitions, spec: FeatureSpec, split: Split) -> FittedFe
     return FittedFeatures(spec, {c: tuple(sorted(v)) for c, v in vocab.items()})
 
 
-def _label_summary(part: pl.DataFrame, target: str) -> tuple[int, pl.Series]:
-    col = part[target]
-    return col.null_count(), col.drop_nulls().unique().head(1000)
+def check_values(client: Any, dataset: ParquetDataset, target: str, spec: FeatureSpec) -> None:
+    """`check_file_values` of every file, one task each on the cluster: the first bad file's error, its rows named."""
+    futures = [client.submit(check_file_values, path, target, spec.order_by, pure=False) for path in dataset.files]
+    for future in futures:  # in file order: the same file is named on every run
+        future.result()
+
+
+def _distinct_labels(part: pl.DataFrame, target: str) -> pl.Series:
+    return part[target].unique().head(1000)
 
 
 def infer_global_objective(parts: Partitions, target: str, params: TrainParams) -> Objective:
-    """The objective the single-machine engine infers: from null counts and (capped) distinct labels."""
-    summaries = parts.gather(_label_summary, target)
-    nulls = sum(s[0] for s in summaries)
-    if nulls:
-        raise DataError(f"target column {target!r} has {nulls} missing values")
-    distinct = pl.concat([s[1] for s in summaries]).unique()
+    """The objective the single-machine engine infers, from (capped) distinct labels; nulls are refused before."""
+    distinct = pl.concat(parts.gather(_distinct_labels, target)).unique()
     return infer_objective(distinct, params.objective, params.threshold)
 
 
@@ -405,6 +407,7 @@ def _train(client: Any, dataset: ParquetDataset, spec: FeatureSpec, target: str,
     n_workers = len(sorted_workers(client))
     n_parts = partitions or default_partitions(n, max(1, n_workers))
     started = time.perf_counter()
+    check_values(client, dataset, target, spec)
     parts = load_partitions(client, dataset, spec, target, entity_key, n_parts)
     split = global_split(parts, n, params)
     log.info("%d rows in %d partitions on %d workers: features and global split in %.1f s", n, n_parts, n_workers,
