@@ -1,16 +1,35 @@
-"""Scale benchmark: generate, compute features and train on N rows; rows/s and peak memory."""
+"""Scale benchmarks of both engines: generate, compute features and train on N rows; rows/s and peak memory.
+
+The dask engine's data is generated in a child process, so the client's peak is what training on the
+cluster costs it.
+"""
 
 from __future__ import annotations
 
-import resource
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import polars as pl
+
+from training.dataset import ParquetDataset, open_dataset
+from training.distributed import (
+    DaskSettings,
+    dask_client,
+    default_partitions,
+    load_partitions,
+    peak_rss_mib,
+    sorted_workers,
+    train_distributed,
+)
 from training.features import FRAUD_FEATURES
 from training.generate import GenerateSpec, generate_to_file
 from training.ingest import load_raw
 from training.train import TrainParams, train_model
+
+TARGET = "is_fraud"
 
 
 @dataclass(frozen=True)
@@ -50,7 +69,7 @@ def run_training_benchmark(rows: int, workdir: Path, seed: int = 7, max_rounds: 
     generate_to_file(GenerateSpec(rows=rows, seed=seed), path)
     t_gen = time.perf_counter() - t0
 
-    raw = load_raw(path, FRAUD_FEATURES.raw_schema, ("is_fraud",))
+    raw = load_raw(path, FRAUD_FEATURES.raw_schema, (TARGET,))
     t0 = time.perf_counter()
     scanned = raw.collect()
     t_scan = time.perf_counter() - t0
@@ -63,9 +82,8 @@ def run_training_benchmark(rows: int, workdir: Path, seed: int = 7, max_rounds: 
     del computed
 
     t0 = time.perf_counter()
-    result = train_model(raw, FRAUD_FEATURES, "is_fraud", TrainParams(num_boost_round=max_rounds, seed=seed))
+    result = train_model(raw, FRAUD_FEATURES, TARGET, TrainParams(num_boost_round=max_rounds, seed=seed))
     t_train = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     return TrainingBenchmark(
         rows=rows,
         generate_rows_per_s=rows / t_gen,
@@ -75,5 +93,76 @@ def run_training_benchmark(rows: int, workdir: Path, seed: int = 7, max_rounds: 
         train_s=t_train,
         trees=result.booster.num_boosted_rounds(),
         raw_in_memory_gib=raw_gib,
-        peak_rss_gib=peak,
+        peak_rss_gib=peak_rss_mib() / 1024,
+    )
+
+
+@dataclass(frozen=True)
+class DaskTrainingBenchmark:
+    """Figures of one run; rows/s are over all rows; peaks are resident-memory high-water marks."""
+
+    rows: int
+    workers: int
+    partitions: int
+    read_rows_per_s: float  # every partition read (hash filter included), no features
+    features_rows_per_s: float  # read + sort + the feature spec, per partition
+    train_rows_per_s: float  # the whole engine: features, global split and fit, xgboost.dask, test metrics
+    train_s: float
+    trees: int
+    worker_peak_rss_gib: list[float]
+    client_peak_rss_gib: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        return [
+            f"rows                      {self.rows:,} ({self.partitions} partitions, {self.workers} workers)",
+            f"read partitions           {self.read_rows_per_s:,.0f} rows/s",
+            f"features (read + sort)    {self.features_rows_per_s:,.0f} rows/s",
+            f"train ({self.trees} trees)         {self.train_rows_per_s:,.0f} rows/s ({self.train_s:.1f} s, "
+            "features included)",
+            f"peak RSS per worker       {', '.join(f'{g:.2f}' for g in self.worker_peak_rss_gib)} GiB",
+            f"peak RSS of the client    {self.client_peak_rss_gib:.2f} GiB",
+        ]
+
+
+def _read_partition(dataset: ParquetDataset, key: str, index: int, partitions: int) -> int:
+    return dataset.partition(key, index, partitions).collect().height
+
+
+def _height(frame: pl.DataFrame) -> int:
+    return frame.height
+
+
+def run_dask_training_benchmark(rows: int, workdir: Path, workers: int = 2, seed: int = 7,
+                                max_rounds: int = 100, scheduler: str | None = None) -> DaskTrainingBenchmark:
+    """Generate `rows` transactions into `workdir` (in a child process), then time the engine's steps."""
+    path = workdir / f"bench_{rows}.parquet"
+    if not path.exists():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(generate_to_file, GenerateSpec(rows=rows, seed=seed), path).result()
+    dataset = open_dataset(str(path), {**FRAUD_FEATURES.raw_schema, TARGET: None}, "card_id")
+    params = TrainParams(num_boost_round=max_rounds, seed=seed)
+    with dask_client(DaskSettings(scheduler=scheduler, workers=workers)) as client:
+        homes = sorted_workers(client)
+        n_parts = default_partitions(rows, len(homes))
+        t0 = time.perf_counter()
+        client.gather([client.submit(_read_partition, dataset, "card_id", i, n_parts, workers=[homes[i % len(homes)]],
+                                     pure=False) for i in range(n_parts)])
+        t_read = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        parts = load_partitions(client, dataset, FRAUD_FEATURES, TARGET, "card_id", n_parts)
+        client.gather(parts.map(_height))
+        t_feat = time.perf_counter() - t0
+        del parts
+        t0 = time.perf_counter()
+        run = train_distributed(client, dataset, FRAUD_FEATURES, TARGET, "card_id", params, n_parts)
+        t_train = time.perf_counter() - t0
+    return DaskTrainingBenchmark(
+        rows=rows, workers=run.workers, partitions=run.partitions,
+        read_rows_per_s=rows / t_read, features_rows_per_s=rows / t_feat, train_rows_per_s=rows / t_train,
+        train_s=t_train, trees=run.result.booster.num_boosted_rounds(),
+        worker_peak_rss_gib=[round(m / 1024, 2) for m in run.worker_peak_rss_mib],
+        client_peak_rss_gib=round(peak_rss_mib() / 1024, 2),
     )

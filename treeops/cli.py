@@ -578,14 +578,12 @@ def bench_training(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate N rows, compute features and train; rows/s for each step and the peak memory."""
-    from bench.training import run_training_benchmark
+    from bench.training import run_dask_training_benchmark, run_training_benchmark
     from training.engines import check_engine
 
     check_engine(engine)
     ws = Workspace.resolve(workspace)
     if engine == "dask":
-        from training.dask_benchmark import run_dask_training_benchmark
-
         result = run_dask_training_benchmark(rows, ws.data_dir, workers=workers, max_rounds=max_rounds)
     else:
         result = run_training_benchmark(rows, ws.data_dir, max_rounds=max_rounds)
