@@ -51,7 +51,7 @@ def panels(settings: AlertSettings) -> list[Panel]:
               "s", s.latency_target_s, f"From {latency}, measured inside the treeops model."),
         Panel(f"Error rate (SLO: {s.availability_objective:.2%} succeed)",
               {"{{model}}": error_ratio(RATE, MODEL),
-               "{{model}} {{reason}}": f"{_rate(failure, 'model, reason')} / ignoring(reason) group_left "
+               "{{model}} {{reason}}": f"{_rate(failure, 'model, reason')} / on(model) group_left() "
                                        f"({_rate(success)} + {_rate(failure)})"},
               "percentunit", s.error_budget,
               f"Failed share of requests ({failure}: queue deadlines and backend errors; the frontend's "
