@@ -555,7 +555,7 @@ def demo(
     """Generate, train, register, export, serve, score, load-test and check drift, end to end."""
     from online_store.redis_server import workspace_store
     from online_store.settings import OnlineStoreSettings
-    from treeops.demo import DemoSettings, run_demo
+    from treeops.demo import DemoSettings, run_demo, serve_until_stopped
 
     ws = Workspace.resolve(workspace)
     settings = DemoSettings(rows=rows, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
@@ -565,7 +565,10 @@ def demo(
     with workspace_store(ws.root, OnlineStoreSettings().url) as store_url:
         server = _triton(ws, grpc_port, http_port, metrics_port, ephemeral_key=True, online_store_url=store_url)
         summary = run_demo(ws, settings, server, store_url)
-    _emit(as_json, summary.to_dict(), summary.lines())
+        _emit(as_json, summary.to_dict(), summary.lines())
+        if keep_serving:  # the summary (version, ports, figures) first, then serve in the foreground
+            sys.stdout.flush()
+            serve_until_stopped(server)
 
 
 @bench_app.command("training")
@@ -671,9 +674,11 @@ def features_backfill(
     from online_store.redis_server import workspace_store
     from online_store.settings import OnlineStoreSettings
     from server.repository_view import served_features
+    from training.ingest import load_raw
 
     ws = Workspace.resolve(workspace)
     version, fitted = served_features(ws.model_repository, model_name)
+    load_raw(data, fitted.spec.raw_schema)  # a missing or unreadable file fails before any store is started
     with workspace_store(ws.root, OnlineStoreSettings().url) as url:
         result = backfill(url, fitted, data)
     _emit(as_json, {"store_url": url, "model_version": version, "rows": result.rows, "entities": result.entities,

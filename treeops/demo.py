@@ -101,7 +101,8 @@ def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer, store_
 
     The current batch is the period after the training data (same cards); the served `fraud` takes raw
     transactions and reads each card's history from the online store at `store_url`, which is backfilled
-    with the training period first. Triton stops at the end.
+    with the training period first. Triton stops at the end unless `settings.keep_serving` (then the caller
+    prints the summary and calls `serve_until_stopped`).
     """
     start = time.perf_counter()
     v: dict[str, Any] = {"workspace": str(ws.root), "model_repository": str(ws.model_repository), "store_url": store_url}
@@ -157,8 +158,6 @@ def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer, store_
         v[f"drift_{key}"] = report.drift_detected
         v[f"drift_{key}_report"] = str(report.html_path)
     v["wall_s"] = time.perf_counter() - start
-    if settings.keep_serving:
-        _serve_until_stopped(server)
     return DemoSummary(v)
 
 
@@ -189,7 +188,8 @@ def _replay_current(server: TritonServer, version: int, features: FittedFeatures
     }
 
 
-def _serve_until_stopped(server: TritonServer) -> None:
+def serve_until_stopped(server: TritonServer) -> None:
+    """After the summary of a `keep_serving` demo: Triton serves in the foreground until Ctrl-C or SIGTERM."""
     log.info("keeping Triton serving on gRPC %s (Ctrl-C to stop)", server.settings.grpc_url)
     try:
         server.wait()
