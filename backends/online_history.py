@@ -21,7 +21,8 @@ entity's keys in one Redis Cluster slot:
   member, the idempotency record.
 - `ns:{v}:t` sorted set of transaction ids scored by time_us, to find the records to prune.
 - pruning: each insert drops members and records older than the entity's newest time minus the longest
-  window minus `late_us` (default 1 day): a transaction arriving up to `late_us` behind its entity's
+  window minus `late_us`, the spec's late allowance (FeatureSpec.late_arrival, stored with the fitted
+  features as "late_arrival_us"; `late_us_of`): a transaction arriving up to `late_us` behind its entity's
   newest one still gets its exact history, and a retry of it within that time its first answer; one
   arriving later sees only the kept part of its window (the rule's allowance clause, training/history.py).
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import urllib.parse
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -46,8 +48,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 AGGREGATES = ("count", "sum", "mean", "seconds_since_prev", "ratio_to_mean")
-#: How far behind its entity's newest transaction a transaction may arrive and still get its exact history.
-LATE_US = 86_400 * 1_000_000
+#: Key of the late allowance (microseconds) in the fitted features' JSON (FittedFeatures.to_dict).
+LATE_ARRIVAL_KEY = "late_arrival_us"
+#: The late allowance of fitted features whose JSON predates LATE_ARRIVAL_KEY: the 1 day those versions were
+#: exported and served with. FeatureSpec's default allowance is this value (training/features.py).
+UNDECLARED_LATE_US = 86_400 * 1_000_000
 
 # KEYS: members zset, transaction-id zset, hash. ARGV: time_us (decimal), longest window us, retention us,
 # transaction id, data (time_us and values as little-endian float64), update (1/0).
@@ -91,6 +96,22 @@ class StoreUnavailable(Exception):
     """The online store did not answer (connection refused, reset or timed out); the message names its URL."""
 
 
+def late_us_of(fitted: Mapping) -> int:
+    """The late allowance in microseconds stored with fitted features (`FittedFeatures.to_dict()` output);
+    UNDECLARED_LATE_US for JSON written before it was stored (OnlineHistory checks the value)."""
+    return fitted.get(LATE_ARRIVAL_KEY, UNDECLARED_LATE_US)
+
+
+def redacted(url: str) -> str:
+    """`url` without its password (user kept, password as ***), for every message, log and result."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urllib.parse.urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
 def namespace_for(spec_name: str, entity: str) -> str:
     """Key prefix of one spec's history of one entity column: `treeops:<spec>:<entity>`."""
     return f"treeops:{spec_name}:{entity}"
@@ -123,10 +144,11 @@ class OnlineHistory:
     `features`: FittedFeatures.to_dict()["features"] entries; those with a "history" declaration
     ({"aggregate","window","window_us","entity","time","value"}) are used, in order. They must share
     one entity and time column. `client` must return bytes (decode_responses=False, as from `connect`).
+    `late_us`: the spec's late allowance (`late_us_of`); `url` appears in messages only without its password.
     """
 
-    def __init__(self, client: redis.Redis, url: str, namespace: str, features: Sequence[Mapping],
-                 late_us: int = LATE_US):
+    def __init__(self, client: redis.Redis, url: str, namespace: str, features: Sequence[Mapping], *,
+                 late_us: int):
         history = [(f["name"], f["history"]) for f in features if f.get("history")]
         if not history:
             raise ValueError("no feature has a \"history\" declaration: OnlineHistory needs at least one")
@@ -141,13 +163,17 @@ class OnlineHistory:
                                  f"{', '.join(AGGREGATES)}")
             if h["aggregate"] in ("sum", "mean", "ratio_to_mean") and not h.get("value"):
                 raise ValueError(f"feature {name!r}: aggregate {h['aggregate']!r} needs a \"value\" column")
-        self.client, self.url, self.namespace = client, url, namespace
+        if isinstance(late_us, bool) or not isinstance(late_us, int) or late_us < 0:
+            raise ValueError(f"{namespace}: late allowance {late_us!r} is not an integer number of microseconds >= 0; "
+                             f"declare it on the feature spec (late_arrival) and re-export")
+        self.client, self.url, self.namespace = client, redacted(url), namespace
         self.entity, self.time = entities[0], times[0]
         self.names: list[str] = [name for name, _ in history]
         #: The value columns stored with every transaction, in member order.
         self.value_columns: list[str] = list(dict.fromkeys(h["value"] for _, h in history if h.get("value")))
         self.max_window_us = max(int(h["window_us"]) for _, h in history)
-        self.retention_us = self.max_window_us + int(late_us)
+        self.late_us = late_us
+        self.retention_us = self.max_window_us + late_us
         # Per feature: (aggregate index, window us, column of the member data: 1 + value index, or 0).
         self._plan = [(AGGREGATES.index(h["aggregate"]), int(h["window_us"]),
                        1 + self.value_columns.index(h["value"]) if h.get("value") else 0) for _, h in history]

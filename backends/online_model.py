@@ -32,11 +32,10 @@ response parameter: tritonserver 2.51's Python backend cannot set those (`Infere
 
 import json
 import os
-import urllib.parse
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from online_history import OnlineHistory, StoreUnavailable, connect
+from online_history import OnlineHistory, StoreUnavailable, connect, late_us_of, redacted
 from version_files import verify_files
 
 URL_ENV = "TREEOPS_ONLINE_STORE_URL"
@@ -53,16 +52,6 @@ _KINDS = {"TYPE_STRING": "string", "TYPE_INT64": "int64", "TYPE_FP64": "double"}
 
 class RequestError(Exception):
     """A request the model refuses (INVALID_ARG); its message names the field and the row."""
-
-
-def redacted(url):
-    """`url` without its password, for messages and logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urllib.parse.urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
 
 
 class TritonPythonModel:
@@ -87,13 +76,14 @@ class TritonPythonModel:
         self.non_negative = [f for f in params.get("non_negative_fields", "").split(",") if f]
         self.transaction_id = params["transaction_id_field"]
         with open(os.path.join(folder, "feature_spec.json"), encoding="utf-8") as f:
-            features = json.load(f)["features"]
+            fitted = json.load(f)
+        features = fitted["features"]
         history = [f["history"] for f in features if f.get("history")]
         self.entity, self.time = history[0]["entity"], history[0]["time"]
         self.values = sorted({h["value"] for h in history if h["value"]})
         self.session = self._session(folder)
         self.graph_inputs = [i.name for i in self.session.get_inputs()]
-        self.history = self._history(params["store_namespace"], features)
+        self.history = self._history(params["store_namespace"], features, late_us_of(fitted))
         self.names = list(self.history.names)
         self.family = pb_utils.MetricFamily(
             name=DEGRADED_METRIC, description="raw-transaction answers scored without history (online store down)",
@@ -111,8 +101,9 @@ class TritonPythonModel:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         return ort.InferenceSession(os.path.join(folder, "model.onnx"), options, providers=["CPUExecutionProvider"])
 
-    def _history(self, namespace, features):
-        """The store client; redis-py connects on the first command, so a store down now fails no load."""
+    def _history(self, namespace, features, late_us):
+        """The store client; redis-py connects on the first command, so a store down now fails no load.
+        `late_us`: the spec's late allowance stored with the fitted features (1 day in JSON that predates it)."""
         url = os.environ.get(URL_ENV)
         if not url:
             raise ValueError(f"{URL_ENV} is not set in tritonserver's environment: this raw-transaction model "
@@ -121,7 +112,7 @@ class TritonPythonModel:
         client = connect(url, timeout_s=float(os.environ.get(TIMEOUT_ENV, "1.0")),
                          retries=int(os.environ.get(RETRIES_ENV, "1")))
         self.url = redacted(url)
-        return OnlineHistory(client, self.url, namespace, features)
+        return OnlineHistory(client, self.url, namespace, features, late_us=late_us)
 
     # --- per batch -------------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 The state written is exactly the one `OnlineHistory.features` leaves after seeing the file's rows one by
 one in timestamp order (ties: file order): per entity, the arrival counter = its number of rows, and the
-members and transaction records of the rows within the retention (longest window + late_us) of its
-newest time, each with its arrival number. It replaces the state of every entity in the file, so a
+members and transaction records of the rows within the retention (longest window + the spec's late
+allowance) of its newest time, each with its arrival number. It replaces the state of every entity in the file, so a
 re-run gives the same state. Rows without an entity or a time are in nobody's history, as offline.
 
 Memory stays bounded: the file is scanned lazily, once for each entity's row count and newest time, then
@@ -17,12 +17,13 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import redis
 
-from backends.online_history import LATE_US, OnlineHistory, entity_token
+from backends.online_history import OnlineHistory, entity_token, redacted
 from online_store.errors import StoreUnavailableError
 from online_store.spec import online_history
 from training.dataset import partition_of
@@ -35,37 +36,46 @@ SEQ = "__seq"
 
 @dataclass(frozen=True)
 class BackfillResult:
-    """rows: transactions read; entities: their entities; stored: members kept (within the retention)."""
+    """rows: transactions read; entities: their entities; stored: members kept (within the retention);
+    store_url: the store written, without its password."""
 
     rows: int
     entities: int
     stored: int
     seconds: float
+    store_url: str
 
     @property
     def rows_per_s(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else math.inf
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"store_url": self.store_url, "rows": self.rows, "entities": self.entities, "stored": self.stored,
+                "seconds": self.seconds, "rows_per_s": self.rows_per_s}
+
+    def lines(self) -> list[str]:
+        return [f"backfilled {self.rows:,} transactions of {self.entities:,} entities into {self.store_url} "
+                f"({self.stored:,} kept within the windows) in {self.seconds:.2f} s: {self.rows_per_s:,.0f} rows/s"]
+
 
 def backfill(url: str, fitted: FittedFeatures, data_path: Path | str, *, client: redis.Redis | None = None,
-             late_us: int = LATE_US, partition_rows: int = 2_000_000, batch_rows: int = 20_000) -> BackfillResult:
+             partition_rows: int = 2_000_000, batch_rows: int = 20_000) -> BackfillResult:
     """Write the history state of the transactions in `data_path` (CSV or Parquet with the spec's raw fields)
     into the store at `url`; see the module docstring."""
     start = time.perf_counter()
     owned = client is None
     client = client or redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5)
-    history = online_history(fitted, client, url, late_us=late_us)
+    history = online_history(fitted, client, url)
     try:
         rows, entities, stored = _load(history, _scan(fitted, history, data_path), partition_rows, batch_rows)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StoreUnavailableError(f"online store {url} did not answer during backfill ({exc}): start Redis there "
-                                    "or set TREEOPS_ONLINE_STORE_URL to a running one, then run backfill again "
-                                    "(it replaces what it wrote)") from exc
+        raise StoreUnavailableError(url, exc, " during backfill",
+                                    ", then run backfill again (it replaces what it wrote)") from exc
     finally:
         history.close()
         if owned:
             client.close()
-    return BackfillResult(rows, entities, stored, time.perf_counter() - start)
+    return BackfillResult(rows, entities, stored, time.perf_counter() - start, redacted(url))
 
 
 def _scan(fitted: FittedFeatures, history: OnlineHistory, data_path: Path | str) -> pl.LazyFrame:

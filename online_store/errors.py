@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from backends.online_history import redacted
 from treeops.errors import InvalidSettingsError, TreeopsError
 
 
@@ -18,7 +19,12 @@ class RedisStartError(OnlineStoreError):
 
 
 class StoreUnavailableError(OnlineStoreError):
-    """The configured store did not answer (connection refused, reset or timed out)."""
+    """The configured store did not answer (connection refused, reset or timed out); the message names its URL
+    without the password. `during`: what was being done; `then`: what to do after the store is back."""
+
+    def __init__(self, url: str, cause: BaseException, during: str = "", then: str = ""):
+        super().__init__(f"online store {redacted(url)} did not answer{during} ({cause}): start Redis there or set "
+                         f"TREEOPS_ONLINE_STORE_URL to a running one{then}")
 
 
 class NoHistoryFeaturesError(OnlineStoreError):

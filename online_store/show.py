@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from backends.online_history import StoreUnavailable, decode_member
+from backends.online_history import StoreUnavailable, decode_member, redacted
 from online_store.errors import InvalidStoreArgumentError, StoreUnavailableError
 from online_store.spec import online_history
 from training.features import FittedFeatures
@@ -25,7 +25,8 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 @dataclass(frozen=True)
 class EntityState:
     """members: (time_us, transaction id, seq, {value column: value}) oldest first; arrivals: the arrival
-    counter; features: the history features a new transaction at `at_us` with `values` would get."""
+    counter; features: the history features a new transaction at `at_us` with `values` would get;
+    store_url: the store read, without its password."""
 
     entity: str
     value: str
@@ -34,6 +35,7 @@ class EntityState:
     at_us: int
     values: dict[str, float]
     features: dict[str, float]
+    store_url: str
 
     def lines(self) -> list[str]:
         """A human summary: the members, oldest first, then the features."""
@@ -48,10 +50,16 @@ class EntityState:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"entity": self.entity, "value": self.value, "arrivals": self.arrivals, "at_us": self.at_us,
-                "values": self.values, "features": self.features,
-                "members": [{"time_us": t, "transaction_id": txn, "seq": seq, "values": v}
+        """Strict-JSON-safe: a missing value or feature (NaN) is None (null)."""
+        return {"store_url": self.store_url, "entity": self.entity, "value": self.value, "arrivals": self.arrivals,
+                "at_us": self.at_us, "values": _nulls(self.values), "features": _nulls(self.features),
+                "members": [{"time_us": t, "transaction_id": txn, "seq": seq, "values": _nulls(v)}
                             for t, txn, seq, v in self.members]}
+
+
+def _nulls(numbers: Mapping[str, float]) -> dict[str, float | None]:
+    """NaN as None, so the dict is strict JSON (json.dumps would write NaN)."""
+    return {k: None if math.isnan(v) else v for k, v in numbers.items()}
 
 
 def parse_pair(text: str, what: str) -> tuple[str, str]:
@@ -116,8 +124,7 @@ def show(url: str, fitted: FittedFeatures, value: str, at_us: int | None = None,
         got = history.features(np.array([value]), np.array([at]), {c: np.array([v]) for c, v in given.items()},
                                np.array([PROBE_ID]), update=False)[0]
     except (redis.ConnectionError, redis.TimeoutError, StoreUnavailable) as exc:
-        raise StoreUnavailableError(f"online store {url} did not answer ({exc}): start Redis there or set "
-                                    "TREEOPS_ONLINE_STORE_URL to a running one") from exc
+        raise StoreUnavailableError(url, exc) from exc
     finally:
         history.close()
         if owned:
@@ -128,7 +135,7 @@ def show(url: str, fitted: FittedFeatures, value: str, at_us: int | None = None,
         t, vals, seq = decode_member(raw)
         members.append((t, txn_of.get(raw, "?"), seq, dict(zip(history.value_columns, vals))))
     return EntityState(history.entity, value, int(records.get(b"seq", 0)), members, at, given,
-                       dict(zip(history.names, got.tolist())))
+                       dict(zip(history.names, got.tolist())), redacted(url))
 
 
 def _iso(t_us: int) -> str:

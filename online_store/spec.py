@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import redis
 
-from backends.online_history import LATE_US, OnlineHistory, namespace_for
+from backends.online_history import OnlineHistory, namespace_for
 from online_store.errors import NoHistoryFeaturesError, OnlineStoreError
 from training.features import FittedFeatures
 
 
-def online_history(fitted: FittedFeatures, client: redis.Redis, url: str, late_us: int = LATE_US) -> OnlineHistory:
+def online_history(fitted: FittedFeatures, client: redis.Redis, url: str) -> OnlineHistory:
     """The spec's history features in the store at `url`, under the namespace the exported model reads
-    (export/online.py: `namespace_for(spec name, entity)`)."""
+    (export/online.py: `namespace_for(spec name, entity)`), pruned with the spec's late allowance."""
     features = fitted.to_dict()["features"]
     entities = sorted({f["history"]["entity"] for f in features if f.get("history")})
     if not entities:
@@ -20,4 +20,5 @@ def online_history(fitted: FittedFeatures, client: redis.Redis, url: str, late_u
     if len(entities) > 1:
         raise OnlineStoreError(f"feature spec {fitted.spec.name!r} keys its history features by {entities}; the "
                                "online store serves one entity per spec")
-    return OnlineHistory(client, url, namespace_for(fitted.spec.name, entities[0]), features, late_us=late_us)
+    return OnlineHistory(client, url, namespace_for(fitted.spec.name, entities[0]), features,
+                         late_us=fitted.spec.late_arrival_us)

@@ -6,8 +6,8 @@ clients run concurrently, so entities interleave at the server. A transaction's 
 everything of its entity that arrived before it: the backfilled history (arrival = timestamp order)
 and then the stream's earlier rows (arrival = stream order, so late arrivals count as they arrive),
 computed by `training.history.as_arrived` from the same declarations the served model reads, with the
-store's late allowance (a transaction arriving more than LATE_US behind its entity's newest one sees
-only the part of its window the store still keeps).
+spec's late allowance (`FeatureSpec.late_arrival`, which the served store prunes with: a transaction
+arriving more than that behind its entity's newest one sees only the part of its window still kept).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import numpy as np
 import polars as pl
 import xgboost as xgb
 
-from backends.online_history import LATE_US
 from export.parity import ParityReport, check_parity
 from server.client import ScoringClient, transaction_feeds
 from server.errors import ScoringError
@@ -93,10 +92,9 @@ def replay(url: str, model: str, stream: pl.DataFrame, entity: str, *, clients: 
     return ReplayResult(scores[:, -1], latency, wall, clients)
 
 
-def offline_matrix(fitted: FittedFeatures, history: pl.DataFrame, stream: pl.DataFrame, *,
-                   late_us: int = LATE_US) -> np.ndarray:
+def offline_matrix(fitted: FittedFeatures, history: pl.DataFrame, stream: pl.DataFrame) -> np.ndarray:
     """The encoded features of each stream row given `history` (arrived first, in timestamp order) and the
-    stream's earlier rows (arrived in stream order), for a store with late allowance `late_us`.
+    stream's earlier rows (arrived in stream order), for a store with the spec's late allowance.
 
     A stream in timestamp order arrives as training assumes (the allowance then removes nothing), so the
     spec's own Polars expressions give its features; any other order goes through the arrival-order
@@ -108,13 +106,13 @@ def offline_matrix(fitted: FittedFeatures, history: pl.DataFrame, stream: pl.Dat
     if all(frame[t].is_sorted() for t in times):
         computed = fitted.spec.compute(frame.lazy()).collect()
     else:
-        computed = as_arrived(frame, fitted.spec.features, _ARRIVAL, late_us=late_us)
+        computed = as_arrived(frame, fitted.spec.features, _ARRIVAL, late_us=fitted.spec.late_arrival_us)
     return fitted.matrix(computed.tail(stream.height))
 
 
 def replay_parity(booster: xgb.Booster, fitted: FittedFeatures, history: pl.DataFrame, stream: pl.DataFrame,
-                  served: np.ndarray, *, tolerance: float = 1e-5, late_us: int = LATE_US) -> ParityReport:
+                  served: np.ndarray, *, tolerance: float = 1e-5) -> ParityReport:
     """The parity gate's comparison of the served P(positive) per stream row with xgboost on offline features
-    (`late_us`: the serving store's late allowance)."""
-    x = offline_matrix(fitted, history, stream, late_us=late_us)
+    (with `fitted`'s late allowance, the one the served store prunes with)."""
+    x = offline_matrix(fitted, history, stream)
     return check_parity(booster, lambda _: served.reshape(-1, 1), x, tolerance=tolerance)

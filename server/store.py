@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from backends.online_history import redacted
 from export.online import NAMESPACE_PARAMETER
 from export.triton_config import parse
 
@@ -28,6 +29,8 @@ def online_store_url(workspace_root: Path, repository: Path) -> Iterator[str | N
 
     url = OnlineStoreSettings().url
     if url is not None or not needs_online_store(repository):
+        if url is not None:
+            log.info("online store: %s (TREEOPS_ONLINE_STORE_URL)", redacted(url))
         yield url
         return
     with LocalRedis(workspace_root) as local:

@@ -4,6 +4,9 @@ edges; backfill writes the streamed state."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+
 import numpy as np
 import polars as pl
 import redis
@@ -156,12 +159,13 @@ def test_backfill_writes_the_state_streaming_the_file_leaves(redis_server: Local
     pl.DataFrame({"transaction_id": range(len(rows)), "card_id": [r[0] for r in rows],
                   "timestamp": pl.Series([r[1] for r in rows]).cast(pl.Datetime("us")),
                   "amount": [r[2] for r in rows]}).write_parquet(data)
-    fitted = FittedFeatures(SPEC, {})
-    result = backfill(redis_server.url, fitted, data, late_us=late_us, partition_rows=7, batch_rows=5)
+    fitted = FittedFeatures(dataclasses.replace(SPEC, late_arrival=dt.timedelta(microseconds=late_us)), {})
+    result = backfill(redis_server.url, fitted, data, partition_rows=7, batch_rows=5)
     assert result.rows == len(rows) and result.entities == len({r[0] for r in rows})
     backfilled = _dump(client)
     client.flushall()
-    h = online_history(fitted, client, redis_server.url, late_us=late_us)
+    h = online_history(fitted, client, redis_server.url)
+    assert h.late_us == late_us
     for i in sorted(range(len(rows)), key=lambda i: (rows[i][1], i)):  # timestamp order, ties in file order
         card, t, amount = rows[i]
         h.features(np.array([card]), np.array([t]), {"amount": np.array([amount])}, np.array([i]))

@@ -39,7 +39,7 @@ T0 = 1_767_225_600_000_000  # 2026-01-01 UTC in microseconds
 
 
 def _online(client: redis.Redis, url: str = "redis://test") -> OnlineHistory:
-    return OnlineHistory(client, url, namespace_for("card_transactions_v2", "card_id"), FEATURES)
+    return OnlineHistory(client, url, namespace_for("card_transactions_v2", "card_id"), FEATURES, late_us=DAY)
 
 
 def _score(h: OnlineHistory, rows: list[tuple], update: bool = True) -> np.ndarray:

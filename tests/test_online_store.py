@@ -263,8 +263,9 @@ def test_features_show_prints_the_window_and_the_next_transactions_features(expo
     out = treeops("features", "show", "--entity", f"card_id={card}", "--at", at.isoformat(), "--value", "amount=20",
                   "--json", workspace=workspace)
     assert out.returncode == 0, out.stderr
-    shown = json.loads(out.stdout)
+    shown = json.loads(out.stdout, parse_constant=_refuse)  # strict JSON: a missing feature is null, never NaN
     assert shown["store_url"] == workspace_redis.url and shown["arrivals"] == own.height
+    features = {k: float("nan") if v is None else v for k, v in shown["features"].items()}
     retention_us = online_history(exported.features, client, workspace_redis.url).retention_us
     kept = own.filter(pl.col("timestamp") >= own["timestamp"][-1] - dt.timedelta(microseconds=retention_us))
     members = [(m["time_us"], m["transaction_id"], m["values"]["amount"]) for m in shown["members"]]
@@ -276,9 +277,9 @@ def test_features_show_prints_the_window_and_the_next_transactions_features(expo
     nxt = own[-1:].with_columns(timestamp=pl.lit(at).cast(own["timestamp"].dtype), amount=pl.lit(20.0),
                                 transaction_id=pl.lit(-1, dtype=pl.Int64))
     offline = exported.features.spec.compute(pl.concat([data, nxt]).lazy()).collect()[-1]
-    assert list(shown["features"]) == [f.name for f in exported.features.spec.features if f.history is not None]
-    np.testing.assert_array_equal(list(shown["features"].values()), [offline[n][0] for n in shown["features"]])
-    assert any(np.isfinite(v) and v != 0 for v in shown["features"].values())  # a history to compare
+    assert list(features) == [f.name for f in exported.features.spec.features if f.history is not None]
+    np.testing.assert_array_equal(list(features.values()), [offline[n][0] for n in features])
+    assert any(np.isfinite(v) and v != 0 for v in features.values())  # a history to compare
 
     human = treeops("features", "show", "--entity", f"card_id={card}", "--at", at.isoformat(), "--value", "amount=20",
                     workspace=workspace)
@@ -289,8 +290,18 @@ def test_features_show_prints_the_window_and_the_next_transactions_features(expo
     assert [re.search(r"transaction (\S+)", line)[1] for line in lines[1:1 + kept.height]] == \
            [txn for _, txn, _ in members]
     assert lines[1 + kept.height].endswith("amount=20.0 would get:")
-    assert lines[2 + kept.height:] == [f"  {k} = {v!r}" for k, v in shown["features"].items()]
+    assert lines[2 + kept.height:] == [f"  {k} = {v!r}" for k, v in features.items()]
     assert _dump(client) == before  # show only reads
+
+    # A card the store has never seen: its features are missing, written as null.
+    fresh = treeops("features", "show", "--entity", "card_id=-5", "--json", workspace=workspace)
+    assert fresh.returncode == 0, fresh.stderr
+    empty = json.loads(fresh.stdout, parse_constant=_refuse)
+    assert empty["values"] == {"amount": None} and empty["features"]["seconds_since_prev_card_txn"] is None
+
+
+def _refuse(name: str) -> None:
+    raise AssertionError(f"{name} in JSON output: not strict JSON")
 
 
 @pytest.mark.parametrize(("args", "code", "says"), [

@@ -4,8 +4,8 @@ The training period is backfilled into a real Redis; the following period (6,000
 the generator's bursts, forced equal timestamps and late arrivals) is sent one transaction per
 request from 8 concurrent clients, each card through one client in stream order, cards interleaved.
 A swapped pair's late transaction can arrive days behind its card's newest one, beyond the store's
-late allowance (LATE_US): it then sees only the part of its window the store keeps. Every served score
-must equal offline features + xgboost on the history as defined in training/history.py, allowance
+late allowance (FeatureSpec.late_arrival, 1 d for the fraud spec): it then sees only the part of its
+window the store keeps. Every served score must equal offline features + xgboost on the history as defined in training/history.py, allowance
 included (max |diff| <= 1e-5, no flipped decision).
 """
 
@@ -16,13 +16,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from backends.online_history import LATE_US
 from export.pipeline import ExportSettings, export_model
 from export.repository import ModelRepository
 from online_store.backfill import backfill
 from redis_fixtures import local_redis
 from server.client import load_features
 from server.replay import partitions, replay, replay_parity
+from training.features import FRAUD_FEATURES
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
 from training.train import TrainParams
@@ -62,10 +62,11 @@ def test_stream_has_ties_late_arrivals_and_interleaved_clients():
     late = stream.select((pl.col("timestamp").diff().over("card_id") < 0).sum()).item()
     ties = stream.select((pl.col("timestamp").diff().over("card_id") == 0).sum()).item()
     assert late >= 50 and ties >= 50, (late, ties)
-    # how far behind its card's newest earlier-arrived transaction each one arrives: within and beyond LATE_US
+    # how far behind its card's newest earlier-arrived transaction each one arrives: within and beyond the spec's
+    # late allowance
     behind = stream.select((pl.col("timestamp").cum_max().shift(1).over("card_id") - pl.col("timestamp"))
                            .dt.total_microseconds()).to_series()
-    beyond = int((behind > LATE_US).sum())
+    beyond = int((behind > FRAUD_FEATURES.late_arrival_us).sum())
     assert beyond >= 20 and late - beyond >= 20, (late, beyond)
     parts = partitions(stream, "card_id", 8)
     assert sorted(np.concatenate(parts).tolist()) == list(range(stream.height))

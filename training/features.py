@@ -7,6 +7,8 @@ time and is stored as JSON with every model version.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -16,11 +18,15 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from backends.online_history import LATE_ARRIVAL_KEY, UNDECLARED_LATE_US, late_us_of
 from training.errors import DataError
 from training.history import History
 
 #: Unseen or missing categories encode to NaN, which XGBoost and the ONNX graph treat as missing.
 UNKNOWN_CATEGORY_CODE = float("nan")
+#: A spec's late allowance unless it declares one: 1 day, also what fitted JSON without the field was served with.
+DEFAULT_LATE_ARRIVAL = dt.timedelta(microseconds=UNDECLARED_LATE_US)
+_US = dt.timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -52,12 +58,30 @@ class FeatureSpec:
 
     `order_by` (last column unique) orders rows for the train/valid/test split; history features
     do not depend on row order (ties never see each other, see training.history).
+
+    `late_arrival` (>= 0): how far behind its entity's newest transaction a transaction may arrive online and
+    still get its exact history; the online store keeps each entity's longest window plus this, so one
+    arriving later sees only that kept part (training.history's allowance clause). One value per spec: the
+    store prunes an entity's transactions together, whatever feature reads them. Offline features (arrival =
+    timestamp order) never depend on it, so it is not in `fingerprint` (changing it means re-exporting, not
+    retraining); it is stored with the fitted features and is part of `FittedFeatures.spec_hash`.
     """
 
     name: str
     raw_schema: Mapping[str, pl.DataType]
     features: tuple[Feature, ...]
     order_by: tuple[str, ...] = ()
+    late_arrival: dt.timedelta = DEFAULT_LATE_ARRIVAL
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.late_arrival, dt.timedelta) or self.late_arrival < dt.timedelta(0):
+            raise DataError(f"feature spec {self.name!r}: late_arrival is {self.late_arrival!r} ({self.late_arrival}); "
+                            "give a datetime.timedelta >= 0, e.g. timedelta(hours=1)")
+
+    @property
+    def late_arrival_us(self) -> int:
+        """The late allowance in microseconds (what the online store and `as_arrived` take)."""
+        return self.late_arrival // _US
 
     @property
     def names(self) -> list[str]:
@@ -118,8 +142,9 @@ class FittedFeatures:
         return self.matrix(self.spec.compute(raw.lazy()))
 
     def spec_hash(self) -> str:
-        """Hash of the definitions plus vocabularies: identical hashes score identically."""
-        text = json.dumps({"spec": self.spec.fingerprint(), "vocab": {k: list(v) for k, v in self.vocabularies.items()}})
+        """Hash of the definitions, vocabularies and late allowance: identical hashes score identically."""
+        text = json.dumps({"spec": self.spec.fingerprint(), "vocab": {k: list(v) for k, v in self.vocabularies.items()},
+                           LATE_ARRIVAL_KEY: self.spec.late_arrival_us})
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,19 +159,26 @@ class FittedFeatures:
                 for f in self.spec.features
             ],
             "vocabularies": {k: list(v) for k, v in self.vocabularies.items()},
+            LATE_ARRIVAL_KEY: self.spec.late_arrival_us,
             "unknown_category": "NaN (treated as missing by the trees)",
             "raw_schema": {k: str(v) for k, v in self.spec.raw_schema.items()},
         }
 
     @classmethod
     def from_dict(cls, spec: FeatureSpec, data: Mapping[str, Any]) -> FittedFeatures:
-        """Rebuild from `to_dict` output; refuses JSON written by different feature code."""
+        """Rebuild from `to_dict` output; refuses JSON written by different feature code. The stored late
+        allowance replaces `spec`'s (JSON without one: DEFAULT_LATE_ARRIVAL, what such versions served with)."""
         if data.get("spec_fingerprint") != spec.fingerprint():
             raise DataError(
                 f"feature spec {data.get('spec')!r} stored with the model has fingerprint "
                 f"{data.get('spec_fingerprint')}, but the code's spec {spec.name!r} has {spec.fingerprint()}: "
                 "the feature definitions changed since training; retrain or use the matching treeops version"
             )
+        late_us = late_us_of(data)
+        if isinstance(late_us, bool) or not isinstance(late_us, int):
+            raise DataError(f"feature spec {spec.name!r} stored with the model has {LATE_ARRIVAL_KEY} {late_us!r}; it "
+                            "must be an integer number of microseconds >= 0: re-export the version")
+        spec = dataclasses.replace(spec, late_arrival=late_us * _US)
         return cls(spec, {k: tuple(v) for k, v in data.get("vocabularies", {}).items()})
 
 

@@ -11,10 +11,12 @@ The rule (shared by training, backfill and the online store):
   from the history that arrived before it, and never changes a score already given.
   `as_arrived` is the reference for any arrival order.
 - The online store keeps an entity's transactions back to its newest time minus (the entity's longest
-  window + a late allowance `late_us`), so a transaction arriving more than `late_us` behind its
-  entity's newest one sees only that kept part of its window: H(i) also requires
+  window + the spec's late allowance `FeatureSpec.late_arrival`, `late_us` below; default 1 day), so a
+  transaction arriving more than `late_us` behind its entity's newest one sees only that kept part of its
+  window: H(i) also requires
   t_j >= max(t_k of the entity's transactions k that arrived before i) - longest window - late_us.
-  `as_arrived(..., late_us=...)` applies it. In timestamp order (training, backfill) it never removes anything.
+  `as_arrived(..., late_us=spec.late_arrival_us)` applies it. In timestamp order (training, backfill) it
+  never removes anything.
 - Aggregates over H(i), all float64: count = |H| (0 when empty); sum of the values (0.0 when
   empty); mean = sum / count (NaN when empty); seconds_since_prev = (t - max t_j) / 1e6, in seconds
   (NaN when empty); ratio_to_mean = value_i / mean (NaN when empty or mean == 0).
@@ -101,9 +103,9 @@ def as_arrived(raw: pl.DataFrame, features: Sequence[Feature], arrival: str,
     """Reference: every feature of `raw` in input row order, each history feature computed with
     H(i) = the entity's rows whose `arrival` (a unique, orderable column) is smaller than i's and
     whose time is in [t - window, t). With arrival = timestamp order this equals `History.expr`.
-    `late_us`: the online store's late allowance; H(i) then also leaves out what the store no longer
-    keeps when i arrives (the longest window is that of `features` on the same entity and time; see the
-    module rules). None: the store keeps everything."""
+    `late_us`: the online store's late allowance (the spec's `late_arrival_us`); H(i) then also leaves out
+    what the store no longer keeps when i arrives (the longest window is that of `features` on the same
+    entity and time; see the module rules). None: the rule alone, as if the store kept everything."""
     if raw[arrival].null_count() or raw[arrival].n_unique() != raw.height:
         raise DataError(f"arrival column {arrival!r} must be unique and non-null: it orders the rows as they arrived")
     order = raw[arrival].arg_sort().to_numpy()
