@@ -193,4 +193,10 @@ def test_store_down_raises_store_unavailable_naming_the_url() -> None:
 
 def test_a_feature_list_without_history_is_refused(store: redis.Redis) -> None:
     with pytest.raises(ValueError, match="history"):
-        OnlineHistory(store, "redis://x", "ns", [{"name": "a", "history": None}])
+        OnlineHistory(store, "redis://x", "ns", [{"name": "a", "history": None}], late_us=DAY)
+
+
+@pytest.mark.parametrize("late_us", [-1, 1.5, True])
+def test_a_bad_late_allowance_is_refused_naming_the_namespace(store: redis.Redis, late_us: object) -> None:
+    with pytest.raises(ValueError, match="ns: late allowance .* microseconds >= 0"):
+        OnlineHistory(store, "redis://x", "ns", FEATURES, late_us=late_us)
