@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from registry import versions as registry
 from export.errors import ExportError, RepositoryError
 from export.manifest import MANIFEST_KEY, file_manifest
-from export.parity import ParityReport, check_parity, gate_rows, require
+from export.parity import ParityReport, check_parity, gate_rows, reference_scores, require
 from export.repository import (CONFIG_FILE, FEATURES_FILE, METADATA_FILE, PARITY_FILE, ModelRepository,
                                VersionConflictError, WrittenByAnotherRun, write_json)
 from export.online import StorePolicy, online_parameters, served_inputs
@@ -25,6 +25,7 @@ from export.raw_graph import raw_feeds
 from export.signature import ServedSignature
 from export.targets import get_target
 from export.triton_config import ServingSettings, TensorSpec, parse
+from monitoring.reference import write_reference
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ def export_version(
 ) -> ExportResult:
     """Write `model_name@alias` (or `version`) as a repository version after the parity gate passes.
 
+    Binary models also get their training reference (monitoring/reference.py: a holdout sample and its quality
+    figures), which `treeops monitor` compares served traffic with.
+
     The version folder appears complete or not at all. A version already exported from the same
     MLflow run with the same target and raw_inputs is kept; with another target or raw_inputs it is
     refused (VersionConflictError), or replaced atomically with `settings.replace`, or kept as it
@@ -161,6 +165,11 @@ def export_version(
             if report is not None:
                 write_json(staging / PARITY_FILE, report.to_dict())
                 require(report, f"{settings.target_name} export of {model_name} version {ref.version}")
+            if bundle.objective.kind == "binary":  # what `treeops monitor` compares the served traffic with
+                x = bundle.fitted.matrix(bundle.holdout)
+                write_reference(staging, bundle.fitted.spec.names, bundle.fitted.spec.categorical, x,
+                                bundle.objective.encode_labels(bundle.holdout[bundle.target]),
+                                reference_scores(bundle.booster, x)[:, -1], bundle.objective.threshold)
             write_json(staging / FEATURES_FILE, bundle.features)
             write_json(staging / METADATA_FILE, {
                 "model_name": model_name,

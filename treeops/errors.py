@@ -15,6 +15,8 @@ EXIT_ERROR = 1  # an expected failure: missing file, unknown model, failed reque
 EXIT_USAGE = 2  # invalid settings or arguments (an unknown --target, the same port twice, ...)
 EXIT_DRIFT = 3  # drift detected in a batch
 EXIT_CONTRACT = 4  # the data breaks error rules of its data contract
+EXIT_QUALITY = 5  # model quality on labelled traffic fell below the version's holdout figures (treeops monitor)
+EXIT_NO_DATA = 6  # too little data for a verdict: a window with too few predictions or labels (treeops monitor)
 EXIT_INTERRUPTED = 130  # stopped by SIGINT / SIGTERM (128 + SIGINT, as shells report it)
 
 

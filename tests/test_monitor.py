@@ -1,0 +1,209 @@
+"""treeops monitor: drift and one-sided quality verdicts of logged traffic against the version's reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+
+from export.parity import reference_scores
+from monitoring.labels import LABELLED_AT, SCHEMA
+from monitoring.monitor import (
+    LogSchemaError,
+    MonitorSettings,
+    evidently_project,
+    monitor_version,
+    parse_window,
+    write_gauges,
+)
+from monitoring.reference import (
+    MAX_REFERENCE_ROWS,
+    REFERENCE_DATA_FILE,
+    REFERENCE_FILE,
+    MissingReferenceError,
+    feature_column,
+    quality_figures,
+    read_reference,
+)
+from registry import versions as registry
+from training.generate import GenerateSpec, generate_transactions
+from treeops.errors import EXIT_DRIFT, EXIT_NO_DATA, EXIT_QUALITY, InvalidSettingsError
+from triton_fixtures import MODEL
+
+END = dt.datetime(2026, 3, 1, 13, tzinfo=dt.UTC)
+START = END - dt.timedelta(hours=1)
+
+
+def log_frame(features: list[str], matrix: np.ndarray, scores: np.ndarray, ids: list[str], version: int,
+              errors: list[str | None] | None = None) -> pl.DataFrame:
+    """Rows as monitoring.prediction_log.read_window returns them (log contract, issue 12)."""
+    n = len(ids)
+    step = (END - START) / max(n, 1)
+    errors = errors or [None] * n
+    failed = np.asarray([e is not None for e in errors])
+    frame = pl.DataFrame({
+        "request_id": [f"r{i}" for i in range(n)], "transaction_id": ids, "entity": [None] * n,
+        "arrival": pl.Series([START + i * step for i in range(n)], dtype=pl.Datetime("us", "UTC")),
+        "model": [MODEL] * n, "version": [version] * n, "degraded": [False] * n,
+        "error": pl.Series(errors, dtype=pl.String),
+        "score": pl.Series(np.where(failed, np.nan, scores)).fill_nan(None),
+    }, schema_overrides={"entity": pl.String, "version": pl.Int64})
+    return frame.with_columns(pl.Series(feature_column(f), matrix[:, i], dtype=pl.Float32) for i, f in enumerate(features))
+
+
+@pytest.fixture(scope="module")
+def bundle(trained, tmp_path_factory):
+    mlflow.set_tracking_uri(trained.ws.tracking_uri)
+    return registry.load_bundle(registry.resolve(MODEL, alias="champion"), tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def reference(trained, bundle):
+    return read_reference(trained.repository.version_dir(MODEL, bundle.ref.version))
+
+
+def traffic(bundle, *, drift: float = 0.0, rows: int = 3000, seed: int = 11) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Generated transactions scored as served: the log rows of the window and their true labels."""
+    raw = generate_transactions(GenerateSpec(rows=rows, seed=seed, drift=drift))
+    x = bundle.fitted.matrix_raw(raw)
+    scores = reference_scores(bundle.booster, x)[:, -1]
+    ids = raw["transaction_id"].cast(pl.String).to_list()
+    frame = log_frame(bundle.fitted.spec.names, x, scores, ids, bundle.ref.version)
+    labels = pl.DataFrame({"transaction_id": ids, "label": raw["is_fraud"].cast(pl.Int8),
+                           LABELLED_AT: [END] * len(ids)}, schema=SCHEMA)
+    return frame, labels
+
+
+def test_export_stores_the_reference_and_holdout_figures(trained, bundle, reference):
+    folder = trained.repository.version_dir(MODEL, bundle.ref.version)
+    meta = json.loads((folder / REFERENCE_FILE).read_text())
+    manifest = json.loads((folder / "treeops.json").read_text())["files"]
+    assert {REFERENCE_FILE, REFERENCE_DATA_FILE} <= set(manifest)  # checked like every version file
+    assert reference.data.height == min(meta["holdout_rows"], MAX_REFERENCE_ROWS)
+    assert reference.feature_columns == [feature_column(f) for f in bundle.fitted.spec.names]
+    assert reference.data.schema[reference.feature_columns[0]] == pl.Float32
+    # the figures are the holdout's as training measured them (same rows, same threshold)
+    for name in ("roc_auc", "pr_auc", "precision", "recall"):
+        assert reference.figures[name] == pytest.approx(trained.outcome.metrics[name], abs=1e-6)
+    assert 0 <= reference.figures["calibration_error"] < 0.2
+
+
+def test_a_version_without_a_reference_is_named(tmp_path):
+    with pytest.raises(MissingReferenceError, match=str(tmp_path / "3")):
+        read_reference(tmp_path / "3")
+
+
+def test_traffic_like_training_passes_drift_and_quality(bundle, reference, tmp_path):
+    frame, labels = traffic(bundle)
+    snapshots = []
+    window = monitor_version(frame, reference, labels, tmp_path, model=MODEL, start=START, end=END, source="log",
+                             record=lambda name, snap: snapshots.append(name))
+    assert window.drift is not None and not window.drift.drift_detected
+    assert window.labelled == frame.height and window.quality is not None
+    assert all(c.passed for c in window.quality), window.quality
+    assert window.exit_code == 0
+    assert sorted(p.name for p in window.folder.iterdir()) == [
+        "drift.html", "drift.json", "quality.html", "quality.json", "result.json"]
+    assert json.loads((window.folder / "result.json").read_text())["exit_code"] == 0
+    assert [n.split()[0] for n in snapshots] == ["drift", "quality"]
+
+
+def test_drifted_traffic_exits_3(bundle, reference, tmp_path):
+    frame, labels = traffic(bundle, drift=1.0)
+    window = monitor_version(frame, reference, labels.head(0), tmp_path, model=MODEL, start=START, end=END,
+                             source="log", settings=MonitorSettings(min_labelled=1))
+    assert window.drift.drift_detected and window.exit_code == EXIT_DRIFT
+    assert window.drift.drifted_columns > window.drift.total_columns / 2
+
+
+def test_quality_tests_are_one_sided(bundle, reference, tmp_path):
+    """Figures far better than the holdout pass (Evidently's two-sided default would fail them); worse ones fail."""
+    frame, labels = traffic(bundle)
+    worse = dataclasses.replace(reference, figures={**reference.figures, "roc_auc": 0.5, "pr_auc": 0.01,
+                                                    "precision": 0.01, "recall": 0.01, "calibration_error": 0.9})
+    window = monitor_version(frame, worse, labels, tmp_path / "a", model=MODEL, start=START, end=END, source="log")
+    assert all(c.passed for c in window.quality) and window.exit_code == 0
+
+    better = dataclasses.replace(reference, figures={**reference.figures, "roc_auc": 0.9999, "pr_auc": 0.9999})
+    window = monitor_version(frame, better, labels, tmp_path / "b", model=MODEL, start=START, end=END, source="log")
+    failed = {c.figure for c in window.quality if not c.passed}
+    assert failed == {"roc_auc", "pr_auc"} and window.exit_code == EXIT_QUALITY
+
+
+def test_shuffled_labels_are_a_quality_drop(bundle, reference, tmp_path):
+    frame, labels = traffic(bundle)
+    shuffled = labels.with_columns(pl.col("label").shuffle(seed=1))
+    window = monitor_version(frame, reference, shuffled, tmp_path, model=MODEL, start=START, end=END, source="log")
+    roc = next(c for c in window.quality if c.figure == "roc_auc")
+    assert not roc.passed and roc.value < 0.6 and window.exit_code == EXIT_QUALITY
+    # the Evidently figures are the holdout's definitions applied to the window
+    joined = frame.join(shuffled, on="transaction_id")
+    expected = quality_figures(joined["label"].to_numpy(), joined["score"].to_numpy(), reference.threshold)
+    assert {c.figure: c.value for c in window.quality} == pytest.approx(
+        {k: expected[k] for k in ("roc_auc", "pr_auc", "precision", "recall", "calibration_error")}, abs=1e-9)
+
+
+def test_no_labels_gives_drift_only_and_exit_6(bundle, reference, tmp_path):
+    frame, labels = traffic(bundle)
+    window = monitor_version(frame, reference, labels.head(0), tmp_path, model=MODEL, start=START, end=END,
+                             source="log")
+    assert window.quality is None and window.drift is not None and not window.drift.drift_detected
+    assert window.exit_code == EXIT_NO_DATA and "treeops labels" in window.skipped[0]
+    assert not (window.folder / "quality.json").exists()
+    assert json.loads((window.folder / "result.json").read_text())["quality"] is None
+
+
+def test_too_few_rows_write_nothing(bundle, reference, tmp_path):
+    frame, labels = traffic(bundle, rows=1000)
+    failed = frame.with_columns(pl.lit("deadline exceeded").alias("error"))
+    window = monitor_version(failed.vstack(frame.head(50)), reference, labels, tmp_path, model=MODEL, start=START,
+                             end=END, source="the-log")
+    assert window.failed_rows == 1000 and window.rows == 50
+    assert window.drift is None and window.quality is None and window.exit_code == EXIT_NO_DATA
+    assert "the-log" in window.skipped[0] and window.folder is None
+    assert not any(tmp_path.rglob("*.json"))
+
+
+def test_rows_of_another_version_or_schema_are_refused(bundle, reference, tmp_path):
+    frame, labels = traffic(bundle, rows=500)
+    with pytest.raises(LogSchemaError, match=r"log/version=1 holds rows of version\(s\) \[99\]"):
+        monitor_version(frame.with_columns(pl.lit(99, pl.Int64).alias("version")), reference, labels, tmp_path,
+                        model=MODEL, start=START, end=END, source="log/version=1")
+    with pytest.raises(LogSchemaError, match="another schema"):
+        monitor_version(frame.drop(reference.feature_columns[-1]), reference, labels, tmp_path, model=MODEL,
+                        start=START, end=END, source="log/version=1")
+    assert not any(tmp_path.iterdir())
+
+
+def test_windows_reach_the_evidently_workspace_and_the_gauges(bundle, reference, tmp_path):
+    from evidently.ui.workspace import Workspace
+
+    frame, labels = traffic(bundle)
+    record = evidently_project(tmp_path / "evidently", MODEL)
+    window = monitor_version(frame, reference, labels, tmp_path / "reports", model=MODEL, start=START, end=END,
+                             source="log", record=record)
+    ws = Workspace(str(tmp_path / "evidently"))
+    project = ws.search_project(f"treeops {MODEL}")[0]
+    assert len(ws.list_runs(project.id)) == 2
+    metrics = tmp_path / "metrics" / "monitor.prom"
+    write_gauges(metrics, [window])
+    text = metrics.read_text()
+    version = f'model="{MODEL}",version="{reference.version}"'
+    assert f"treeops_monitor_drift_share{{{version}}} {window.drift_share}" in text
+    assert f"treeops_monitor_roc_auc{{{version}}} {window.figure('roc_auc')}" in text
+
+
+@pytest.mark.parametrize("text, seconds", [("1h", 3600), ("30m", 1800), ("1h30m", 5400), ("2d", 172800)])
+def test_window_durations(text, seconds):
+    assert parse_window(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1", "h", "0h", "1w", "1h 30m"])
+def test_bad_window_durations_are_refused(text):
+    with pytest.raises(InvalidSettingsError, match="not a duration"):
+        parse_window(text)
