@@ -78,11 +78,12 @@ def load_labels_file(path: Path) -> pl.DataFrame:
 
 
 def _utc(column: pl.Series, path: Path) -> pl.Series:
+    """Times as Datetime(us, UTC): ISO 8601 text with or without an offset (none: UTC), or a datetime column."""
     if column.dtype == pl.String:
-        try:
-            column = column.str.to_datetime(time_unit="us", strict=False)
-        except pl.exceptions.PolarsError as exc:
-            raise LabelsError(f"labels file {path}: `{LABELLED_AT}` does not parse as times: {exc}") from exc
+        text = column.str.strip_chars().str.replace(" ", "T", literal=True).str.replace(r"Z$", "+00:00")
+        aware = text.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", strict=False, time_unit="us", time_zone="UTC")
+        naive = text.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us")
+        return pl.select(pl.coalesce(aware, naive.dt.replace_time_zone("UTC"))).to_series()
     if not isinstance(column.dtype, pl.Datetime):
         raise LabelsError(f"labels file {path}: `{LABELLED_AT}` has type {column.dtype}; give ISO 8601 times")
     column = column.dt.cast_time_unit("us")
