@@ -340,3 +340,14 @@ def test_serve_without_a_store_url_runs_a_local_redis_in_the_workspace_while_ser
         assert serve.wait(60) == 0, serve.stderr.read()[-2000:]
     assert not _redis_processes(root / "online_store")
     assert list((root / "online_store").rglob("*.aof*")), "the local store keeps its state (AOF) in the workspace"
+
+
+def test_a_store_url_password_never_reaches_the_client(exported, store):
+    down = f"redis://:secret@127.0.0.1:{free_port()}/0"
+    with serving(exported.ws, exported.ws.reports_dir / "triton-secret.log", models=[MODEL],
+                 online_store_url=down, exit_timeout_s=5) as other:
+        with ScoringClient(other.settings.grpc_url, MODEL, retries=0) as c:
+            with pytest.raises(ScoringError) as err:
+                c.score_transactions(_stream(rows=100, seed=71).head(1))
+    message = str(err.value)
+    assert "UNAVAILABLE" in message and down.replace("secret", "***") in message and "secret" not in message
