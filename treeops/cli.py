@@ -681,10 +681,7 @@ def features_backfill(
     load_raw(data, fitted.spec.raw_schema)  # a missing or unreadable file fails before any store is started
     with workspace_store(ws.root, OnlineStoreSettings().url) as url:
         result = backfill(url, fitted, data)
-    _emit(as_json, {"store_url": url, "model_version": version, "rows": result.rows, "entities": result.entities,
-                    "stored": result.stored, "seconds": result.seconds, "rows_per_s": result.rows_per_s},
-          [f"backfilled {result.rows:,} transactions of {result.entities:,} entities into {url} "
-           f"({result.stored:,} kept within the windows) in {result.seconds:.2f} s: {result.rows_per_s:,.0f} rows/s"])
+    _emit(as_json, {"model_version": version, **result.to_dict()}, result.lines())  # the URL without its password
 
 
 @features_app.command("show")

@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import polars as pl
 
+from backends.online_history import redacted
 from export.pipeline import ExportSettings, export_model, export_version
 from export.repository import PARITY_FILE, ModelRepository
 from loadtest.latency import health_latency
@@ -105,7 +106,7 @@ def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer, store_
     prints the summary and calls `serve_until_stopped`).
     """
     start = time.perf_counter()
-    v: dict[str, Any] = {"workspace": str(ws.root), "model_repository": str(ws.model_repository), "store_url": store_url}
+    v: dict[str, Any] = {"workspace": str(ws.root), "model_repository": str(ws.model_repository), "store_url": redacted(store_url)}
     train_path, current_path, shifted_path = (ws.data_dir / f"{n}.parquet" for n in ("train", "current", "shifted"))
     history = generate_transactions(GenerateSpec(rows=settings.rows + settings.batch_rows, seed=settings.seed))
     history = history.sort("timestamp", "transaction_id")

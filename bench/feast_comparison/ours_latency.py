@@ -49,7 +49,7 @@ def main() -> None:
     client = connect(url)
     client.delete(*client.keys(args.namespace + ":*") or ["-"])
     features = FittedFeatures(FRAUD_FEATURES, {}).to_dict()["features"]
-    store = OnlineHistory(client, url, args.namespace, features)
+    store = OnlineHistory(client, url, args.namespace, features, late_us=FRAUD_FEATURES.late_arrival_us)
     rng = np.random.default_rng(0)
     now_us = time.time_ns() // 1_000
 
