@@ -20,17 +20,24 @@ The single-tensor request path does only what must happen per request (measured 
 `treeops bench serving`): the input by position (the config declares exactly one), no concatenation
 for a lone request, one output Tensor and one InferenceResponse per request. Names, bound
 methods and the feed key are resolved once in `initialize`.
+
+Every answered request is counted in the serving metrics and, when the prediction log is on (env
+TREEOPS_PREDICTION_LOG_DIR), queued for it with its features (or raw fields) and score; a request whose scoring
+failed is logged with its error. See serving_monitor.py and prediction_log.py, copied beside this file.
 """
 
 import ctypes
 import json
 import os
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from serving_monitor import ServingMonitor
 from version_files import verify_files
 
 RUNTIMES = ("onnxruntime", "compiled")
+_ARROW = {"TYPE_STRING": "string", "TYPE_INT64": "int64", "TYPE_FP64": "float64", "TYPE_FP32": "float32"}
 
 
 class TritonPythonModel:
@@ -58,6 +65,15 @@ class TritonPythonModel:
             raise ValueError(f"unknown runtime {runtime!r} in the config parameters; use one of {RUNTIMES}")
         self._tensor = pb_utils.Tensor
         self._response = pb_utils.InferenceResponse
+        if self.single:
+            with open(os.path.join(folder, "feature_spec.json"), encoding="utf-8") as f:
+                features, raw = [f["name"] for f in json.load(f)["features"]], ()
+        else:
+            import pyarrow as pa
+
+            features = []
+            raw = [(i["name"], getattr(pa, _ARROW.get(i["data_type"], "float32"))()) for i in config["input"]]
+        self.monitor = ServingMonitor(pb_utils, args, config, params, folder, features, raw)
 
     def _onnxruntime(self, folder, params, args):
         """A function feeds -> scores; `feeds` maps input names to batches (or is one batch when single)."""
@@ -92,22 +108,42 @@ class TritonPythonModel:
         return run
 
     def execute(self, requests):
-        tensor, response, name = self._tensor, self._response, self.output
-        if self.single:
-            if len(requests) == 1:
-                return [response(output_tensors=[tensor(name, self.run(requests[0].inputs()[0].as_numpy()))])]
-            arrays = [r.inputs()[0].as_numpy() for r in requests]
-            scores = self.run(np.concatenate(arrays))
-            sizes = [len(a) for a in arrays]
-        else:
-            feeds = {n: self._gather(requests, n) for n in self.inputs}
+        started, arrival = time.perf_counter_ns(), time.time_ns() // 1000
+        monitor = self.monitor
+        warmup = monitor.warmup(requests)
+        try:
+            if self.single:
+                arrays = [r.inputs()[0].as_numpy() for r in requests]
+                feeds = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+                sizes = [len(a) for a in arrays]
+            else:
+                feeds = {n: self._gather(requests, n) for n in self.inputs}
+                sizes = [len(pb_utils.get_input_tensor_by_name(r, self.input).as_numpy()) for r in requests]
             scores = self.run(feeds)
-            sizes = [len(pb_utils.get_input_tensor_by_name(r, self.input).as_numpy()) for r in requests]
+        except Exception as exc:  # a batch the runtime refuses: every request of it fails, logged with the error
+            message = f"model {monitor.model!r} version {monitor.version}: scoring failed: {exc}"
+            for request in requests[warmup:]:
+                request_id = monitor.request_id(request)
+                if monitor.should_log(request_id):
+                    monitor.log.append(request_id, arrival, error=message)
+            return [self._response(error=pb_utils.TritonError(message)) for _ in requests]
+        tensor, response, name = self._tensor, self._response, self.output
         responses = []
         start = 0
-        for size in sizes:
-            responses.append(response(output_tensors=[tensor(name, scores[start : start + size])]))
+        for k, (request, size) in enumerate(zip(requests, sizes)):
+            part = scores[start : start + size]
+            responses.append(response(output_tensors=[tensor(name, part)]))
+            if k >= warmup:
+                monitor.answered(part, started)
+                request_id = monitor.request_id(request)
+                if monitor.should_log(request_id):
+                    if self.single:
+                        monitor.log.append(request_id, arrival, score=part[:, -1], features=arrays[k])
+                    else:
+                        monitor.log.append(request_id, arrival, score=part[:, -1],
+                                           raw={n: feeds[n][start : start + size].reshape(-1) for n in self.inputs})
             start += size
+        monitor.publish()
         return responses
 
     def _gather(self, requests, name):
@@ -118,6 +154,7 @@ class TritonPythonModel:
         return batch
 
     def finalize(self):
+        self.monitor.close()  # flushes the prediction log: nothing queued is lost on unload or SIGTERM
         self.run = None
         self.session = None
         self.library = None

@@ -17,6 +17,12 @@ DEFAULT_ADMIN_HEADER = "treeops-admin-key"
 ADMIN_KEY_ENV = "TREEOPS_TRITON_ADMIN_KEY"
 #: How raw-transaction models inside tritonserver find the online store (backends/online_model.py).
 ONLINE_STORE_URL_ENV = "TREEOPS_ONLINE_STORE_URL"
+#: How the Python-backend models inside tritonserver find their prediction-log settings (backends/prediction_log.py).
+PREDICTION_LOG_DIR_ENV = "TREEOPS_PREDICTION_LOG_DIR"
+PREDICTION_LOG_SAMPLE_RATE_ENV = "TREEOPS_PREDICTION_LOG_SAMPLE_RATE"
+PREDICTION_LOG_MAX_BYTES_ENV = "TREEOPS_PREDICTION_LOG_MAX_BYTES"
+PREDICTION_LOG_RING_SIZE_ENV = "TREEOPS_PREDICTION_LOG_RING_SIZE"
+PREDICTION_LOG_FLUSH_INTERVAL_ENV = "TREEOPS_PREDICTION_LOG_FLUSH_INTERVAL_S"
 REDACTED = "**********"
 #: What `server/admin_key_shim.c` replaces with the value of ADMIN_KEY_ENV inside tritonserver.
 ADMIN_KEY_PLACEHOLDER = "@TREEOPS_TRITON_ADMIN_KEY@"
@@ -85,6 +91,22 @@ class TritonSettings(BaseSettings):
         description=f"online store (Redis) URL given to tritonserver as {ONLINE_STORE_URL_ENV} for raw-transaction "
         "models; `treeops serve` sets it from OnlineStoreSettings, or to the local redis-server it starts",
     )
+
+    prediction_log_dir: Path | None = Field(
+        None, description="root of the prediction log the Python-backend models write (Parquet by model/version/date/"
+        f"hour, given to tritonserver as {PREDICTION_LOG_DIR_ENV}); None: no log. `treeops serve` and the demo use "
+        "<workspace>/prediction_log",
+    )
+    prediction_log_sample_rate: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of requests logged, chosen by a hash of the request id (a retry "
+        "gets the same decision)")
+    prediction_log_max_bytes: int = Field(
+        10 * 2**30, ge=1, description="retention: past this size a model's oldest log segments are deleted")
+    prediction_log_ring_size: int = Field(
+        100_000, ge=1, description="requests queued in memory for the log writer; past it records are dropped and "
+        "counted (treeops_prediction_log_dropped_total), never blocking a request")
+    prediction_log_flush_interval_s: float = Field(
+        1.0, ge=0.01, le=60.0, description="the writer writes a segment at least this often: what kill -9 may lose")
 
     @field_validator("admin_key")
     @classmethod
@@ -161,6 +183,18 @@ class TritonSettings(BaseSettings):
         if self.grpc_use_ssl_mutual:
             args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.grpc_root_cert.resolve()}"]
         return args
+
+    def prediction_log_environment(self) -> dict[str, str]:
+        """The prediction-log variables for tritonserver's environment (empty when the log is off)."""
+        if self.prediction_log_dir is None:
+            return {}
+        return {
+            PREDICTION_LOG_DIR_ENV: str(self.prediction_log_dir.resolve()),
+            PREDICTION_LOG_SAMPLE_RATE_ENV: repr(self.prediction_log_sample_rate),
+            PREDICTION_LOG_MAX_BYTES_ENV: str(self.prediction_log_max_bytes),
+            PREDICTION_LOG_RING_SIZE_ENV: str(self.prediction_log_ring_size),
+            PREDICTION_LOG_FLUSH_INTERVAL_ENV: repr(self.prediction_log_flush_interval_s),
+        }
 
     @property
     def grpc_url(self) -> str:

@@ -13,6 +13,7 @@ import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.online import DEGRADED_OUTPUT, POLICY_PARAMETER, is_online
+from export.serving_metrics import serving_metrics_parameter
 from export.targets.onnx_file import OnnxFileTarget
 from export.targets.python_runtime import FEATURE_MODEL, ONLINE_MODEL, ONLINE_MODULES, write_python_runtime
 from export.triton_config import ServingSettings, TensorSpec, model_config
@@ -55,5 +56,5 @@ class PythonOnnxTarget(OnnxFileTarget):
             outputs=outputs,
             serving=serving,
             versions=versions,
-            parameters={"ort_intra_op_threads": "1", **parameters},
+            parameters={"ort_intra_op_threads": "1", **serving_metrics_parameter(), **parameters},
         )

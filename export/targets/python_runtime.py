@@ -15,8 +15,8 @@ BACKENDS = Path(backends.__file__).resolve().parent
 FEATURE_MODEL = BACKENDS / "python_model.py"
 #: Raw transactions: history features from the online store, then the raw graph (backends/online_model.py).
 ONLINE_MODEL = BACKENDS / "online_model.py"
-#: Imported by every model.py: the treeops.json file-manifest check.
-SHARED_MODULES = ("version_files.py",)
+#: Imported by every model.py: the treeops.json file-manifest check, the serving metrics and the prediction log.
+SHARED_MODULES = ("version_files.py", "serving_monitor.py", "prediction_log.py")
 #: Imported by the online model: the store's read-and-update of history features.
 ONLINE_MODULES = ("online_history.py",)
 

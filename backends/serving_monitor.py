@@ -1,0 +1,123 @@
+"""What a Python-backend model records per request: Triton custom metrics and the prediction log.
+
+Copied beside `model.py` (export/targets/python_runtime.py); runs in Triton's stub process, imports no treeops.
+The metric names, kinds, help texts, labels and buckets are monitoring/metric_names.py's, written by export into
+the config parameter `treeops_metrics` (JSON, by role): one declaration, and a served version's metrics are visible
+in its config. They appear on Triton's metrics port (pb_utils.MetricFamily; 2.51 supports HISTOGRAM).
+
+Warm-up requests are neither counted nor logged: Triton runs each `model_warmup` sample's `batch_size` requests
+`count` times (default 1) on every instance before the version is ready, and they look like any client request
+(empty id, no flags), so the first that many requests an instance executes are skipped.
+The log's lag and dropped count are published from the request path at most every `PUBLISH_INTERVAL_NS` (the
+writer thread never calls Triton), so they are as fresh as the traffic.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+from prediction_log import PredictionLog, Settings, sampled
+
+METRICS_PARAMETER = "treeops_metrics"
+ROLES = ("request_duration", "predictions", "degraded_answers", "log_lag", "log_dropped")
+PUBLISH_INTERVAL_NS = 500_000_000
+
+
+class ServingMonitor:
+    """Per-version metrics and log. `features`: served feature names; `raw`: (field, arrow type) of raw inputs."""
+
+    def __init__(self, pb_utils, args, config, params, folder, features, raw=()):
+        self.model, self.version = args["model_name"], args["model_version"]
+        self.warmup_left = sum(int(w.get("batch_size", 1)) * max(int(w.get("count", 1)), 1)
+                               for w in config.get("model_warmup", []))
+        if METRICS_PARAMETER not in params:
+            raise ValueError(f"model {self.model!r} version {self.version}: config parameter {METRICS_PARAMETER!r} "
+                             "is missing (exported before treeops published its serving metrics): re-export the "
+                             "version, or `treeops sync` its config")
+        declared = json.loads(params[METRICS_PARAMETER])
+        missing = [r for r in ROLES if r not in declared]
+        if missing:
+            raise ValueError(f"config parameter {METRICS_PARAMETER!r} lacks {missing}: re-export the version")
+        self._pb, self._declared, self.families = pb_utils, declared, []
+        with open(os.path.join(folder, "treeops.json"), encoding="utf-8") as f:
+            objective = json.load(f).get("objective", {})
+        self.kind = objective.get("kind", "binary")
+        self.threshold = float(objective.get("threshold", 0.5))
+        self.duration = self._metric("request_duration")
+        self.decisions = {}
+        self.degraded = self._metric("degraded_answers")
+        settings = Settings()
+        self.log = None
+        if settings.root:
+            self.log = PredictionLog(settings, self.model, self.version, features, raw)
+            self.lag, self.dropped = self._metric("log_lag"), self._metric("log_dropped")
+            self._published_dropped, self._published_ns = 0, 0
+
+    def _metric(self, role, **values):
+        d = self._declared[role]
+        kinds = {"counter": self._pb.MetricFamily.COUNTER, "gauge": self._pb.MetricFamily.GAUGE,
+                 "histogram": getattr(self._pb.MetricFamily, "HISTOGRAM", None)}
+        family = self._pb.MetricFamily(name=d["name"], description=d["help"], kind=kinds[d["kind"]])
+        self.families.append(family)
+        known = {"model": self.model, "version": self.version, **values}
+        unknown = [k for k in d["labels"] if k not in known]
+        if unknown:
+            raise ValueError(f"metric {d['name']} declares labels {unknown} the serving path cannot fill "
+                             f"(it knows {sorted(known)}): fix monitoring/metric_names.py")
+        labels = {k: known[k] for k in d["labels"]}
+        if d["kind"] == "histogram":
+            return family.Metric(labels=labels, buckets=[float(b) for b in d["buckets"]])
+        return family.Metric(labels=labels)
+
+    def warmup(self, requests):
+        """How many of `requests` (from the front) are Triton's warm-up requests."""
+        n = min(self.warmup_left, len(requests))
+        self.warmup_left -= n
+        return n
+
+    def request_id(self, request):
+        """The client's request id, or a fresh one (then a retry is a new sampling decision)."""
+        return request.request_id() or os.urandom(8).hex()
+
+    def should_log(self, request_id):
+        return self.log is not None and sampled(request_id, self.log.settings.sample_rate)
+
+    def answered(self, scores, started_ns):
+        """Count the rows of one answered request by decision and observe its duration."""
+        scores = np.asarray(scores)
+        if self.kind == "binary":
+            positive = int(np.count_nonzero(scores.reshape(len(scores), -1)[:, -1] >= self.threshold))
+            self._count("positive", positive)
+            self._count("negative", len(scores) - positive)
+        elif self.kind == "multiclass":
+            for label, n in zip(*np.unique(scores.reshape(len(scores), -1).argmax(axis=1), return_counts=True)):
+                self._count(str(label), int(n))
+        else:
+            self._count("value", len(scores))
+        self.duration.observe((time.perf_counter_ns() - started_ns) / 1e9)
+
+    def publish(self):
+        """The log's lag and dropped count to the metrics (cheap unless PUBLISH_INTERVAL_NS passed)."""
+        if self.log is None:
+            return
+        now = time.monotonic_ns()
+        if now - self._published_ns < PUBLISH_INTERVAL_NS:
+            return
+        self._published_ns = now
+        self.lag.set(self.log.lag_s())
+        dropped = self.log.dropped
+        if dropped > self._published_dropped:
+            self.dropped.increment(dropped - self._published_dropped)
+            self._published_dropped = dropped
+
+    def _count(self, decision, n):
+        if n:
+            metric = self.decisions.get(decision)
+            if metric is None:
+                metric = self.decisions[decision] = self._metric("predictions", decision=decision)
+            metric.increment(n)
+
+    def close(self):
+        if self.log is not None:
+            self.log.close()
