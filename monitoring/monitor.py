@@ -97,6 +97,17 @@ class CalibrationErrorCalculation(SingleValueCalculation[CalibrationError]):
         return "Expected calibration error"
 
 
+def parse_end(text: str | None) -> dt.datetime:
+    """`--end`: an ISO 8601 time (naive: UTC); None: now, to the second."""
+    if text is None:
+        return dt.datetime.now(dt.UTC).replace(microsecond=0)
+    try:
+        end = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidSettingsError(f"--end {text!r} is not an ISO 8601 time, e.g. 2026-03-01T13:00:00") from None
+    return end.replace(tzinfo=dt.UTC) if end.tzinfo is None else end.astimezone(dt.UTC)
+
+
 def parse_window(text: str) -> dt.timedelta:
     """`1h`, `30m`, `1h30m`, `2d`: a positive duration."""
     parts = _DURATION.findall(text)
@@ -418,6 +429,13 @@ class MonitorPaths:
     reports_dir: Path
     evidently_workspace: Path
     metrics_file: Path
+
+    @classmethod
+    def in_workspace(cls, root: Path, model: str, log_root: Path | None = None) -> MonitorPaths:
+        """`<root>/prediction_log` (the log contract's default), `model_repository`, `labels`, `reports/monitor`,
+        `evidently` (the Evidently UI's workspace) and `metrics/treeops_monitor_<model>.prom`."""
+        return cls(log_root or root / "prediction_log", root / "model_repository", root / "labels",
+                   root / "reports" / "monitor", root / "evidently", root / "metrics" / f"treeops_monitor_{model}.prom")
 
 
 def run_monitor(model: str, start: dt.datetime, end: dt.datetime, paths: MonitorPaths, *,

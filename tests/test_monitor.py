@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import shutil
+from pathlib import Path
 
 import mlflow
-import numpy as np
 import polars as pl
 import pytest
 
+from bench.monitor import log_predictions, run_monitor_benchmark
 from export.parity import reference_scores
 from monitoring.labels import LABELLED_AT, SCHEMA
 from monitoring.monitor import (
@@ -21,6 +23,7 @@ from monitoring.monitor import (
     parse_window,
     write_gauges,
 )
+from monitoring.prediction_log import read_window
 from monitoring.reference import (
     MAX_REFERENCE_ROWS,
     REFERENCE_DATA_FILE,
@@ -39,23 +42,6 @@ END = dt.datetime(2026, 3, 1, 13, tzinfo=dt.UTC)
 START = END - dt.timedelta(hours=1)
 
 
-def log_frame(features: list[str], matrix: np.ndarray, scores: np.ndarray, ids: list[str], version: int,
-              errors: list[str | None] | None = None) -> pl.DataFrame:
-    """Rows as monitoring.prediction_log.read_window returns them (log contract, issue 12)."""
-    n = len(ids)
-    step = (END - START) / max(n, 1)
-    errors = errors or [None] * n
-    failed = np.asarray([e is not None for e in errors])
-    frame = pl.DataFrame({
-        "request_id": [f"r{i}" for i in range(n)], "transaction_id": ids, "entity": [None] * n,
-        "arrival": pl.Series([START + i * step for i in range(n)], dtype=pl.Datetime("us", "UTC")),
-        "model": [MODEL] * n, "version": [version] * n, "degraded": [False] * n,
-        "error": pl.Series(errors, dtype=pl.String),
-        "score": pl.Series(np.where(failed, np.nan, scores)).fill_nan(None),
-    }, schema_overrides={"entity": pl.String, "version": pl.Int64})
-    return frame.with_columns(pl.Series(feature_column(f), matrix[:, i], dtype=pl.Float32) for i, f in enumerate(features))
-
-
 @pytest.fixture(scope="module")
 def bundle(trained, tmp_path_factory):
     mlflow.set_tracking_uri(trained.ws.tracking_uri)
@@ -67,13 +53,16 @@ def reference(trained, bundle):
     return read_reference(trained.repository.version_dir(MODEL, bundle.ref.version))
 
 
-def traffic(bundle, *, drift: float = 0.0, rows: int = 3000, seed: int = 11) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Generated transactions scored as served: the log rows of the window and their true labels."""
+def traffic(bundle, root, *, drift: float = 0.0, rows: int = 3000, seed: int = 11, failed: int = 0
+            ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Generated transactions scored as served, logged through the serving path's writer into `root` and read back
+    as the window: the window's rows and the transactions' true labels."""
     raw = generate_transactions(GenerateSpec(rows=rows, seed=seed, drift=drift))
     x = bundle.fitted.matrix_raw(raw)
-    scores = reference_scores(bundle.booster, x)[:, -1]
     ids = raw["transaction_id"].cast(pl.String).to_list()
-    frame = log_frame(bundle.fitted.spec.names, x, scores, ids, bundle.ref.version)
+    log_predictions(root, bundle.fitted.spec.names, x, reference_scores(bundle.booster, x)[:, -1], ids,
+                    version=bundle.ref.version, end=END, failed=failed)
+    frame = read_window(root, MODEL, START, END)
     labels = pl.DataFrame({"transaction_id": ids, "label": raw["is_fraud"].cast(pl.Int8),
                            LABELLED_AT: [END] * len(ids)}, schema=SCHEMA)
     return frame, labels
@@ -99,7 +88,7 @@ def test_a_version_without_a_reference_is_named(tmp_path):
 
 
 def test_traffic_like_training_passes_drift_and_quality(bundle, reference, tmp_path):
-    frame, labels = traffic(bundle)
+    frame, labels = traffic(bundle, tmp_path / "log")
     snapshots = []
     window = monitor_version(frame, reference, labels, tmp_path, model=MODEL, start=START, end=END, source="log",
                              record=lambda name, snap: snapshots.append(name))
@@ -114,7 +103,7 @@ def test_traffic_like_training_passes_drift_and_quality(bundle, reference, tmp_p
 
 
 def test_drifted_traffic_exits_3(bundle, reference, tmp_path):
-    frame, labels = traffic(bundle, drift=1.0)
+    frame, labels = traffic(bundle, tmp_path / "log", drift=1.0)
     window = monitor_version(frame, reference, labels.head(0), tmp_path, model=MODEL, start=START, end=END,
                              source="log", settings=MonitorSettings(min_labelled=1))
     assert window.drift.drift_detected and window.exit_code == EXIT_DRIFT
@@ -123,7 +112,7 @@ def test_drifted_traffic_exits_3(bundle, reference, tmp_path):
 
 def test_quality_tests_are_one_sided(bundle, reference, tmp_path):
     """Figures far better than the holdout pass (Evidently's two-sided default would fail them); worse ones fail."""
-    frame, labels = traffic(bundle)
+    frame, labels = traffic(bundle, tmp_path / "log")
     worse = dataclasses.replace(reference, figures={**reference.figures, "roc_auc": 0.5, "pr_auc": 0.01,
                                                     "precision": 0.01, "recall": 0.01, "calibration_error": 0.9})
     window = monitor_version(frame, worse, labels, tmp_path / "a", model=MODEL, start=START, end=END, source="log")
@@ -136,7 +125,7 @@ def test_quality_tests_are_one_sided(bundle, reference, tmp_path):
 
 
 def test_shuffled_labels_are_a_quality_drop(bundle, reference, tmp_path):
-    frame, labels = traffic(bundle)
+    frame, labels = traffic(bundle, tmp_path / "log")
     shuffled = labels.with_columns(pl.col("label").shuffle(seed=1))
     window = monitor_version(frame, reference, shuffled, tmp_path, model=MODEL, start=START, end=END, source="log")
     roc = next(c for c in window.quality if c.figure == "roc_auc")
@@ -149,7 +138,7 @@ def test_shuffled_labels_are_a_quality_drop(bundle, reference, tmp_path):
 
 
 def test_no_labels_gives_drift_only_and_exit_6(bundle, reference, tmp_path):
-    frame, labels = traffic(bundle)
+    frame, labels = traffic(bundle, tmp_path / "log")
     window = monitor_version(frame, reference, labels.head(0), tmp_path, model=MODEL, start=START, end=END,
                              source="log")
     assert window.quality is None and window.drift is not None and not window.drift.drift_detected
@@ -159,31 +148,31 @@ def test_no_labels_gives_drift_only_and_exit_6(bundle, reference, tmp_path):
 
 
 def test_too_few_rows_write_nothing(bundle, reference, tmp_path):
-    frame, labels = traffic(bundle, rows=1000)
-    failed = frame.with_columns(pl.lit("deadline exceeded").alias("error"))
-    window = monitor_version(failed.vstack(frame.head(50)), reference, labels, tmp_path, model=MODEL, start=START,
-                             end=END, source="the-log")
+    frame, labels = traffic(bundle, tmp_path / "log", rows=1050, failed=1000)
+    assert frame.filter(pl.col("error").is_not_null())["score"].null_count() == 1000
+    window = monitor_version(frame, reference, labels, tmp_path / "reports", model=MODEL, start=START, end=END,
+                             source="the-log")
     assert window.failed_rows == 1000 and window.rows == 50
     assert window.drift is None and window.quality is None and window.exit_code == EXIT_NO_DATA
     assert "the-log" in window.skipped[0] and window.folder is None
-    assert not any(tmp_path.rglob("*.json"))
+    assert not (tmp_path / "reports").exists()
 
 
 def test_rows_of_another_version_or_schema_are_refused(bundle, reference, tmp_path):
-    frame, labels = traffic(bundle, rows=500)
+    frame, labels = traffic(bundle, tmp_path / "log", rows=500)
     with pytest.raises(LogSchemaError, match=r"log/version=1 holds rows of version\(s\) \[99\]"):
         monitor_version(frame.with_columns(pl.lit(99, pl.Int64).alias("version")), reference, labels, tmp_path,
                         model=MODEL, start=START, end=END, source="log/version=1")
     with pytest.raises(LogSchemaError, match="another schema"):
         monitor_version(frame.drop(reference.feature_columns[-1]), reference, labels, tmp_path, model=MODEL,
                         start=START, end=END, source="log/version=1")
-    assert not any(tmp_path.iterdir())
+    assert not (tmp_path / "reports").exists()
 
 
 def test_windows_reach_the_evidently_workspace_and_the_gauges(bundle, reference, tmp_path):
     from evidently.ui.workspace import Workspace
 
-    frame, labels = traffic(bundle)
+    frame, labels = traffic(bundle, tmp_path / "log")
     record = evidently_project(tmp_path / "evidently", MODEL)
     window = monitor_version(frame, reference, labels, tmp_path / "reports", model=MODEL, start=START, end=END,
                              source="log", record=record)
@@ -207,3 +196,47 @@ def test_window_durations(text, seconds):
 def test_bad_window_durations_are_refused(text):
     with pytest.raises(InvalidSettingsError, match="not a duration"):
         parse_window(text)
+
+
+@pytest.fixture
+def served_workspace(trained, bundle, tmp_path):
+    """A workspace holding the trained version's folder and one hour of its logged traffic, labels in a CSV."""
+    shutil.copytree(trained.repository.model_dir(MODEL), tmp_path / "model_repository" / MODEL)
+    _, labels = traffic(bundle, tmp_path / "prediction_log")
+    labels.with_columns(pl.col(LABELLED_AT).dt.strftime("%Y-%m-%dT%H:%M:%S")).write_csv(tmp_path / "labels.csv")
+    return tmp_path
+
+
+def test_cli_labels_then_monitor(served_workspace, treeops):
+    ws = served_workspace
+    done = treeops("labels", "--data", str(ws / "labels.csv"), "--json", workspace=ws)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["unknown_ids"] == 0
+    done = treeops("monitor", "--window", "1h", "--end", END.isoformat(), "--json", workspace=ws)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["exit_code"] == 0 and result["versions"][0]["labelled"] == result["versions"][0]["rows"]
+    assert (ws / "metrics" / f"treeops_monitor_{MODEL}.prom").is_file()
+    assert Path(result["versions"][0]["folder"]).parent == ws / "reports" / "monitor" / MODEL / "v1"
+
+
+def test_cli_bad_input_names_the_problem(served_workspace, treeops):
+    ws = served_workspace
+    done = treeops("monitor", "--window", "1h", "--end", "2020-01-01T00:00:00", workspace=ws)
+    assert done.returncode == EXIT_NO_DATA and str(ws / "prediction_log" / f"model={MODEL}") in done.stderr
+    assert not (ws / "reports").exists() and not (ws / "metrics").exists()
+    (ws / "bad.csv").write_text("id,label\n1,0\n")
+    done = treeops("labels", "--data", str(ws / "bad.csv"), workspace=ws)
+    assert done.returncode == 1 and "bad.csv lacks column(s) ['transaction_id', 'labelled_at']" in done.stderr
+    version_dir = ws / "model_repository" / MODEL / "1"
+    (version_dir / REFERENCE_FILE).unlink()
+    done = treeops("monitor", "--window", "1h", "--end", END.isoformat(), workspace=ws)
+    assert done.returncode == 1 and f"{version_dir} has no training reference" in done.stderr
+    assert not (ws / "reports").exists()
+
+
+def test_monitor_benchmark_runs_small(tmp_path):
+    result = run_monitor_benchmark(5000, tmp_path / "bench")
+    print("\n".join(result.lines()))
+    assert (result.rows, result.labelled) == (5000, 2500)
+    assert (Path(result.folder) / "result.json").is_file()

@@ -396,6 +396,72 @@ def drift(
     ], failure=failure if result.drift_detected else None)
 
 
+@app.command("labels")
+def labels_cmd(
+    data: Annotated[Path, typer.Option(help="CSV or Parquet with columns transaction_id, label (0/1), labelled_at "
+                                            "(ISO 8601; no offset: UTC)")],
+    model_name: Annotated[str, typer.Option("--model-name", "--model", help="model whose logged predictions the "
+                                            "ids are checked against")] = "fraud",
+    log_root: Annotated[Path | None, typer.Option(help="prediction log (default: <workspace>/prediction_log)")] = None,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Store ground truth that arrived later (<workspace>/labels); the latest label per transaction wins. Ids no
+    logged prediction of the model carries are stored too, and counted."""
+    import datetime as dt
+
+    from monitoring.labels import ingest_labels
+    from monitoring.monitor import MonitorPaths
+    from monitoring.prediction_log import read_window
+
+    ws = Workspace.resolve(workspace)
+    paths = MonitorPaths.in_workspace(ws.root, model_name, log_root)
+    logged = read_window(paths.log_root, model_name, dt.datetime(1970, 1, 1, tzinfo=dt.UTC), dt.datetime.now(dt.UTC))
+    result = ingest_labels(data, paths.labels_dir, logged["transaction_id"].drop_nulls())
+    examples = f" (e.g. {', '.join(result.unknown_examples)})" if result.unknown_ids else ""
+    _emit(as_json, result.to_dict(), [
+        f"stored {result.stored:,} labels from {data} in {result.path} ({result.duplicates:,} duplicate rows: "
+        "the latest labelled_at kept)",
+        f"{result.unknown_ids:,} transaction ids are in no logged prediction of {model_name} in {paths.log_root}"
+        + examples,
+    ])
+
+
+@app.command()
+def monitor(
+    window: Annotated[str, typer.Option(help="length of the window ending at --end: 1h, 30m, 1h30m, 2d")] = "1h",
+    end: Annotated[str | None, typer.Option(help="end of the window, ISO 8601 (no offset: UTC; default now)")] = None,
+    model_name: Annotated[str, typer.Option("--model-name", "--model", help="served model")] = "fraud",
+    version: Annotated[int | None, typer.Option(help="only this version (default: every version logged)")] = None,
+    log_root: Annotated[Path | None, typer.Option(help="prediction log (default: <workspace>/prediction_log)")] = None,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Drift and (where labels arrived) quality of a window of served traffic against each version's training
+    reference; reports in <workspace>/reports/monitor, the Evidently UI workspace in <workspace>/evidently, gauges in
+    <workspace>/metrics. Exit 5 quality drop, 3 drift, 6 too little data for a verdict, 0 all checked and fine."""
+    from monitoring.errors import DriftDetectedError
+    from monitoring.monitor import (InsufficientDataError, MonitorPaths, MonitorSettings, QualityDropError, parse_end,
+                                    parse_window, run_monitor)
+    from treeops.errors import EXIT_DRIFT, EXIT_NO_DATA, EXIT_QUALITY
+
+    ws = Workspace.resolve(workspace)
+    stop = parse_end(end)
+    start = stop - parse_window(window)
+    result = run_monitor(model_name, start, stop, MonitorPaths.in_workspace(ws.root, model_name, log_root),
+                         version=version, settings=MonitorSettings())
+    failures = {
+        EXIT_QUALITY: QualityDropError(f"quality drop: version(s) {[v.version for v in result.versions if v.quality_dropped]} "
+                                       f"of {model_name} scored below their holdout bounds on labelled traffic"),
+        EXIT_DRIFT: DriftDetectedError(f"drift detected: version(s) "
+                                       f"{[v.version for v in result.versions if v.drift and v.drift.drift_detected]} "
+                                       f"of {model_name} drifted from their training reference"),
+        EXIT_NO_DATA: InsufficientDataError("too little data for a verdict: " + "; ".join(
+            why for v in result.versions for why in v.skipped)),
+    }
+    _emit(as_json, result.to_dict(), result.lines(), failure=failures.get(result.exit_code))
+
+
 TritonUrlOpt = Annotated[
     str | None, typer.Option("--triton-url", help="gRPC address of a running Triton to switch live (explicit mode)")
 ]
@@ -590,6 +656,21 @@ def bench_training(
         result = run_dask_training_benchmark(rows, ws.data_dir, workers=workers, max_rounds=max_rounds)
     else:
         result = run_training_benchmark(rows, ws.data_dir, max_rounds=max_rounds)
+    _emit(as_json, result.to_dict(), result.lines())
+
+
+@bench_app.command("monitor")
+def bench_monitor(
+    rows: Annotated[int, typer.Option(help="logged predictions in the monitored hour", min=1000)] = 1_000_000,
+    labelled_share: Annotated[float, typer.Option(help="share of them with a label", min=0, max=1)] = 0.5,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """`treeops monitor --window 1h` over N logged predictions (log, labels and reference set up first, not timed)."""
+    from bench.monitor import run_monitor_benchmark
+
+    ws = Workspace.resolve(workspace)
+    result = run_monitor_benchmark(rows, ws.root / "bench_monitor", labelled_share=labelled_share)
     _emit(as_json, result.to_dict(), result.lines())
 
 
