@@ -28,14 +28,21 @@ features missing (NaN), sets `treeops_degraded` and counts the answer in the Tri
 response parameter: tritonserver 2.51's Python backend cannot set those (`InferenceResponse` takes only
 `output_tensors` and `error`; `parameters=` raises TypeError, and libtriton_python.so calls no
 `TRITONBACKEND_ResponseSet*Parameter`). Config parameter `treeops_degraded_output` describes it.
+
+Every request is counted in the serving metrics (serving_monitor.py) and, with the prediction log on (env
+TREEOPS_PREDICTION_LOG_DIR), logged with its raw fields, the history features computed here (the stateless ones
+are computed inside the graph), transaction_id, entity, score and degraded flag; a refused or failed request with
+its error instead (and its transaction ids when they were decoded).
 """
 
 import json
 import os
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from online_history import OnlineHistory, StoreUnavailable, connect, late_us_of, redacted
+from serving_monitor import ServingMonitor
 from version_files import verify_files
 
 URL_ENV = "TREEOPS_ONLINE_STORE_URL"
@@ -43,11 +50,11 @@ TIMEOUT_ENV = "TREEOPS_ONLINE_STORE_TIMEOUT_S"
 RETRIES_ENV = "TREEOPS_ONLINE_STORE_RETRIES"
 READ_ONLY_PARAMETER = "treeops_read_only"
 DEGRADED_OUTPUT = "treeops_degraded"
-DEGRADED_METRIC = "treeops_degraded_answers_total"
 POLICIES = ("error", "score_without_history")
 MIN_TIME_US = 631_152_000_000_000  # 1990-01-01T00:00:00Z
 MAX_TIME_US = 7_258_118_400_000_000  # 2200-01-01T00:00:00Z
 _KINDS = {"TYPE_STRING": "string", "TYPE_INT64": "int64", "TYPE_FP64": "double"}
+_ARROW = {"string": "string", "int64": "int64", "double": "float64"}
 
 
 class RequestError(Exception):
@@ -85,11 +92,10 @@ class TritonPythonModel:
         self.graph_inputs = [i.name for i in self.session.get_inputs()]
         self.history = self._history(params["store_namespace"], features, late_us_of(fitted))
         self.names = list(self.history.names)
-        self.family = pb_utils.MetricFamily(
-            name=DEGRADED_METRIC, description="raw-transaction answers scored without history (online store down)",
-            kind=pb_utils.MetricFamily.COUNTER)
-        self.degraded_count = self.family.Metric(labels={"model": args["model_name"],
-                                                         "version": args["model_version"]})
+        import pyarrow as pa
+
+        self.monitor = ServingMonitor(pb_utils, args, config, params, folder, self.names,
+                                      [(n, getattr(pa, _ARROW[k])()) for n, k in self.fields])
 
     @staticmethod
     def _session(folder):
@@ -117,19 +123,28 @@ class TritonPythonModel:
     # --- per batch -------------------------------------------------------------------------------
 
     def execute(self, requests):
+        self._started, self._arrival = time.perf_counter_ns(), time.time_ns() // 1000
         responses = [None] * len(requests)
+        self._ids = [self.monitor.request_id(r) for r in requests]
         decoded = []  # (request index, columns, read_only)
         for k, request in enumerate(requests):
             try:
                 decoded.append((k, *self._decode(request)))
             except RequestError as exc:
-                responses[k] = self._error(f"{self.label}: {exc}; nothing was written to the online store",
-                                           pb_utils.TritonError.INVALID_ARG)
+                message = f"{self.label}: {exc}; nothing was written to the online store"
+                responses[k] = self._error(message, pb_utils.TritonError.INVALID_ARG)
+                self._log_error(k, message, None)
         for read_only in (False, True):
             part = [d for d in decoded if d[2] is read_only]
             if part:
                 self._score(part, read_only, responses)
+        self.monitor.publish()
         return responses
+
+    def _log_error(self, k, message, columns):
+        if self.monitor.should_log(self._ids[k]):
+            self.monitor.log.append(self._ids[k], self._arrival, error=message,
+                                    transaction_id=None if columns is None else columns[self.transaction_id])
 
     def _decode(self, request):
         """(columns by field name, read_only) of one request, or RequestError naming the field and row."""
@@ -171,12 +186,13 @@ class TritonPythonModel:
             if self.policy == "error":
                 message = (f"{self.label}: {exc}; retry later (a retried transaction_id is counted once), or "
                            "export with --on-store-unavailable score_without_history")
-                for k, _, _ in part:
+                for k, columns, _ in part:
                     responses[k] = self._error(message, pb_utils.TritonError.UNAVAILABLE)
+                    self._log_error(k, message, columns)
                 return
             history = np.full((len(cols[self.time]), len(self.names)), np.nan)
             degraded = True
-            self.degraded_count.increment(len(part))
+            self.monitor.degraded.increment(len(part))
         feeds = {}
         for name in self.graph_inputs:
             if name in cols:
@@ -184,12 +200,20 @@ class TritonPythonModel:
             else:
                 feeds[name] = history[:, self.names.index(name)].astype(np.float32).reshape(-1, 1)
         scores = self.session.run([self.output], feeds)[0]
-        start = 0
+        monitor, start = self.monitor, 0
         for k, columns, _ in part:
             n = len(columns[self.time])
             flag = np.full((n, 1), degraded, dtype=np.bool_)
+            answer = scores[start : start + n]
             responses[k] = pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(self.output, scores[start : start + n]), pb_utils.Tensor(DEGRADED_OUTPUT, flag)])
+                pb_utils.Tensor(self.output, answer), pb_utils.Tensor(DEGRADED_OUTPUT, flag)])
+            monitor.answered(answer, self._started)
+            if monitor.should_log(self._ids[k]):
+                monitor.log.append(self._ids[k], self._arrival, score=answer[:, -1],
+                                   features=history[start : start + n].astype(np.float32), raw=columns,
+                                   transaction_id=columns[self.transaction_id],
+                                   entity=np.char.add(f"{self.entity}=", columns[self.entity].astype(str)),
+                                   degraded=degraded)
             start += n
 
     @staticmethod
@@ -197,6 +221,7 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
     def finalize(self):
+        self.monitor.close()  # flushes the prediction log: nothing queued is lost on unload or SIGTERM
         self.session = None
         self.history = None
 
