@@ -280,6 +280,9 @@ def monitor_version(
         if labelled.height < settings.min_labelled:
             skipped = (f"quality: {labelled.height} of {answered.height} predictions have labels, fewer than "
                        f"min_labelled {settings.min_labelled}; ingest them with `treeops labels --data FILE`",)
+        elif labelled[LABEL].n_unique() < 2:
+            skipped = (f"quality: all {labelled.height} labelled predictions have label {labelled[LABEL][0]}; ROC "
+                       "and PR AUC need both classes: widen --window or ingest more labels",)
         else:
             quality = _quality(labelled, reference, settings, staging, end, snapshots)
         result = VersionWindow(**base, drift=drifted, quality=quality, skipped=skipped, folder=final)
@@ -339,10 +342,6 @@ def _quality(labelled: pl.DataFrame, reference: Reference, settings: MonitorSett
     frame = labelled.select(pl.col(SCORE), pl.col(LABEL).cast(pl.Int64))
     if frame.height > settings.max_quality_rows:
         frame = frame.sample(settings.max_quality_rows, seed=drift.SAMPLE_SEED)
-    if frame[LABEL].n_unique() < 2:
-        raise InsufficientDataError(
-            f"all {frame.height} labelled predictions of version {reference.version} have label "
-            f"{frame[LABEL][0]}; quality needs both classes: widen --window or ingest more labels")
     bounds = {}
     for name, (setting, direction) in _BOUNDS.items():
         holdout, allowed = reference.figures[name], getattr(settings, setting)
@@ -451,20 +450,22 @@ def run_monitor(model: str, start: dt.datetime, end: dt.datetime, paths: Monitor
     from monitoring.prediction_log import read_window
     from monitoring.reference import read_reference
 
-    rows = read_window(paths.log_root, model, start, end, version=version)
-    source = paths.log_root / f"model={model}"
-    if rows.height == 0:
+    model_dir = paths.log_root / f"model={model}"
+    logged = [version] if version is not None else sorted(
+        int(p.name.removeprefix("version=")) for p in model_dir.glob("version=*") if p.name[8:].isdigit())
+    # one read per version folder, so a segment written under another version's folder is caught by its rows
+    by_version = {v: rows for v in logged if (rows := read_window(paths.log_root, model, start, end, version=v)).height}
+    if not by_version:
         which = f"version {version} of model {model}" if version is not None else f"model {model}"
-        raise InsufficientDataError(f"no logged predictions of {which} in {source} from {start.isoformat()} to "
+        raise InsufficientDataError(f"no logged predictions of {which} in {model_dir} from {start.isoformat()} to "
                                     f"{end.isoformat()}; nothing was written. Check --end/--window and that serving "
                                     "logs predictions")
     labels = read_labels(paths.labels_dir)
     record = evidently_project(paths.evidently_workspace, model)
     windows = []
-    for v in sorted(int(x) for x in rows[VERSION].unique().to_list()):
+    for v, rows in by_version.items():
         reference = read_reference(paths.model_repository / model / str(v))
-        windows.append(monitor_version(
-            rows.filter(pl.col(VERSION) == v), reference, labels, paths.reports_dir, model=model, start=start, end=end,
-            source=str(source / f"version={v}"), settings=settings, record=record))
+        windows.append(monitor_version(rows, reference, labels, paths.reports_dir, model=model, start=start, end=end,
+                                       source=str(model_dir / f"version={v}"), settings=settings, record=record))
     write_gauges(paths.metrics_file, windows)
     return MonitorResult(model, start, end, tuple(windows), paths.metrics_file, paths.evidently_workspace)

@@ -17,10 +17,12 @@ from export.parity import reference_scores
 from monitoring.labels import LABELLED_AT, SCHEMA
 from monitoring.monitor import (
     LogSchemaError,
+    MonitorPaths,
     MonitorSettings,
     evidently_project,
     monitor_version,
     parse_window,
+    run_monitor,
     write_gauges,
 )
 from monitoring.prediction_log import read_window
@@ -240,3 +242,29 @@ def test_monitor_benchmark_runs_small(tmp_path):
     print("\n".join(result.lines()))
     assert (result.rows, result.labelled) == (5000, 2500)
     assert (Path(result.folder) / "result.json").is_file()
+
+
+def test_a_segment_under_another_versions_folder_is_named(trained, bundle, tmp_path):
+    """A segment of version 99 moved into version 1's folder: refused naming that folder, nothing written."""
+    traffic(bundle, tmp_path / "other", rows=500)
+    raw = generate_transactions(GenerateSpec(rows=300, seed=5))
+    x = bundle.fitted.matrix_raw(raw)
+    log_predictions(tmp_path / "log99", bundle.fitted.spec.names, x, reference_scores(bundle.booster, x)[:, -1],
+                    raw["transaction_id"].cast(pl.String).to_list(), version=99, end=END)
+    shutil.copytree(tmp_path / "other", tmp_path / "ws" / "prediction_log")
+    segment = next((tmp_path / "log99").rglob("*.parquet"))
+    own = next((tmp_path / "ws" / "prediction_log").rglob("*.parquet")).parent
+    shutil.copy(segment, own / f"misplaced-{segment.name}")
+    shutil.copytree(trained.repository.model_dir(MODEL), tmp_path / "ws" / "model_repository" / MODEL)
+    paths = MonitorPaths.in_workspace(tmp_path / "ws", MODEL)
+    folder = paths.log_root / f"model={MODEL}" / f"version={bundle.ref.version}"
+    with pytest.raises(LogSchemaError, match=rf"{folder} holds rows of version\(s\) \[99\]"):
+        run_monitor(MODEL, START, END, paths)
+    assert not paths.reports_dir.exists() and not paths.metrics_file.exists()
+
+
+def test_labels_of_one_class_skip_quality(bundle, reference, tmp_path):
+    frame, labels = traffic(bundle, tmp_path / "log", rows=1000)
+    window = monitor_version(frame, reference, labels.with_columns(pl.lit(0, pl.Int8).alias("label")), tmp_path,
+                             model=MODEL, start=START, end=END, source="log")
+    assert window.quality is None and "both classes" in window.skipped[0] and window.exit_code == EXIT_NO_DATA
