@@ -1,0 +1,266 @@
+"""The prediction log written inside Triton (backends/prediction_log.py) and read back (monitoring/prediction_log.py).
+
+Real tritonserver for the feature-tensor model and for the raw-transaction model (real Redis); the ring, sampling,
+retention and the reader's handling of torn segments are checked in-process on real files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tritonclient.grpc as grpcclient
+
+from backends.prediction_log import PredictionLog, Settings, sampled
+from export.pipeline import ExportSettings, export_model
+from export.repository import ModelRepository
+from monitoring import metric_names
+from monitoring.prediction_log import FIXED_SCHEMA, read_window
+from redis_fixtures import local_redis
+from server.launcher import TritonServer
+from server.settings import TritonSettings
+from test_online_serving import MODEL as RAW_MODEL
+from test_online_serving import export_online
+from training.generate import GenerateSpec, generate_transactions, write_transactions
+from training.pipeline import train_and_register
+from training.train import TrainParams
+from treeops.workspace import Workspace
+from triton_fixtures import serving
+
+FEATURE_MODEL = "logged"
+ALL_TIME = (dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2200, 1, 1, tzinfo=dt.UTC))
+RAW_TYPES = {"transaction_id": "INT64", "card_id": "INT64", "timestamp": "INT64", "amount": "FP64",
+             "merchant_category": "BYTES", "country": "BYTES", "channel": "BYTES"}
+
+
+# --- in-process: ring, sampling, retention, reader ---------------------------------------------------------------
+
+def _settings(root: Path, **env: str) -> Settings:
+    return Settings({"TREEOPS_PREDICTION_LOG_DIR": str(root), **env})
+
+
+def test_full_ring_drops_and_counts_without_blocking(tmp_path: Path):
+    log = PredictionLog(_settings(tmp_path, TREEOPS_PREDICTION_LOG_RING_SIZE="5",
+                                  TREEOPS_PREDICTION_LOG_FLUSH_INTERVAL_S="60"), "m", 1, ["a"])
+    now = time.time_ns() // 1000
+    kept = [log.append(f"r{i}", now, score=np.array([0.5]), features=np.ones((1, 1), np.float32)) for i in range(12)]
+    assert kept == [True] * 5 + [False] * 7
+    assert log.dropped == 7
+    assert log.lag_s() >= 0.0
+    log.close()
+    frame = read_window(tmp_path, "m", *ALL_TIME)
+    assert frame["request_id"].to_list() == [f"r{i}" for i in range(5)]
+    assert log.lag_s() == 0.0
+
+
+def test_sampling_is_a_function_of_the_request_id():
+    ids = [f"req-{i}" for i in range(20_000)]
+    first = [sampled(i, 0.25) for i in ids]
+    assert first == [sampled(i, 0.25) for i in ids]  # a retry gets the same decision
+    assert 0.23 < sum(first) / len(ids) < 0.27
+    assert all(sampled(i, 1.0) for i in ids[:100]) and not any(sampled(i, 0.0) for i in ids[:100])
+
+
+def test_retention_deletes_the_oldest_segments(tmp_path: Path):
+    settings = _settings(tmp_path, TREEOPS_PREDICTION_LOG_FLUSH_INTERVAL_S="60")
+    log = PredictionLog(settings, "m", 1, [f"f{j}" for j in range(20)])
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        log.append(f"r{i}", time.time_ns() // 1000, score=rng.random(50), features=rng.random((50, 20)))
+        log.flush()
+        if i == 0:  # room for two and a half segments of this size
+            settings.max_bytes = int(next(tmp_path.rglob("*.parquet")).stat().st_size * 2.5)
+    log.close()
+    sizes = [p.stat().st_size for p in tmp_path.rglob("*.parquet")]
+    assert 0 < sum(sizes) <= settings.max_bytes and len(sizes) == 2
+    kept = read_window(tmp_path, "m", *ALL_TIME)["request_id"].unique(maintain_order=True).to_list()
+    assert kept == ["r4", "r5"]  # the newest survive
+
+
+def test_torn_and_foreign_segments_are_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    log = PredictionLog(_settings(tmp_path, TREEOPS_PREDICTION_LOG_FLUSH_INTERVAL_S="60"), "m", 1, ["a"])
+    for i in range(3):
+        log.append(f"r{i}", time.time_ns() // 1000, score=np.array([0.1]), features=np.ones((1, 1), np.float32))
+        log.flush()
+    log.close()
+    torn, foreign = sorted(tmp_path.rglob("*.parquet"))[:2]
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    pq.write_table(pa.table({"request_id": ["x"], "other": [1]}), foreign)
+    (torn.parent / ".partial.parquet.tmp").write_bytes(b"PAR1")
+    with caplog.at_level(logging.WARNING, logger="monitoring.prediction_log"):
+        frame = read_window(tmp_path, "m", *ALL_TIME)
+    assert frame["request_id"].to_list() == ["r2"]
+    warnings = "\n".join(r.getMessage() for r in caplog.records)
+    assert str(torn) in warnings and "torn" in warnings
+    assert str(foreign) in warnings and "another schema" in warnings
+    assert ".partial.parquet.tmp" in warnings
+
+
+def test_empty_window_has_the_fixed_columns(tmp_path: Path):
+    frame = read_window(tmp_path, "nothing", *ALL_TIME)
+    assert frame.is_empty() and dict(frame.schema) == FIXED_SCHEMA
+    with pytest.raises(ValueError, match="timezone-aware"):
+        read_window(tmp_path, "m", dt.datetime(2020, 1, 1), dt.datetime(2021, 1, 1))
+
+
+# --- through a real Triton ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def feature_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """A small model exported as the Python-backend ONNX target (feature tensor in, logged server-side)."""
+    ws = Workspace(tmp_path_factory.mktemp("logged"))
+    before = mlflow.get_tracking_uri()
+    data = write_transactions(generate_transactions(GenerateSpec(rows=3_000, seed=11)), ws.data_dir / "t.parquet")
+    try:
+        train_and_register(data, "is_fraud", FEATURE_MODEL, params=TrainParams(num_boost_round=10),
+                           tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
+        mlflow.set_tracking_uri(ws.tracking_uri)
+        export_model(FEATURE_MODEL, ModelRepository(ws.model_repository),
+                     settings=ExportSettings(target="python-onnx"))
+    finally:
+        mlflow.set_tracking_uri(before)
+    return ws
+
+
+def _log_env(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """tritonserver's environment carries TritonSettings' prediction-log variables (inherited by the launcher)."""
+    for key, value in TritonSettings(prediction_log_dir=root).prediction_log_environment().items():
+        monkeypatch.setenv(key, value)
+
+
+def _terminate(server: TritonServer) -> None:
+    """A graceful stop as Kubernetes does it: SIGTERM to tritonserver, which unloads every model (finalize) and exits."""
+    os.kill(server.pid, signal.SIGTERM)
+    server._proc.wait(timeout=30)
+
+
+def _metrics(server: TritonServer) -> dict[str, float]:
+    text = urllib.request.urlopen(server.settings.metrics_url, timeout=5).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("treeops_")}
+
+
+def _features(client: grpcclient.InferenceServerClient, x: np.ndarray, request_id: str) -> np.ndarray:
+    inp = grpcclient.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer(FEATURE_MODEL, [inp], request_id=request_id).as_numpy("probabilities")
+
+
+@pytest.mark.triton
+def test_feature_model_logs_every_answered_request(feature_ws: Workspace, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    _log_env(monkeypatch, tmp_path / "log")
+    n_features = int(ModelRepository(feature_ws.model_repository).metadata(FEATURE_MODEL, 1)["n_features"])
+    rng = np.random.default_rng(1)
+    sent = {}
+    with serving(feature_ws, models=[FEATURE_MODEL], exit_timeout_s=5) as server:
+        with grpcclient.InferenceServerClient(server.settings.grpc_url) as client:
+            for i in range(40):
+                x = rng.random((1 + i % 3, n_features), dtype=np.float32)
+                x[0, i % n_features] = np.nan
+                sent[f"req-{i}"] = (x, _features(client, x, f"req-{i}"))
+        rows = sum(len(x) for x, _ in sent.values())
+        metrics = _metrics(server)
+        _terminate(server)
+    decisions = {k: v for k, v in metrics.items() if k.startswith(metric_names.PREDICTIONS.name)}
+    assert sum(decisions.values()) == rows
+    assert set(decisions) <= {f'{metric_names.PREDICTIONS.name}{{decision="{d}",model="{FEATURE_MODEL}",version="1"}}'
+                              for d in ("positive", "negative")}
+    histogram = metric_names.REQUEST_DURATION
+    assert metrics[f'{histogram.name}_count{{model="{FEATURE_MODEL}",version="1"}}'] == len(sent)  # no warm-up
+    prefix = f'{histogram.name}_bucket{{model="{FEATURE_MODEL}",version="1",le="'
+    # Triton writes the bounds as %g ("1", not le_label's "1.0"; Prometheus 3 normalises both on scrape)
+    assert {k[len(prefix):-2] for k in metrics if k.startswith(prefix)} == {f"{b:g}" for b in histogram.buckets} | {
+        "+Inf"}
+    frame = read_window(tmp_path / "log", FEATURE_MODEL, *ALL_TIME)
+    assert frame.height == rows  # lossless on a graceful stop, warm-up requests not logged
+    assert sorted(frame["request_id"].unique().to_list()) == sorted(sent)
+    assert frame["error"].null_count() == rows and frame["transaction_id"].null_count() == rows
+    features = [c for c in frame.columns if c.startswith("feature.")]
+    assert len(features) == n_features
+    for request_id, (x, scores) in sent.items():
+        got = frame.filter(pl.col("request_id") == request_id)
+        np.testing.assert_array_equal(got.select(features).to_numpy(), x)
+        np.testing.assert_array_equal(got["score"].to_numpy(), scores[:, -1].astype(np.float64))
+    assert (frame["model"] == FEATURE_MODEL).all() and (frame["version"] == 1).all()
+
+
+@pytest.mark.triton
+def test_kill_9_loses_at_most_the_unflushed_tail(feature_ws: Workspace, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch):
+    _log_env(monkeypatch, tmp_path / "log")
+    n_features = int(ModelRepository(feature_ws.model_repository).metadata(FEATURE_MODEL, 1)["n_features"])
+    x = np.zeros((1, n_features), np.float32)
+    with serving(feature_ws, models=[FEATURE_MODEL], exit_timeout_s=5) as server:
+        with grpcclient.InferenceServerClient(server.settings.grpc_url) as client:
+            for i in range(20):
+                _features(client, x, f"early-{i}")
+            time.sleep(2.5)  # > flush interval (1 s) + one segment write
+            for i in range(20):
+                _features(client, x, f"late-{i}")
+        os.killpg(server.pid, signal.SIGKILL)
+        server._proc.wait(timeout=10)
+    frame = read_window(tmp_path / "log", FEATURE_MODEL, *ALL_TIME)
+    ids = set(frame["request_id"].to_list())
+    assert {f"early-{i}" for i in range(20)} <= ids
+    assert ids <= {f"early-{i}" for i in range(20)} | {f"late-{i}" for i in range(20)}
+
+
+@pytest.mark.triton
+def test_raw_model_logs_raw_fields_features_and_errors(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    _log_env(monkeypatch, tmp_path / "log")
+    exported = export_online(Workspace(tmp_path_factory.mktemp("raw")))
+    stream = (generate_transactions(GenerateSpec(rows=30, seed=9), first_id=70_000_000).drop("is_fraud")
+              .sort("timestamp", "transaction_id").with_columns(pl.col("timestamp").dt.epoch("us")))
+    rows = stream.to_dicts()
+    answers = {}
+    with local_redis(tmp_path_factory.mktemp("redis")) as store, \
+            serving(exported.ws, models=[RAW_MODEL], online_store_url=store.url, exit_timeout_s=5) as server:
+        with grpcclient.InferenceServerClient(server.settings.grpc_url) as client:
+            for row in rows:
+                answers[str(row["transaction_id"])] = client.infer(
+                    RAW_MODEL, _raw_inputs(row), request_id=f"t-{row['transaction_id']}").as_numpy("probabilities")
+            bad = {**rows[0], "transaction_id": 1, "amount": -5.0}
+            with pytest.raises(Exception, match="amount"):
+                client.infer(RAW_MODEL, _raw_inputs(bad), request_id="bad-1")
+        _terminate(server)
+    frame = read_window(tmp_path / "log", RAW_MODEL, *ALL_TIME)
+    assert frame.height == len(rows) + 1
+    failed = frame.filter(pl.col("error").is_not_null())
+    assert failed["request_id"].to_list() == ["bad-1"] and "amount" in failed["error"][0]
+    assert failed["score"].is_null().all() and failed["raw.amount"].is_null().all()
+    ok = frame.filter(pl.col("error").is_null())
+    assert sorted(ok["transaction_id"].to_list()) == sorted(answers)
+    assert not ok["degraded"].any()
+    by_id = {r["transaction_id"]: r for r in ok.to_dicts()}
+    for row in rows:
+        got = by_id[str(row["transaction_id"])]
+        assert got["entity"] == f"card_id={row['card_id']}"
+        assert got["score"] == pytest.approx(float(answers[str(row["transaction_id"])][0, -1]), abs=0)
+        for name in RAW_TYPES:
+            assert got[f"raw.{name}"] == row[name]
+    history = [c for c in ok.columns if c.startswith("feature.")]
+    assert history and ok.select(history).null_count().sum_horizontal()[0] == 0
+
+
+def _raw_inputs(row: dict) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, datatype in RAW_TYPES.items():
+        values = np.array([[row[name]]], dtype=object if datatype == "BYTES" else
+                          {"INT64": np.int64, "FP64": np.float64}[datatype])
+        inp = grpcclient.InferInput(name, list(values.shape), datatype)
+        inp.set_data_from_numpy(values)
+        inputs.append(inp)
+    return inputs
