@@ -460,12 +460,13 @@ def run_monitor(model: str, start: dt.datetime, end: dt.datetime, paths: Monitor
         raise InsufficientDataError(f"no logged predictions of {which} in {model_dir} from {start.isoformat()} to "
                                     f"{end.isoformat()}; nothing was written. Check --end/--window and that serving "
                                     "logs predictions")
+    references = {v: read_reference(paths.model_repository / model / str(v)) for v in by_version}
+    for v, rows in by_version.items():  # every version's input checked before anything is written
+        _check_schema(rows, references[v], str(model_dir / f"version={v}"))
     labels = read_labels(paths.labels_dir)
     record = evidently_project(paths.evidently_workspace, model)
-    windows = []
-    for v, rows in by_version.items():
-        reference = read_reference(paths.model_repository / model / str(v))
-        windows.append(monitor_version(rows, reference, labels, paths.reports_dir, model=model, start=start, end=end,
-                                       source=str(model_dir / f"version={v}"), settings=settings, record=record))
+    windows = [monitor_version(rows, references[v], labels, paths.reports_dir, model=model, start=start, end=end,
+                               source=str(model_dir / f"version={v}"), settings=settings, record=record)
+               for v, rows in by_version.items()]
     write_gauges(paths.metrics_file, windows)
     return MonitorResult(model, start, end, tuple(windows), paths.metrics_file, paths.evidently_workspace)
