@@ -8,8 +8,7 @@ monitoring/prediction_log.py reads:
 
 - `append` (request path) is O(1) and never blocks: one deque append; when the ring holds `ring_size` requests the
   record is dropped and counted (`dropped`; serving_monitor.py publishes it as treeops_prediction_log_dropped_total).
-  The writer thread never calls Triton: a custom metric set from a second thread of the stub while the main thread
-  answers requests hung that thread (seen on 2.51), so the metrics are published from the request path.
+
 - The writer thread flushes at least every `flush_interval_s` (and as soon as `flush_rows` rows wait): one segment
   per hour partition, written to a `.tmp` name, fsynced, then renamed, so a complete segment is the only thing with
   the final name. Past `max_bytes` the model's oldest segments (all versions) are deleted.

@@ -143,7 +143,6 @@ class TritonPythonModel:
                         monitor.log.append(request_id, arrival, score=part[:, -1],
                                            raw={n: feeds[n][start : start + size].reshape(-1) for n in self.inputs})
             start += size
-        monitor.publish()
         return responses
 
     def _gather(self, requests, name):

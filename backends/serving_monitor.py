@@ -8,12 +8,15 @@ in its config. They appear on Triton's metrics port (pb_utils.MetricFamily; 2.51
 Warm-up requests are neither counted nor logged: Triton runs each `model_warmup` sample's `batch_size` requests
 `count` times (default 1) on every instance before the version is ready, and they look like any client request
 (empty id, no flags), so the first that many requests an instance executes are skipped.
-The log's lag and dropped count are published from the request path at most every `PUBLISH_INTERVAL_NS` (the
-writer thread never calls Triton), so they are as fresh as the traffic.
+The request path only queues what it measured (deque appends, O(1)); a publisher thread hands it to Triton every
+`PUBLISH_INTERVAL_S` (each metric call is a message to the Triton process), with the log's lag and dropped count.
+So the metrics trail the answers by at most that interval; `close` (finalize) publishes the rest.
 """
 
+import collections
 import json
 import os
+import threading
 import time
 
 import numpy as np
@@ -21,7 +24,7 @@ from prediction_log import PredictionLog, Settings, sampled
 
 METRICS_PARAMETER = "treeops_metrics"
 ROLES = ("request_duration", "predictions", "degraded_answers", "log_lag", "log_dropped")
-PUBLISH_INTERVAL_NS = 500_000_000
+PUBLISH_INTERVAL_S = 0.5
 
 
 class ServingMonitor:
@@ -39,27 +42,33 @@ class ServingMonitor:
         missing = [r for r in ROLES if r not in declared]
         if missing:
             raise ValueError(f"config parameter {METRICS_PARAMETER!r} lacks {missing}: re-export the version")
-        self._pb, self._declared, self.families = pb_utils, declared, []
+        self._pb, self._declared, self._families = pb_utils, declared, {}
         with open(os.path.join(folder, "treeops.json"), encoding="utf-8") as f:
             objective = json.load(f).get("objective", {})
         self.kind = objective.get("kind", "binary")
         self.threshold = float(objective.get("threshold", 0.5))
-        self.duration = self._metric("request_duration")
-        self.decisions = {}
-        self.degraded = self._metric("degraded_answers")
+        self._duration = self._metric("request_duration")
+        self.degraded = self._metric("degraded_answers")  # incremented by the model when it answers degraded
+        self._decisions = {}
+        self._events = collections.deque()  # (seconds, {decision: rows}) per answered request
         settings = Settings()
         self.log = None
         if settings.root:
             self.log = PredictionLog(settings, self.model, self.version, features, raw)
-            self.lag, self.dropped = self._metric("log_lag"), self._metric("log_dropped")
-            self._published_dropped, self._published_ns = 0, 0
+            self._lag, self._dropped = self._metric("log_lag"), self._metric("log_dropped")
+            self._published_dropped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"treeops-metrics-{self.model}", daemon=True)
+        self._thread.start()
 
     def _metric(self, role, **values):
         d = self._declared[role]
-        kinds = {"counter": self._pb.MetricFamily.COUNTER, "gauge": self._pb.MetricFamily.GAUGE,
-                 "histogram": getattr(self._pb.MetricFamily, "HISTOGRAM", None)}
-        family = self._pb.MetricFamily(name=d["name"], description=d["help"], kind=kinds[d["kind"]])
-        self.families.append(family)
+        family = self._families.get(d["name"])
+        if family is None:
+            kinds = {"counter": self._pb.MetricFamily.COUNTER, "gauge": self._pb.MetricFamily.GAUGE,
+                     "histogram": self._pb.MetricFamily.HISTOGRAM}
+            family = self._families[d["name"]] = self._pb.MetricFamily(
+                name=d["name"], description=d["help"], kind=kinds[d["kind"]])
         known = {"model": self.model, "version": self.version, **values}
         unknown = [k for k in d["labels"] if k not in known]
         if unknown:
@@ -69,6 +78,8 @@ class ServingMonitor:
         if d["kind"] == "histogram":
             return family.Metric(labels=labels, buckets=[float(b) for b in d["buckets"]])
         return family.Metric(labels=labels)
+
+    # --- request path ---------------------------------------------------------------------------------------
 
     def warmup(self, requests):
         """How many of `requests` (from the front) are Triton's warm-up requests."""
@@ -84,40 +95,49 @@ class ServingMonitor:
         return self.log is not None and sampled(request_id, self.log.settings.sample_rate)
 
     def answered(self, scores, started_ns):
-        """Count the rows of one answered request by decision and observe its duration."""
-        scores = np.asarray(scores)
+        """Queue one answered request's duration and rows by decision (published by the thread)."""
+        seconds = (time.perf_counter_ns() - started_ns) / 1e9
+        scores = scores.reshape(len(scores), -1)
         if self.kind == "binary":
-            positive = int(np.count_nonzero(scores.reshape(len(scores), -1)[:, -1] >= self.threshold))
-            self._count("positive", positive)
-            self._count("negative", len(scores) - positive)
+            positive = int(np.count_nonzero(scores[:, -1] >= self.threshold))
+            decisions = {"positive": positive, "negative": len(scores) - positive}
         elif self.kind == "multiclass":
-            for label, n in zip(*np.unique(scores.reshape(len(scores), -1).argmax(axis=1), return_counts=True)):
-                self._count(str(label), int(n))
+            labels, counts = np.unique(scores.argmax(axis=1), return_counts=True)
+            decisions = {str(k): int(n) for k, n in zip(labels, counts)}
         else:
-            self._count("value", len(scores))
-        self.duration.observe((time.perf_counter_ns() - started_ns) / 1e9)
+            decisions = {"value": len(scores)}
+        self._events.append((seconds, decisions))
+
+    # --- publisher thread -----------------------------------------------------------------------------------
+
+    def _run(self):
+        while not self._stop.wait(PUBLISH_INTERVAL_S):
+            self.publish()
 
     def publish(self):
-        """The log's lag and dropped count to the metrics (cheap unless PUBLISH_INTERVAL_NS passed)."""
-        if self.log is None:
-            return
-        now = time.monotonic_ns()
-        if now - self._published_ns < PUBLISH_INTERVAL_NS:
-            return
-        self._published_ns = now
-        self.lag.set(self.log.lag_s())
-        dropped = self.log.dropped
-        if dropped > self._published_dropped:
-            self.dropped.increment(dropped - self._published_dropped)
-            self._published_dropped = dropped
-
-    def _count(self, decision, n):
-        if n:
-            metric = self.decisions.get(decision)
-            if metric is None:
-                metric = self.decisions[decision] = self._metric("predictions", decision=decision)
-            metric.increment(n)
+        """Hand every queued measurement, and the log's lag and dropped count, to Triton's metrics."""
+        events, rows = self._events, collections.Counter()
+        for _ in range(len(events)):
+            seconds, decisions = events.popleft()
+            self._duration.observe(seconds)
+            rows.update(decisions)
+        for decision, n in rows.items():
+            if n:
+                metric = self._decisions.get(decision)
+                if metric is None:
+                    metric = self._decisions[decision] = self._metric("predictions", decision=decision)
+                metric.increment(n)
+        if self.log is not None:
+            self._lag.set(self.log.lag_s())
+            dropped = self.log.dropped
+            if dropped > self._published_dropped:
+                self._dropped.increment(dropped - self._published_dropped)
+                self._published_dropped = dropped
 
     def close(self):
+        """Flush the log and publish what is queued (model finalize)."""
+        self._stop.set()
+        self._thread.join()
         if self.log is not None:
             self.log.close()
+        self.publish()

@@ -171,14 +171,17 @@ def test_feature_model_logs_every_answered_request(feature_ws: Workspace, tmp_pa
                 x[0, i % n_features] = np.nan
                 sent[f"req-{i}"] = (x, _features(client, x, f"req-{i}"))
         rows = sum(len(x) for x, _ in sent.values())
-        metrics = _metrics(server)
+        histogram = metric_names.REQUEST_DURATION
+        count = f'{histogram.name}_count{{model="{FEATURE_MODEL}",version="1"}}'
+        deadline = time.monotonic() + 5  # published every 0.5 s, off the request path
+        while (metrics := _metrics(server)).get(count) != len(sent) and time.monotonic() < deadline:
+            time.sleep(0.1)
         _terminate(server)
     decisions = {k: v for k, v in metrics.items() if k.startswith(metric_names.PREDICTIONS.name)}
     assert sum(decisions.values()) == rows
     assert set(decisions) <= {f'{metric_names.PREDICTIONS.name}{{decision="{d}",model="{FEATURE_MODEL}",version="1"}}'
                               for d in ("positive", "negative")}
-    histogram = metric_names.REQUEST_DURATION
-    assert metrics[f'{histogram.name}_count{{model="{FEATURE_MODEL}",version="1"}}'] == len(sent)  # no warm-up
+    assert metrics[count] == len(sent)  # warm-up requests are not counted
     prefix = f'{histogram.name}_bucket{{model="{FEATURE_MODEL}",version="1",le="'
     # Triton writes the bounds as %g ("1", not le_label's "1.0"; Prometheus 3 normalises both on scrape)
     assert {k[len(prefix):-2] for k in metrics if k.startswith(prefix)} == {f"{b:g}" for b in histogram.buckets} | {
