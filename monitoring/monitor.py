@@ -389,12 +389,34 @@ def evidently_project(workspace: Path, model: str) -> Callable[[str, Any], None]
     ws = EvidentlyWorkspace.create(str(workspace))
     name = f"treeops {model}"
     found = ws.search_project(name)
-    project = found[0] if found else ws.create_project(name, description=f"treeops monitor windows of model {model}")
+    project = found[0] if found else _new_project(ws, name, model)
 
     def record(run_name: str, snapshot: Any) -> None:
         ws.add_run(project.id, snapshot, name=run_name)
 
     return record
+
+
+#: Dashboard panels of a new project: metric type (as Evidently names it) -> legend, per tab.
+_PANELS = {
+    "Drift": ("Share of drifted columns (features and score)", {"DriftedColumnsCount": "drift share"}),
+    "Quality": ("Quality on labelled traffic", {"RocAuc": "ROC AUC", "PrAuc": "PR AUC", "Precision": "precision",
+                                                "Recall": "recall", "CalibrationError": "calibration error"}),
+}
+
+
+def _new_project(ws: Any, name: str, model: str) -> Any:
+    """A project whose dashboard plots each window's drift share and quality figures over time."""
+    from evidently.sdk.models import PanelMetric
+    from evidently.sdk.panels import line_plot_panel
+
+    project = ws.create_project(name, description=f"treeops monitor windows of model {model}")
+    for tab, (title, metrics) in _PANELS.items():
+        values = [PanelMetric(legend=legend, metric=metric,
+                              metric_labels={"value_type": "share"} if metric == "DriftedColumnsCount" else {})
+                  for metric, legend in metrics.items()]
+        project.dashboard.add_panel(line_plot_panel(title, values), tab=tab)
+    return project
 
 
 def write_gauges(path: Path, windows: Sequence[VersionWindow]) -> None:

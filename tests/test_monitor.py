@@ -181,6 +181,11 @@ def test_windows_reach_the_evidently_workspace_and_the_gauges(bundle, reference,
     ws = Workspace(str(tmp_path / "evidently"))
     project = ws.search_project(f"treeops {MODEL}")[0]
     assert len(ws.list_runs(project.id)) == 2
+    panels = {p.title: [v.metric.rsplit(":", 1)[-1] for v in p.values] for p in project.dashboard.model().panels}
+    assert panels["Quality on labelled traffic"] == ["RocAuc", "PrAuc", "Precision", "Recall", "CalibrationError"]
+    snapshot = json.loads((window.folder / "quality.json").read_text())
+    assert {m["config"]["type"].rsplit(":", 1)[-1] for m in snapshot["metrics"]} == set(
+        panels["Quality on labelled traffic"])  # every plotted metric is one the windows record
     metrics = tmp_path / "metrics" / "monitor.prom"
     write_gauges(metrics, [window])
     text = metrics.read_text()
