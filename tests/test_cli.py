@@ -105,7 +105,7 @@ def test_the_same_port_twice_is_an_invalid_setting_not_tritons_usage(command, tm
 
 @pytest.mark.parametrize(("args", "code", "kind", "message"), [
     (["train", "--data", "missing.csv"], 1, "DataError", "missing.csv does not exist"),
-    (["train", "--data", "x.csv", "--engine", "spark"], 2, "InvalidSettingsError", "unknown engine 'spark'"),
+    (["train", "--data", "x.csv", "--engine", "spark"], 2, "SettingsError", "unknown engine 'spark'"),
     (["train", "--data", "x.csv", "--no-such-flag"], 2, "InvalidSettingsError", "No such option: --no-such-flag"),
     (["serve", "--http-port", "0"], 2, "InvalidSettingsError", "invalid setting (TritonSettings): http_port"),
     (["score", "--data", "missing.parquet"], 1, "ScoringError", "is not in the repository"),

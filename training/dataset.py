@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from training.errors import DataError
-from training.ingest import _first_unparseable
+from training.ingest import first_unparseable
 from training.objectives import check_target_values
 
 #: A fixed seed: the same key lands in the same partition in every process and every run.
@@ -98,7 +98,7 @@ def open_dataset(source: str, schema: Mapping[str, pl.DataType], entity_key: str
 def _first_text(files: list[str], column: str, dtype: pl.DataType) -> str:
     """`, and row R of FILE holds 'V'` for the first value (in file order) that is not a number; read on failure only."""
     for path in files:
-        bad = _first_unparseable(pl.scan_parquet(path), column, dtype)
+        bad = first_unparseable(pl.scan_parquet(path), column, dtype)
         if bad is not None:
             return f", and row {bad[0]} of {path} holds {bad[1]!r}"
     return ""

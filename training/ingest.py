@@ -91,7 +91,7 @@ def load_raw(path: Path | str, schema: Mapping[str, pl.DataType], extra: tuple[s
     for name, dtype in schema.items():
         src = have[name]
         if dtype.is_numeric() and not src.is_numeric():
-            bad = _first_unparseable(lf, name, dtype)
+            bad = first_unparseable(lf, name, dtype)
             if bad is not None:
                 raise DataError(
                     f"data file {path}: column {name!r} must be numeric ({dtype}), "
@@ -112,7 +112,7 @@ def load_raw(path: Path | str, schema: Mapping[str, pl.DataType], extra: tuple[s
     return lf.select(*schema, *extra)
 
 
-def _first_unparseable(lf: pl.LazyFrame, name: str, dtype: pl.DataType) -> tuple[int, str] | None:
+def first_unparseable(lf: pl.LazyFrame, name: str, dtype: pl.DataType) -> tuple[int, str] | None:
     row = (
         lf.with_row_index("_row")
         .filter(pl.col(name).is_not_null() & pl.col(name).cast(dtype, strict=False).is_null())
