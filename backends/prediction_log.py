@@ -110,6 +110,7 @@ class PredictionLog:
         self._sequence = 0
         self._wake = threading.Event()
         self._stop = False
+        self._table([])  # pyarrow imports pandas on its first object array (~0.4 s): at load, not in a flush
         self._thread = threading.Thread(target=self._run, name=f"prediction-log-{model}-{version}", daemon=True)
         self._thread.start()
 
@@ -232,9 +233,9 @@ class PredictionLog:
         columns["score"] = _masked(entries, counts, ok, lambda e: np.asarray(e[2], np.float64).reshape(-1),
                                    pa.float64())
         if self.features:
-            matrix = _stack(entries, counts, ok, len(self.features))
+            matrix, failed = _stack(entries, counts, ok, len(self.features))
             for j, name in enumerate(self.features):
-                columns[f"feature.{name}"] = pa.array(matrix.data[:, j], pa.float32(), mask=matrix.mask[:, j])
+                columns[f"feature.{name}"] = pa.array(np.ascontiguousarray(matrix[:, j]), pa.float32(), mask=failed)
         for name, kind in self.raw:
             columns[f"raw.{name}"] = _masked(entries, counts, ok, lambda e, n=name: e[4][n], kind)
         return pa.table(columns, schema=self.schema)
@@ -279,35 +280,21 @@ def _rows(entry):
 
 def _masked(entries, counts, ok, values, kind):
     """One column over every row: the entry's values where it succeeded, nulls for failed requests' rows."""
-    parts, masks = [], []
-    for e, n, good in zip(entries, counts, ok):
-        if good:
-            parts.append(np.asarray(values(e)).reshape(-1))
-            masks.append(np.zeros(n, np.bool_))
-        else:
-            parts.append(np.zeros(n, object))
-            masks.append(np.ones(n, np.bool_))
-    if not parts:
+    if not entries:
         return pa.array([], kind)
     if all(ok):
-        return pa.array(np.concatenate(parts), kind)
-    data = np.concatenate([p.astype(object) for p in parts])
-    mask = np.concatenate(masks)
-    data[mask] = None
+        return pa.array(np.concatenate([np.asarray(values(e)).reshape(-1) for e in entries]), kind)
+    data = np.concatenate([np.asarray(values(e)).reshape(-1).astype(object) if good else np.full(n, None, object)
+                           for e, n, good in zip(entries, counts, ok)])
     return pa.array(data, kind)
 
 
 def _stack(entries, counts, ok, width):
-    """The features of every row as a masked (rows, width) float32 matrix; failed requests' rows masked."""
-    rows = []
-    mask = []
-    for e, n, good in zip(entries, counts, ok):
-        if good:
-            rows.append(np.asarray(e[3], np.float32).reshape(n, width))
-            mask.append(np.zeros((n, width), np.bool_))
-        else:
-            rows.append(np.zeros((n, width), np.float32))
-            mask.append(np.ones((n, width), np.bool_))
-    if not rows:
-        return np.ma.masked_array(np.zeros((0, width), np.float32), np.zeros((0, width), np.bool_))
-    return np.ma.masked_array(np.concatenate(rows), np.concatenate(mask))
+    """(rows, width) float32 features of every row, and which rows failed (None: none did)."""
+    if not entries:
+        return np.zeros((0, width), np.float32), None
+    if all(ok):
+        return np.concatenate([np.asarray(e[3], np.float32).reshape(n, width) for e, n in zip(entries, counts)]), None
+    data = np.concatenate([np.asarray(e[3], np.float32).reshape(n, width) if good else np.zeros((n, width), np.float32)
+                           for e, n, good in zip(entries, counts, ok)])
+    return data, np.repeat(~np.array(ok), counts)
