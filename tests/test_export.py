@@ -95,7 +95,8 @@ def test_unknown_model_and_alias_list_what_exists(trained):
 def test_export_writes_a_complete_version_with_metadata(trained):
     version_dir = trained.repository.version_dir("fraud", trained.outcome.registered.version)
     assert sorted(p.name for p in version_dir.iterdir()) == [  # the default target: native-compiled
-        "feature_spec.json", "forest.so", "libtriton_treeops_forest.so", "parity.json", "treeops.json"]
+        "feature_spec.json", "forest.so", "libtriton_treeops_forest.so", "parity.json", "reference.json",
+        "reference.parquet", "treeops.json"]
     meta = json.loads((version_dir / "treeops.json").read_text())
     assert meta["run_id"] == trained.outcome.registered.run_id
     parity = json.loads((version_dir / "parity.json").read_text())
