@@ -13,7 +13,9 @@ trivial Python-backend model (identity on one FP64 input, same ServingSettings) 
   (a) `_decode` of each request, (b) `OnlineHistory.features` for the rows (one pipelined round trip, one Lua
   call per row; fresh transactions each call), beside a bare PING on the same connection and the Lua time per
   call Redis itself counts (INFO commandstats), (c) the raw graph's `session.run` on the feeds `execute`
-  builds, and the whole `execute` (its rest: feeds, responses, metrics = execute - a - b - c);
+  builds, and the whole `execute` (its rest = execute - a - b - c: feeds, responses, metrics, and the parts
+  running slower in turn than alone: under cProfile, session.run inside execute takes ~3x its time alone, with
+  Redis's socket I/O in between evicting its caches);
 - the compiled forest (tl2cgen, as the native backend runs it) on the same model, 1 and `batch` rows: the floor
   for an estimate of a C backend with a C Redis client (health + PING + Lua + forest; an estimate, not measured).
 
