@@ -50,6 +50,17 @@ def _settings(root: Path, **env: str) -> Settings:
     return Settings({"TREEOPS_PREDICTION_LOG_DIR": str(root), **env})
 
 
+def test_triton_settings_reach_the_backend_settings(tmp_path: Path):
+    env = TritonSettings(prediction_log_dir=tmp_path, prediction_log_sample_rate=0.25, prediction_log_max_bytes=1234,
+                         prediction_log_ring_size=7, prediction_log_flush_interval_s=0.5).prediction_log_environment()
+    got = Settings(env)
+    assert (got.root, got.sample_rate, got.max_bytes, got.ring_size, got.flush_interval_s) == (
+        str(tmp_path.resolve()), 0.25, 1234, 7, 0.5)
+    assert TritonSettings().prediction_log_environment() == {} and Settings({}).root is None  # off when unset
+    with pytest.raises(ValueError, match="TREEOPS_PREDICTION_LOG_SAMPLE_RATE='2'.*prediction_log_"):
+        Settings({**env, "TREEOPS_PREDICTION_LOG_SAMPLE_RATE": "2"})
+
+
 def test_full_ring_drops_and_counts_without_blocking(tmp_path: Path):
     log = PredictionLog(_settings(tmp_path, TREEOPS_PREDICTION_LOG_RING_SIZE="5",
                                   TREEOPS_PREDICTION_LOG_FLUSH_INTERVAL_S="60"), "m", 1, ["a"])
