@@ -12,6 +12,7 @@ result.json; both snapshots are added to the Evidently workspace project named a
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -36,7 +37,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from monitoring import drift
 from monitoring.errors import MonitoringError
 from monitoring.labels import LABEL, join_labels
-from monitoring.reference import SCORE, Reference, calibration_error
+from monitoring.reference import FEATURE_PREFIX, RAW_PREFIX, SCORE, Reference, calibration_error, feature_column
+from training.features import FittedFeatures, load_fitted
 from treeops.errors import EXIT_DRIFT, EXIT_NO_DATA, EXIT_QUALITY, InvalidSettingsError
 
 log = logging.getLogger(__name__)
@@ -298,6 +300,29 @@ def monitor_version(
     return result
 
 
+def with_stateless_features(rows: pl.DataFrame, reference: Reference) -> pl.DataFrame:
+    """A raw-transaction model logs its raw fields (`raw.*`) and the history features it read from the store; its
+    stateless features are computed inside its ONNX graph and not logged. They are computed here from the logged raw
+    fields with the version's own fitted spec (the same declaration, so the same values), in the reference's column
+    order. Rows that already carry every feature, or lack the raw fields to compute them, are returned as they are
+    (the schema check then names what is missing)."""
+    missing = [c for c in reference.feature_columns if c not in rows.columns]
+    raw = [c for c in rows.columns if c.startswith(RAW_PREFIX)]
+    if not missing or not raw:
+        return rows
+    fitted = load_fitted(json.loads((reference.version_dir / "feature_spec.json").read_text()))
+    stateless = [f for f in fitted.spec.features if not f.stateful and feature_column(f.name) in missing]
+    if len(stateless) != len(missing) or not all(RAW_PREFIX + c in rows.columns for c in fitted.spec.raw_schema):
+        return rows
+    frame = rows.select(pl.col(RAW_PREFIX + c).cast(pl.Int64 if dtype.is_temporal() else dtype).cast(dtype).alias(c)
+                        for c, dtype in fitted.spec.raw_schema.items())
+    subset = FittedFeatures(dataclasses.replace(fitted.spec, features=tuple(stateless)), fitted.vocabularies)
+    computed = subset.encode(subset.spec.compute(frame.lazy())).collect()
+    completed = rows.with_columns(computed[f.name].alias(feature_column(f.name)) for f in stateless)
+    others = [c for c in completed.columns if not c.startswith(FEATURE_PREFIX)]
+    return completed.select(*others, *reference.feature_columns)
+
+
 def _check_schema(rows: pl.DataFrame, reference: Reference, source: str) -> None:
     versions = rows[VERSION].unique().drop_nulls().to_list() if VERSION in rows.columns else []
     other = sorted(v for v in versions if int(v) != reference.version)
@@ -483,6 +508,7 @@ def run_monitor(model: str, start: dt.datetime, end: dt.datetime, paths: Monitor
                                     f"{end.isoformat()}; nothing was written. Check --end/--window and that serving "
                                     "logs predictions")
     references = {v: read_reference(paths.model_repository / model / str(v)) for v in by_version}
+    by_version = {v: with_stateless_features(rows, references[v]) for v, rows in by_version.items()}
     for v, rows in by_version.items():  # every version's input checked before anything is written
         _check_schema(rows, references[v], str(model_dir / f"version={v}"))
     labels = read_labels(paths.labels_dir)

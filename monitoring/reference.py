@@ -27,6 +27,7 @@ SAMPLE_SEED = 0
 CALIBRATION_BINS = 10
 """Equal-width probability bins of the expected calibration error."""
 FEATURE_PREFIX = "feature."
+RAW_PREFIX = "raw."  # a raw-transaction model's logged input fields (backends/prediction_log.py)
 SCORE = "score"
 LABEL = "label"
 

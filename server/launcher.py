@@ -56,10 +56,12 @@ class TritonServer:
         return [str(self.installation.binary), *self.settings.to_args(key_placeholder=self.key_in_environment)]
 
     def environment(self) -> dict[str, str]:
-        """tritonserver's environment: the installation's, the online store URL, the admin key and its shim."""
+        """tritonserver's environment: the installation's, the online store URL, the prediction log's settings, the
+        admin key and its shim."""
         env = self.installation.environment()
         if self.settings.online_store_url is not None:
             env[ONLINE_STORE_URL_ENV] = self.settings.online_store_url
+        env.update(self.settings.prediction_log_environment())
         if self.key_in_environment:
             preload = env.get("LD_PRELOAD")
             env["LD_PRELOAD"] = f"{self.installation.admin_key_shim}:{preload}" if preload else str(

@@ -267,6 +267,9 @@ def test_demo_runs_end_to_end_and_stops_triton(tmp_path, treeops):
     assert summary["served_parity_passed"] and summary["served_flipped"] == 0
     assert summary["served_max_abs_diff"] <= 1e-5
     assert summary["roc_auc"] > summary["roc_auc_without_history"]
+    assert summary["logged_rows"] >= summary["scored_rows"]  # every replayed transaction, then Locust's
+    window = summary["monitor"]["versions"][0]
+    assert window["version"] == 1 and window["labelled"] > 0, window
     assert summary["loadtest"]["passed"] and summary["loadtest"]["failures"] == 0
     assert summary["drift_current"] is False and summary["drift_shifted"] is True
     running = subprocess.run(["pgrep", "-f", f"tritonserver.*--grpc-port={ports[0]}"], capture_output=True, text=True)

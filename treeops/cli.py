@@ -209,7 +209,8 @@ def _warn_on_registry_drift(ws: Workspace) -> None:
 def _triton(ws: Workspace, grpc_port: int, http_port: int, metrics_port: int, binary: Path | None = None, *,
             insecure_admin: bool = False, ephemeral_key: bool = False, online_store_url: str | None = None):
     """The workspace's Triton; `ephemeral_key`: without TREEOPS_TRITON_ADMIN_KEY, a random key for this run;
-    `online_store_url`: the Redis its raw-transaction models read (server.store.online_store_url)."""
+    `online_store_url`: the Redis its raw-transaction models read (server.store.online_store_url); its Python-backend
+    models log what they answer to <workspace>/prediction_log unless TREEOPS_TRITON_PREDICTION_LOG_DIR is set."""
     import secrets
 
     from server.installation import find_triton
@@ -219,6 +220,8 @@ def _triton(ws: Workspace, grpc_port: int, http_port: int, metrics_port: int, bi
     settings = TritonSettings(model_repository=ws.model_repository, grpc_port=grpc_port, http_port=http_port,
                               metrics_port=metrics_port, insecure_admin=insecure_admin,
                               online_store_url=online_store_url)
+    if settings.prediction_log_dir is None:  # the workspace's log, where `treeops labels` and `monitor` read it
+        settings = settings.model_copy(update={"prediction_log_dir": ws.root / "prediction_log"})
     if ephemeral_key and settings.admin_key is None:
         log.info("admin APIs restricted to a key generated for this run; set TREEOPS_TRITON_ADMIN_KEY to choose it")
         settings = settings.model_copy(update={"admin_key": pydantic.SecretStr(secrets.token_urlsafe(32))})

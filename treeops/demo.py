@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import time
@@ -17,7 +18,11 @@ from export.pipeline import ExportSettings, export_model, export_version
 from export.repository import PARITY_FILE, ModelRepository
 from loadtest.latency import health_latency
 from loadtest.pipeline import loadtest_served_model
+from monitoring.alert_rules import RULES_FILE
 from monitoring.drift import run_drift_report
+from monitoring.labels import ingest_labels
+from monitoring.monitor import MonitorPaths, run_monitor
+from monitoring.prediction_log import read_window
 from online_store.backfill import backfill
 from server.client import load_features
 from server.launcher import TritonServer
@@ -88,8 +93,13 @@ class DemoSummary:
             f"  load test report     {v['loadtest']['report'] if 'loadtest' in v else '-'}",
             f"  drift, current batch {'DRIFT' if v['drift_current'] else 'no drift'} ({v['drift_current_report']})",
             f"  drift, shifted batch {'DRIFT' if v['drift_shifted'] else 'no drift'} ({v['drift_shifted_report']})",
-            f"  wall time            {v['wall_s']:.1f} s",
         ]
+        if "monitor" in v:
+            lines.append(f"  prediction log       {v['logged_rows']:,} rows logged by Triton; monitor window "
+                         f"(exit {v['monitor']['exit_code']}):")
+            lines += ["  " + line for line in v["monitor_lines"]]
+            lines.append(f"  alert rules          {v['alert_rules']} (promtool test rules monitoring/alerts/tests/*.yml)")
+        lines.append(f"  wall time            {v['wall_s']:.1f} s")
         return lines
 
 
@@ -135,6 +145,7 @@ def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer, store_
     loaded = backfill(store_url, features, train_path)
     v.update(backfill_rows=loaded.rows, backfill_rows_per_s=loaded.rows_per_s)
 
+    served_from = dt.datetime.now(dt.UTC)
     try:
         server.start(timeout_s=120, models=[MODEL])
         v.update(_replay_current(server, exported.version, features, train, current, settings))
@@ -158,6 +169,8 @@ def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer, store_
                                   categorical=FRAUD_FEATURES.categorical)
         v[f"drift_{key}"] = report.drift_detected
         v[f"drift_{key}_report"] = str(report.html_path)
+    if not settings.keep_serving:  # the log is complete once Triton has stopped
+        v.update(_monitor_served_traffic(ws, current, served_from))
     v["wall_s"] = time.perf_counter() - start
     return DemoSummary(v)
 
@@ -187,6 +200,21 @@ def _replay_current(server: TritonServer, version: int, features: FittedFeatures
         "replay_rate": concurrent.rate,
         "health_p50_us": health.p50_us,
     }
+
+
+def _monitor_served_traffic(ws: Workspace, current: pl.DataFrame, served_from: dt.datetime) -> dict[str, Any]:
+    """The labels of the current period arrive (`treeops labels`), then one monitor window (`treeops monitor`) over
+    everything the demo's Triton logged: drift against the version's training reference and quality on the labels."""
+    end = dt.datetime.now(dt.UTC)
+    paths = MonitorPaths.in_workspace(ws.root, MODEL)
+    labels_path = ws.data_dir / "labels.parquet"
+    current.select(transaction_id=pl.col("transaction_id"), label=pl.col("is_fraud").cast(pl.Int8),
+                   labelled_at=pl.lit(end)).write_parquet(labels_path)
+    logged = read_window(paths.log_root, MODEL, served_from, end)
+    ingest_labels(labels_path, paths.labels_dir, logged["transaction_id"].drop_nulls())
+    result = run_monitor(MODEL, served_from, end, paths)
+    return {"logged_rows": logged.height, "monitor": result.to_dict(), "monitor_lines": result.lines(),
+            "alert_rules": str(RULES_FILE)}
 
 
 def serve_until_stopped(server: TritonServer) -> None:
