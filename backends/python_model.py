@@ -66,8 +66,7 @@ class TritonPythonModel:
         self._tensor = pb_utils.Tensor
         self._response = pb_utils.InferenceResponse
         if self.single:
-            with open(os.path.join(folder, "feature_spec.json"), encoding="utf-8") as f:
-                features, raw = [f["name"] for f in json.load(f)["features"]], ()
+            features, raw = _feature_names(folder, int(config["input"][0]["dims"][-1])), ()
         else:
             import pyarrow as pa
 
@@ -157,3 +156,13 @@ class TritonPythonModel:
         self.run = None
         self.session = None
         self.library = None
+
+
+def _feature_names(folder: str, width: int) -> list[str]:
+    """The served features' names from the version's feature spec; a forest exported without one (a benchmark's
+    synthetic model) has XGBoost's default names f0..f{width-1}."""
+    path = os.path.join(folder, "feature_spec.json")
+    if not os.path.exists(path):
+        return [f"f{i}" for i in range(width)]
+    with open(path, encoding="utf-8") as f:
+        return [feature["name"] for feature in json.load(f)["features"]]
