@@ -73,6 +73,23 @@ def _lateness(rows: list, applied: list[int]) -> int:
     return late
 
 
+def _answers_guaranteed(rows: list, applied: list[int], late_us: int) -> set[int]:
+    """The rows whose answer the store guarantees to equal the reference: every first arrival, and a retry only
+    while it is within `late_us` of its card's newest transaction (older, its window may have been pruned since
+    its first answer, so it is recomputed from what is kept; it is still not counted twice, which the later rows'
+    answers check)."""
+    newest: dict[int, int] = {}
+    seen: set[int] = set()
+    out = set()
+    for i in applied:
+        card, t, txn = rows[i][0], rows[i][1], rows[i][3]
+        if txn not in seen or t >= newest.get(card, t) - late_us:
+            out.add(i)
+        seen.add(txn)
+        newest[card] = max(newest.get(card, t), t)
+    return out
+
+
 def _reference(rows: list, applied: list[int], late_us: int | None) -> dict[int, np.ndarray]:
     """Features of each transaction id by the offline rule for a store with late allowance `late_us` (None:
     keeps everything), arrival = first application."""
@@ -104,10 +121,16 @@ def _stream(h: OnlineHistory, rows: list, calls: list[list[int]]) -> dict[int, n
 # A card's transaction at T0, its newest 30 d + 2 h later, then one 29 d after T0 arriving 1 d 2 h late:
 # an allowance of 1 h has dropped T0 from that late one's 30 d window, one of 2 d has not.
 BEYOND = [(1, T0, 1.0), (1, T0 + 30 * 24 * HOUR + 2 * HOUR, 5.0), (1, T0 + 29 * 24 * HOUR, 2.0)]
+# Found by CI: one call applies (in time order) T0, T0 + 30 min, T0 + 30 d, T0 + 30 d 30 min; the last one prunes
+# T0 (allowance 0), so a later retry of the T0 + 30 d transaction (event 1) is 30 min behind its card's newest,
+# beyond the allowance: recomputed without T0, not counted twice.
+RETRY_BEYOND = [(1, T0 + 30 * 24 * HOUR + HOUR // 2, 0.0), (1, T0 + 30 * 24 * HOUR, 0.1), (1, T0 + HOUR // 2, 0.1),
+                (1, T0, 0.0), (0, T0, 0.0), 1]
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=streams, sizes=splits, allowance=st.sampled_from(["covering", 0, HOUR, 24 * HOUR]))
+@example(stream=RETRY_BEYOND, sizes=[4] + [1] * 39, allowance=0)
 @example(stream=BEYOND, sizes=[1] * 40, allowance=HOUR)
 @example(stream=BEYOND, sizes=[1] * 40, allowance=48 * HOUR)
 def test_online_answers_equal_the_offline_rule(redis_server: LocalRedis, stream: list, sizes: list[int],
@@ -127,8 +150,10 @@ def test_online_answers_equal_the_offline_rule(redis_server: LocalRedis, stream:
         unbounded = _reference(rows, applied, None)
         for k, v in want.items():
             np.testing.assert_array_equal(v, unbounded[k])
+    exact = _answers_guaranteed(rows, applied, late_us)
     for i in applied:
-        np.testing.assert_array_equal(answers[i], want[rows[i][3]], err_msg=f"row {i} {rows[i]} of {rows}")
+        if i in exact:
+            np.testing.assert_array_equal(answers[i], want[rows[i][3]], err_msg=f"row {i} {rows[i]} of {rows}")
     h.close()
     client.close()
 
