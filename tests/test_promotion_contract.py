@@ -58,7 +58,7 @@ def test_a_signature_change_is_refused_unless_allowed(trained, tmp_path_factory,
     allowed = treeops("promote", "--force", "--allow-signature-change", "--json", workspace=ws.root)
     assert allowed.returncode == 0, allowed.stderr
     assert json.loads(allowed.stdout)["sync"]["served"] == [2]
-    assert "features" not in (ws.model_repository / MODEL / "config.pbtxt").read_text()
+    assert 'name: "features"' not in (ws.model_repository / MODEL / "config.pbtxt").read_text()  # no such input now
 
 
 def test_drift_after_a_promote_killed_before_its_rollout_is_shown_and_synced(trained, tmp_path_factory, treeops,
