@@ -92,6 +92,7 @@ class TritonPythonModel:
         self.graph_inputs = [i.name for i in self.session.get_inputs()]
         self.history = self._history(params["store_namespace"], features, late_us_of(fitted))
         self.names = list(self.history.names)
+        self.history_column = {name: k for k, name in enumerate(self.names)}  # graph input -> history column
         import pyarrow as pa
 
         self.monitor = ServingMonitor(pb_utils, args, config, params, folder, self.names,
@@ -197,7 +198,7 @@ class TritonPythonModel:
             if name in cols:
                 feeds[name] = cols[name].reshape(-1, 1)
             else:
-                feeds[name] = history[:, self.names.index(name)].astype(np.float32).reshape(-1, 1)
+                feeds[name] = history[:, self.history_column[name]].astype(np.float32).reshape(-1, 1)
         scores = self.session.run([self.output], feeds)[0]
         monitor, start = self.monitor, 0
         for k, columns, _ in part:
