@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 .PHONY: install demo test bench clean perf-analyzer
 
 # Debian programs the tests and the demo start for real: redis-server (the online feature store),
-# prometheus + promtool (the alert rules, checked and fired on a real Prometheus).
-SYSTEM_PACKAGES := redis-server prometheus
+# prometheus + promtool (the alert rules, checked and fired on a real Prometheus), chromium (the
+# Evidently UI rendered headless).
+SYSTEM_PACKAGES := redis-server prometheus chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml constraints.txt
