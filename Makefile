@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 
 # Debian programs the tests and the demo start for real: redis-server (the online feature store),
 # prometheus + promtool (the alert rules, checked and fired on a real Prometheus), chromium (the
-# Evidently UI rendered headless).
-SYSTEM_PACKAGES := redis-server prometheus chromium
+# Evidently UI rendered headless), prometheus-pushgateway (the monitor job's gauges pushed).
+SYSTEM_PACKAGES := redis-server prometheus chromium prometheus-pushgateway
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml constraints.txt

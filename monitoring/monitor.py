@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 from evidently import BinaryClassification, DataDefinition, Dataset, Report
@@ -41,6 +41,9 @@ from monitoring.reference import FEATURE_PREFIX, RAW_PREFIX, SCORE, Reference, c
 from training.features import FittedFeatures, load_fitted
 from treeops.errors import EXIT_DRIFT, EXIT_NO_DATA, EXIT_QUALITY, InvalidSettingsError
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
 log = logging.getLogger(__name__)
 
 #: Columns of the prediction log (monitoring/prediction_log.py) the monitor reads besides `feature.<name>`.
@@ -48,6 +51,9 @@ VERSION, ERROR = "version", "error"
 _PASS, _FAIL = "SUCCESS", "FAIL"
 _DURATION = re.compile(r"(\d+)([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: Pushgateway job of the gauges a run pushes (their group: this job and the model).
+PUSH_JOB = "treeops_monitor"
+PUSH_TIMEOUT_S = 10.0
 
 
 class MonitorSettings(BaseSettings):
@@ -63,6 +69,9 @@ class MonitorSettings(BaseSettings):
     max_recall_drop: float = Field(0.10, ge=0, description="recall at the threshold: allowed fall")
     max_calibration_error_rise: float = Field(0.05, ge=0, description="calibration error may rise this much")
     max_quality_rows: int = Field(200_000, ge=1, description="labelled rows scored at most (seeded sample above)")
+    pushgateway_url: str | None = Field(
+        None, pattern=r"^https?://\S+$", description="Prometheus Pushgateway the gauges are also pushed to after "
+        f"each run (job {PUSH_JOB}, grouped by model), as a CronJob needs; None: the text file only")
 
 
 class PrAuc(SingleValueMetric):
@@ -128,6 +137,10 @@ class QualityDropError(MonitoringError):
     """A quality figure on labelled traffic fell below the version's holdout bound (exit 5)."""
 
     exit_code = EXIT_QUALITY
+
+
+class GaugePushError(MonitoringError):
+    """The run's gauges did not reach the Pushgateway (everything else of the run was written)."""
 
 
 class LogSchemaError(MonitoringError):
@@ -445,10 +458,34 @@ def _new_project(ws: Any, name: str, model: str) -> Any:
 
 
 def write_gauges(path: Path, windows: Sequence[VersionWindow]) -> None:
-    """The monitor's gauges (monitoring/metric_names.py) as a Prometheus text file, replaced atomically: for node
-    exporter's textfile collector (`--collector.textfile.directory`) or any server exposing the file.
-    Only figures that were computed are written."""
-    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+    """The monitor's gauges as a Prometheus text file, replaced atomically: for node exporter's textfile collector
+    (`--collector.textfile.directory`) or any server exposing the file."""
+    from prometheus_client import write_to_textfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(path), _gauges(windows))
+
+
+def push_gauges(url: str, model: str, windows: Sequence[VersionWindow], *, written: Path | None = None) -> None:
+    """Replace group {job=PUSH_JOB, model=`model`} on the Pushgateway at `url` with the windows' gauges (HTTP PUT).
+
+    Raises:
+        GaugePushError: the Pushgateway did not take them (`written`: the text file that holds them anyway).
+    """
+    from prometheus_client import push_to_gateway
+
+    try:
+        push_to_gateway(url, job=PUSH_JOB, grouping_key={"model": model}, registry=_gauges(windows),
+                        timeout=PUSH_TIMEOUT_S)
+    except OSError as exc:
+        kept = f"; the reports, the Evidently workspace and {written} were written" if written else ""
+        raise GaugePushError(f"pushing the monitor's gauges of {model} to the Pushgateway {url} failed ({exc}){kept}: "
+                             "check TREEOPS_MONITOR_PUSHGATEWAY_URL and that the Pushgateway is up") from exc
+
+
+def _gauges(windows: Sequence[VersionWindow]) -> CollectorRegistry:
+    """A registry of the monitor's gauges (monitoring/metric_names.py); only figures that were computed are set."""
+    from prometheus_client import CollectorRegistry, Gauge
 
     from monitoring.metric_names import MONITOR_DRIFT_SHARE, MONITOR_ROC_AUC
 
@@ -461,8 +498,7 @@ def write_gauges(path: Path, windows: Sequence[VersionWindow]) -> None:
             share.labels(**labels).set(w.drift_share)
         if (value := w.figure("roc_auc")) is not None:
             auc.labels(**labels).set(value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_to_textfile(str(path), registry)
+    return registry
 
 
 @dataclass(frozen=True)
@@ -492,6 +528,7 @@ def run_monitor(model: str, start: dt.datetime, end: dt.datetime, paths: Monitor
         InsufficientDataError: the window holds no logged prediction of the model (or version).
         MissingReferenceError: a logged version's folder has no training reference.
         LogSchemaError: a version's rows do not match its reference.
+        GaugePushError: `settings.pushgateway_url` is set and the push failed (after everything else was written).
     """
     from monitoring.labels import read_labels
     from monitoring.prediction_log import read_window
@@ -517,4 +554,7 @@ def run_monitor(model: str, start: dt.datetime, end: dt.datetime, paths: Monitor
                                source=str(model_dir / f"version={v}"), settings=settings, record=record)
                for v, rows in by_version.items()]
     write_gauges(paths.metrics_file, windows)
+    settings = settings or MonitorSettings()
+    if settings.pushgateway_url is not None:
+        push_gauges(settings.pushgateway_url, model, windows, written=paths.metrics_file)
     return MonitorResult(model, start, end, tuple(windows), paths.metrics_file, paths.evidently_workspace)
