@@ -1,42 +1,70 @@
 """The committed Kubernetes manifests are the rendered ones, valid for Kubernetes, keep the admin key out, and
-wire Triton to the online store's Redis (a persistent StatefulSet) through an optional Secret."""
+wire Triton to the online store's Redis (a persistent StatefulSet) through an optional Secret, and to the monitoring:
+the prediction log on the claim the `treeops monitor` CronJob reads, gauges pushed to a (real) Pushgateway, scrape
+objects, and the alert rules and dashboard as ConfigMaps equal to the committed files."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
+import urllib.request
 from contextlib import closing
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import redis
 import tritonclient.grpc as grpcclient
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends.online_history import connect
+from bench.monitor import run_monitor_benchmark
+from monitoring.alert_rules import ALERTS_DIR, RULES_FILE
+from monitoring.dashboard import DASHBOARD_FILE
+from monitoring.metric_names import MONITOR_DRIFT_SHARE, MONITOR_ROC_AUC
+from monitoring.monitor import PUSH_JOB, GaugePushError, MonitorSettings, push_gauges
 from online_store.redis_server import free_port
 from server.manifests import (
     ADMIN_SECRET_KEY,
     MANIFEST_DIR,
+    MONITOR,
+    MONITOR_ROOT,
+    MONITORING_CONFIG_FILE,
+    MONITORING_FILE,
+    OPERATOR_FILE,
+    PUSHGATEWAY_URL_ENV,
     REDIS_FILE,
     STORE_SECRET_FILE,
     TRITON_IMAGE,
     TRITON_VERSION,
     VARIANTS,
+    VERDICT_EXIT_CODES,
     WORKSPACE,
     K8sSpec,
     container_settings,
     render_variants,
 )
-from server.settings import ADMIN_KEY_ENV, ONLINE_STORE_URL_ENV, TritonSettings
+from server.settings import ADMIN_KEY_ENV, ONLINE_STORE_URL_ENV, PREDICTION_LOG_DIR_ENV, TritonSettings
+from treeops.errors import EXIT_NO_DATA
 
 #: Kubernetes version the manifests are validated for (schemas ship inside kubernetes-validate).
 K8S_VERSION = "1.31"
 KINDS = {**{name: ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"] for name in VARIANTS},
-         REDIS_FILE: ["StatefulSet", "Service", "NetworkPolicy"], STORE_SECRET_FILE: ["Secret"]}
+         REDIS_FILE: ["StatefulSet", "Service", "NetworkPolicy"], STORE_SECRET_FILE: ["Secret"],
+         MONITORING_FILE: ["PersistentVolumeClaim", "CronJob", "Deployment", "Service"],
+         MONITORING_CONFIG_FILE: ["ConfigMap", "ConfigMap"],
+         OPERATOR_FILE: ["ServiceMonitor", "ServiceMonitor", "PrometheusRule"]}
+#: Prometheus Operator custom resources: no schema ships in kubernetes-validate; checked field by field below.
+OPERATOR_API = "monitoring.coreos.com/v1"
 
 
 def _docs(name: str) -> dict[str, dict]:
@@ -66,7 +94,8 @@ def test_manifests_validate_offline_against_kubernetes_schemas(name, monkeypatch
     docs = list(yaml.safe_load_all((MANIFEST_DIR / name).read_text()))
     assert [d["kind"] for d in docs] == KINDS[name]
     for doc in docs:
-        assert kubernetes_validate.validate(doc, K8S_VERSION, strict=True) == K8S_VERSION
+        if doc["apiVersion"] != OPERATOR_API:
+            assert kubernetes_validate.validate(doc, K8S_VERSION, strict=True) == K8S_VERSION
 
 
 def test_a_misspelt_field_fails_validation():
@@ -245,3 +274,176 @@ def test_ngc_image_matches_the_wheels_tritonserver(triton):
     with closing(grpcclient.InferenceServerClient(triton.settings.grpc_url)) as client:
         served = client.get_server_metadata().version
     assert served.startswith(f"{TRITON_VERSION}."), f"the wheel runs tritonserver {served}: update NGC_RELEASE"
+
+
+def _monitoring() -> tuple[dict, dict, dict]:
+    """The monitoring claim, the monitor CronJob's pod spec and its `monitor` container."""
+    docs = _docs(MONITORING_FILE)
+    pod = docs["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return docs["PersistentVolumeClaim"], pod, container
+
+
+def _mounted_claims(pod: dict, container: dict) -> dict[str, str]:
+    """Claim name -> where `container` mounts it."""
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    return {claims[m["name"]]: m["mountPath"] for m in container["volumeMounts"] if m["name"] in claims}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_triton_pods_log_predictions_onto_the_claim_the_monitor_reads(name):
+    claim, job_pod, monitor = _monitoring()
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every Triton replica writes while the job reads
+    pod = _docs(name)["Deployment"]["spec"]["template"]["spec"]
+    triton = _triton(_docs(name)["Deployment"])
+    env = {e["name"]: e.get("value") for e in triton["env"]}
+    settings = container_settings(VARIANTS[name], TritonSettings.model_construct())
+    assert {k: env[k] for k in settings.prediction_log_environment()} == settings.prediction_log_environment()
+    log_dir = Path(env[PREDICTION_LOG_DIR_ENV])
+    mounted = _mounted_claims(pod, triton)
+    assert log_dir.is_relative_to(mounted[claim["metadata"]["name"]]), (log_dir, mounted)
+    # the job's workspace is the claim, and its log root (the default <workspace>/prediction_log) is that folder
+    command = monitor["command"][-1]
+    workspace = Path(_flag(command.split(), "--workspace"))
+    assert workspace == Path(_mounted_claims(job_pod, monitor)[claim["metadata"]["name"]]) == MONITOR_ROOT
+    assert log_dir == workspace / "prediction_log" and "--log-root" not in command
+    (sync,) = job_pod["initContainers"]  # each logged version's reference comes with its synced folder
+    assert sync["args"][:1] == ["sync"] and _flag(sync["args"], "--workspace") == str(workspace)
+    assert {"cpu", "memory"} <= monitor["resources"]["limits"].keys()
+    for security in (pod["securityContext"], job_pod["securityContext"]):
+        assert (security["runAsUser"], security["fsGroup"]) == (1000, 1000)  # the same owner of the log's files
+
+
+def test_the_cronjob_runs_the_hourly_window_and_fails_without_retry_on_a_verdict():
+    cronjob = _docs(MONITORING_FILE)["CronJob"]["spec"]
+    _, pod, monitor = _monitoring()
+    assert cronjob["schedule"] == "5 * * * *" and cronjob["timeZone"] == "Etc/UTC" and "--window 1h" in monitor[
+        "command"][-1]
+    assert cronjob["concurrencyPolicy"] == "Forbid" and pod["restartPolicy"] == "Never"
+    (rule,) = cronjob["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"] == {
+        "containerName": monitor["name"], "operator": "In", "values": list(VERDICT_EXIT_CODES)}
+
+
+@pytest.mark.slow
+def test_the_cronjobs_command_runs_treeops_monitor_on_the_hour_and_keeps_its_exit_code(tmp_path):
+    """The container's `sh -c` command run as it is, with the venv's real `treeops` on PATH: with no log on the
+    claim it exits 6 (a verdict: no retry) naming the window, which ends at the current hour."""
+    _, _, monitor = _monitoring()
+    assert not MONITOR_ROOT.exists(), f"{MONITOR_ROOT} exists here: this test expects no log there"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    hours = {dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)}
+    done = subprocess.run(monitor["command"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    hours.add(dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0))
+    assert done.returncode == EXIT_NO_DATA and EXIT_NO_DATA in VERDICT_EXIT_CODES, done.stderr
+    assert f"{MONITOR_ROOT / 'prediction_log' / f'model={MONITOR.model_name}'}" in done.stderr
+    assert any(f"from {(h - dt.timedelta(hours=1)).isoformat()} to {h.isoformat()}" in done.stderr for h in hours), (
+        done.stderr)
+    assert not MONITOR_ROOT.exists()
+
+
+def test_the_cronjob_pushes_to_the_rendered_pushgateway(monkeypatch):
+    _, _, monitor = _monitoring()
+    docs = _docs(MONITORING_FILE)
+    (env,) = [e for e in monitor["env"] if e["name"] == PUSHGATEWAY_URL_ENV]
+    url = urllib.parse.urlsplit(env["value"])
+    (port,) = docs["Service"]["spec"]["ports"]
+    assert (url.hostname, url.port) == (docs["Service"]["metadata"]["name"], port["port"])
+    gateway = docs["Deployment"]["spec"]["template"]
+    assert docs["Service"]["spec"]["selector"].items() <= gateway["metadata"]["labels"].items()
+    (container,) = gateway["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}[port["targetPort"]] == url.port
+    monkeypatch.setenv(PUSHGATEWAY_URL_ENV, env["value"])  # the variable is the one MonitorSettings reads
+    assert MonitorSettings().pushgateway_url == env["value"]
+
+
+def test_the_config_maps_hold_the_committed_alert_rules_and_dashboard():
+    maps = {d["metadata"]["name"]: d for d in yaml.safe_load_all((MANIFEST_DIR / MONITORING_CONFIG_FILE).read_text())}
+    rules = {p.name: p.read_text() for p in ALERTS_DIR.glob("*.yml")}
+    assert rules and maps["treeops-alert-rules"]["data"] == rules
+    assert maps["treeops-grafana-dashboard"]["data"] == {DASHBOARD_FILE.name: DASHBOARD_FILE.read_text()}
+    assert maps["treeops-grafana-dashboard"]["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (rule,) = [d for d in yaml.safe_load_all((MANIFEST_DIR / OPERATOR_FILE).read_text()) if d["kind"] == "PrometheusRule"]
+    assert rule["apiVersion"] == OPERATOR_API and rule["spec"] == {"groups": yaml.safe_load(RULES_FILE.read_text())[
+        "groups"]}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_prometheus_scrapes_tritons_metrics_port_by_annotation_or_service_monitor(name):
+    docs = _docs(name)
+    template = docs["Deployment"]["spec"]["template"]
+    metrics = {p["name"]: p["containerPort"] for p in _triton(docs["Deployment"])["ports"]}["metrics"]
+    assert metrics == 8002 and template["metadata"]["annotations"] == {"prometheus.io/scrape": "true",
+                                                                       "prometheus.io/port": str(metrics)}
+    monitors = {d["metadata"]["name"]: d for d in yaml.safe_load_all((MANIFEST_DIR / OPERATOR_FILE).read_text())
+                if d["kind"] == "ServiceMonitor"}
+    triton = monitors["treeops-triton"]
+    assert triton["apiVersion"] == OPERATOR_API
+    assert triton["spec"]["selector"]["matchLabels"].items() <= docs["Service"]["metadata"]["labels"].items()
+    (endpoint,) = triton["spec"]["endpoints"]
+    assert {p["name"]: p["port"] for p in docs["Service"]["spec"]["ports"]}[endpoint["port"]] == metrics
+    gateway_service = _docs(MONITORING_FILE)["Service"]
+    pushed = monitors[gateway_service["metadata"]["name"]]
+    assert pushed["spec"]["selector"]["matchLabels"].items() <= gateway_service["metadata"]["labels"].items()
+    (endpoint,) = pushed["spec"]["endpoints"]
+    assert endpoint["honorLabels"] is True  # keeps job="treeops_monitor" and the pushed model/version labels
+    assert endpoint["port"] in {p["name"] for p in gateway_service["spec"]["ports"]}
+
+
+class LocalPushgateway:
+    """Debian's real `prometheus-pushgateway` on a free loopback port (the release the manifest's image runs)."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("prometheus-pushgateway")
+        if binary is None:
+            pytest.fail("prometheus-pushgateway is not on PATH: install Debian's prometheus-pushgateway "
+                        "(`make test` does it; by hand: apt-get install -y prometheus-pushgateway)")
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen([binary, f"--web.listen-address={self.url.removeprefix('http://')}"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not self._ready():
+            assert self.proc.poll() is None, f"prometheus-pushgateway exited: {self.proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, f"prometheus-pushgateway not ready on {self.url} after 30 s"
+            time.sleep(0.1)
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def samples(self, metric: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """Labels -> value of every sample of `metric` the gateway exposes."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return {tuple(sorted(s.labels.items())): s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == metric}
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=10) == 0, "prometheus-pushgateway did not stop cleanly on SIGTERM"
+
+
+@pytest.mark.slow
+def test_the_monitor_jobs_gauges_reach_a_real_pushgateway(tmp_path, monkeypatch):
+    """A monitor run with the CronJob's variable set (to a local Pushgateway) pushes its window's gauges."""
+    gateway = LocalPushgateway()
+    try:
+        monkeypatch.setenv(PUSHGATEWAY_URL_ENV, gateway.url)
+        run = run_monitor_benchmark(2000, tmp_path / "workspace", train_rows=5000)  # run_monitor as the CLI runs it
+        window = json.loads((Path(run.folder) / "result.json").read_text())
+        # the gateway adds instance="" (an empty label: none, once scraped with honorLabels)
+        group = (("instance", ""), ("job", PUSH_JOB), ("model", window["model"]), ("version", str(window["version"])))
+        assert gateway.samples(MONITOR_DRIFT_SHARE.name) == {group: pytest.approx(window["drift_share"])}
+        (roc_auc,) = [c["value"] for c in window["quality"] if c["figure"] == "roc_auc"]
+        assert gateway.samples(MONITOR_ROC_AUC.name) == {group: pytest.approx(roc_auc)}
+        pushed = gateway.samples("push_time_seconds")  # what an alert on a job that stopped pushing would use
+        assert list(pushed) == [(("instance", ""), ("job", PUSH_JOB), ("model", window["model"]))]
+        (pushed_at,) = pushed.values()
+        assert time.time() - 120 < pushed_at <= time.time()
+    finally:
+        gateway.stop()
+    with pytest.raises(GaugePushError, match=rf"Pushgateway {gateway.url} failed .*TREEOPS_MONITOR_PUSHGATEWAY_URL"):
+        push_gauges(gateway.url, "fraud", [])  # the gateway is gone: the error names it and the variable
