@@ -54,6 +54,8 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: Pushgateway job of the gauges a run pushes (their group: this job and the model).
 PUSH_JOB = "treeops_monitor"
 PUSH_TIMEOUT_S = 10.0
+#: The port the printed `evidently ui` command uses: its default, 8000, is Triton's HTTP port.
+EVIDENTLY_UI_PORT = 8080
 
 
 class MonitorSettings(BaseSettings):
@@ -247,7 +249,8 @@ class MonitorResult:
             if v.folder is not None:
                 out.append(f"    reports: {v.folder}")
         if self.workspace is not None:
-            out.append(f"  Evidently: evidently ui --workspace {self.workspace}")
+            out.append(f"  Evidently: evidently ui --workspace {self.workspace} --port {EVIDENTLY_UI_PORT}, then "
+                       f"http://127.0.0.1:{EVIDENTLY_UI_PORT}")
         if self.metrics_file is not None:
             out.append(f"  Prometheus gauges: {self.metrics_file}")
         return out
