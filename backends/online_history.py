@@ -26,18 +26,31 @@ entity's keys in one Redis Cluster slot:
   newest one still gets its exact history, and a retry of it within that time its first answer; one
   arriving later sees only the kept part of its window (the rule's allowance clause, training/history.py).
 
-Each (row, entity) is one Lua script call (EVALSHA, loaded again on NOSCRIPT), atomic in Redis: a
-transaction id already recorded returns the history as it was at its first arrival (members with a
-smaller seq inside its window) and changes nothing; otherwise it reads the members in
-[t - longest window, t) and, when updating, inserts the transaction, records its id and prunes. All rows
-of a call go in one pipelined round trip, in (time_us, row index) order, so rows of one entity each see
-the ones before them. Python computes the aggregates from the returned members.
+One `features` call is one Lua script call (EVALSHA, loaded again on NOSCRIPT) for all its rows, of every entity
+(a call of more than SCRIPT_ROWS rows is split into several, sent in the same round trip). The script takes the
+rows in (time_us, row index) order, so rows of one entity each see the ones before them, and per row: a
+transaction id already recorded returns the history as it was at its first arrival (members with a smaller seq
+inside its window) and changes nothing; otherwise it reads the members in [t - longest window, t) and, when that
+row updates, inserts the transaction, records its id and prunes. Its reply is two strings of float64 (each row's
+own member and window size; every window's members), from which numpy computes every row's aggregates at once.
+
+Redis runs a script atomically as a whole: no other client's command runs while one call applies its rows, so a
+call of many rows is as consistent as one of one row (and holds Redis for longer: hence SCRIPT_ROWS). On Redis
+Cluster a script's keys must all be in one hash slot (else CROSSSLOT). The `{v}` hash tag puts one entity's three
+keys in one slot, but a call covering several entities spans several slots: the choice here is one round trip per
+call to one Redis (standalone, or a primary with replicas; `connect` makes a plain client). A Cluster deployment
+would group a call's rows by `CLUSTER KEYSLOT` of their entity and send one script per slot to the node owning it
+(each still atomic per entity, which is all the semantics need); a namespace-wide hash tag instead would put every
+entity on one node, which defeats the cluster.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import math
+import operator
 import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -54,41 +67,55 @@ LATE_ARRIVAL_KEY = "late_arrival_us"
 #: exported and served with. FeatureSpec's default allowance is this value (training/features.py).
 UNDECLARED_LATE_US = 86_400 * 1_000_000
 
-# KEYS: members zset, transaction-id zset, hash. ARGV: time_us (decimal), longest window us, retention us,
-# transaction id, data (time_us and values as little-endian float64), update (1/0).
-# Returns {seen (0/1), this transaction's member (data + seq; seq 0 when not stored), the members in
-# [t - longest window, t) oldest first}: for a seen id its first arrival's member and window, which the
-# caller filters to seq < its seq.
+#: Rows one script call applies at most: a longer call is split into several, sent in the same round trip, so no
+#: script holds Redis (which runs nothing else meanwhile) for more than this many rows.
+SCRIPT_ROWS = 512
+
+# KEYS: per entity of the call its members zset, transaction-id zset and hash. ARGV: longest window us, retention
+# us, data (per row time_us and values, little-endian float64), update flags (one byte per row, "1"/"0"), then per
+# row its entity's number (1-based, in KEYS order) and transaction id; rows in the order they apply.
+# Returns {heads, windows}: per row seen (0/1), its member (data + seq; seq 0 when not stored) and the number of
+# its window's members, as float64; then every row's members in [t - longest window, t), oldest first, row after
+# row. For a seen id: its first arrival's member and window, which the caller filters to seq < its seq.
 SCRIPT = """
-local z, tz, h = KEYS[1], KEYS[2], KEYS[3]
-local t, txn = ARGV[1], ARGV[4]
-local own = redis.call('HGET', h, 't:' .. txn)
-local seen = own and 1 or 0
-if own then
-  t = string.format('%.0f', struct.unpack('<d', own))
-end
-local rows = redis.call('ZRANGEBYSCORE', z, string.format('%.0f', tonumber(t) - tonumber(ARGV[2])), '(' .. t)
-if own then
-  return {seen, own, rows}
-end
-if ARGV[6] ~= '1' then
-  return {seen, ARGV[5] .. struct.pack('<d', 0), rows}
-end
-own = ARGV[5] .. struct.pack('<d', redis.call('HINCRBY', h, 'seq', 1))
-redis.call('ZADD', z, t, own)
-redis.call('ZADD', tz, t, txn)
-redis.call('HSET', h, 't:' .. txn, own)
-local newest = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')[2]
-local cutoff = '(' .. string.format('%.0f', tonumber(newest) - tonumber(ARGV[3]))
-local old = redis.call('ZRANGEBYSCORE', tz, '-inf', cutoff)
-if #old > 0 then
-  for i = 1, #old do
-    redis.call('HDEL', h, 't:' .. old[i])
+local maxw, keep, data, flags = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local width = #data / #flags
+local heads, windows = {}, {}
+for i = 1, #flags do
+  local e, txn = 3 * tonumber(ARGV[3 + 2 * i]), ARGV[4 + 2 * i]
+  local z, tz, h = KEYS[e - 2], KEYS[e - 1], KEYS[e]
+  local d = string.sub(data, (i - 1) * width + 1, i * width)
+  local own = redis.call('HGET', h, 't:' .. txn)
+  local seen = own and 1 or 0
+  local t = struct.unpack('<d', own or d)
+  local ts = string.format('%.0f', t)
+  local rows = redis.call('ZRANGEBYSCORE', z, string.format('%.0f', t - maxw), '(' .. ts)
+  if not own then
+    if string.byte(flags, i) == 49 then
+      own = d .. struct.pack('<d', redis.call('HINCRBY', h, 'seq', 1))
+      redis.call('ZADD', z, ts, own)
+      redis.call('ZADD', tz, ts, txn)
+      redis.call('HSET', h, 't:' .. txn, own)
+      local newest = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')[2]
+      local cutoff = '(' .. string.format('%.0f', tonumber(newest) - keep)
+      local old = redis.call('ZRANGEBYSCORE', tz, '-inf', cutoff)
+      if #old > 0 then
+        for j = 1, #old do
+          redis.call('HDEL', h, 't:' .. old[j])
+        end
+        redis.call('ZREMRANGEBYSCORE', tz, '-inf', cutoff)
+        redis.call('ZREMRANGEBYSCORE', z, '-inf', cutoff)
+      end
+    else
+      own = d .. struct.pack('<d', 0)
+    end
   end
-  redis.call('ZREMRANGEBYSCORE', tz, '-inf', cutoff)
-  redis.call('ZREMRANGEBYSCORE', z, '-inf', cutoff)
+  heads[i] = struct.pack('<d', seen) .. own .. struct.pack('<d', #rows)
+  for j = 1, #rows do
+    windows[#windows + 1] = rows[j]
+  end
 end
-return {seen, own, rows}
+return {table.concat(heads), table.concat(windows)}
 """
 
 
@@ -204,33 +231,43 @@ class OnlineHistory:
         return out
 
     def features(self, entity: np.ndarray, time_us: np.ndarray, values: Mapping[str, np.ndarray],
-                 transaction_id: np.ndarray, update: bool = True) -> np.ndarray:
+                 transaction_id: np.ndarray, update: bool | np.ndarray = True) -> np.ndarray:
         """History features, float64 [rows, len(names)], of transactions given as columns (`values` holds
         `value_columns`). Rows of one entity apply in (time_us, row index) order, each seeing the ones
-        before it; a transaction id already seen returns its first answer and changes nothing;
-        update=False only reads. Raises StoreUnavailable when Redis does not answer."""
+        before it; a transaction id already seen returns its first answer and changes nothing; rows whose
+        `update` (one bool, or one per row) is False only read. One round trip, one script call per
+        SCRIPT_ROWS rows. Raises StoreUnavailable when Redis does not answer."""
         times = np.asarray(time_us, dtype=np.int64).reshape(-1)
         rows = times.shape[0]
-        entities = np.asarray(entity).reshape(-1).tolist()
-        txns = np.asarray(transaction_id).reshape(-1).tolist()
-        data = self.data(times, values)
-        order = np.argsort(times, kind="stable").tolist() if rows > 1 else [0]
-        flag = b"1" if update else b"0"
-        maxw, keep = self._args
+        if rows == 0:
+            return np.empty((0, len(self._plan)), dtype=np.float64)
+        order = np.argsort(times, kind="stable") if rows > 1 else np.zeros(1, dtype=np.intp)
+        entities = np.asarray(entity).reshape(-1)[order].tolist()
+        txns = np.asarray(transaction_id).reshape(-1)[order].tolist()
+        data = self.data(times[order], {c: np.asarray(values[c]).reshape(-1)[order] for c in self.value_columns})
+        updates = np.broadcast_to(np.asarray(update, dtype=bool).reshape(-1), (rows,))[order]
+        flags = np.where(updates, ord("1"), ord("0")).astype(np.uint8).tobytes()
         calls = []
-        for i in order:
-            calls.append((*self.keys(entities[i]), int(times[i]), maxw, keep, txns[i], data[i].tobytes(), flag))
+        for a in range(0, rows, SCRIPT_ROWS):
+            b = min(a + SCRIPT_ROWS, rows)
+            numbers: dict = {}  # entity -> its keys' place in KEYS (1-based, in triples)
+            per_row: list = []
+            for e, txn in zip(entities[a:b], txns[a:b]):
+                per_row += (numbers.setdefault(e, len(numbers) + 1), txn)
+            keys = [k for e in numbers for k in self.keys(e)]
+            calls.append((len(keys), *keys, *self._args, data[a:b].tobytes(), flags[a:b], *per_row))
         replies = self._run(calls)
+        heads = np.frombuffer(b"".join(r[0] for r in replies), dtype="<f8").tolist()
+        members = np.frombuffer(b"".join(r[1] for r in replies), dtype="<f8").tolist()
         out = np.empty((rows, len(self._plan)), dtype=np.float64)
-        for i, reply in zip(order, replies):
-            out[i] = self._aggregate(reply)
+        out[order] = self._aggregate(heads, members)
         return out
 
     def _run(self, calls: list[tuple]) -> list:
         """All calls in one pipelined round trip; loads the script and repeats once on NOSCRIPT (safe: a
         repeated transaction id changes nothing)."""
         for attempt in (0, 1):
-            replies = self._send([("EVALSHA", _SHA, 3, *call) for call in calls])
+            replies = self._send([("EVALSHA", _SHA, *call) for call in calls])
             errors = [r for r in replies if isinstance(r, Exception)]
             if not errors:
                 return replies
@@ -265,44 +302,60 @@ class OnlineHistory:
                                            ) from exc
         raise AssertionError("unreachable")
 
-    def _aggregate(self, reply: list) -> np.ndarray:
-        """One row's features from the script's reply: its own data and its history's."""
-        own = np.frombuffer(reply[1], dtype="<f8")
-        members = np.frombuffer(b"".join(reply[2]), dtype="<f8").reshape(-1, self._width + 1)
-        if reply[0]:  # a retry: its history as at its first arrival
-            members = members[members[:, -1] < own[-1]]
-        t = own[0]
-        member_t = members[:, 0]
-        n = member_t.shape[0]
-        row = np.empty(len(self._plan), dtype=np.float64)
+    def _aggregate(self, heads: list[float], members: list[float]) -> list[list[float]]:
+        """Every row's features from the script's replies as float lists: `heads` (per row seen, its member, its
+        window's size) and `members` (every row's window, row after row, oldest first). Plain floats, row by row:
+        for windows of tens of members that is cheaper than numpy's per-call cost."""
+        width = self._width + 1  # floats per member: time_us, values, seq
+        step = width + 2
+        out, at = [], 0
+        for head in range(0, len(heads), step):
+            seen, own, n = heads[head], heads[head + 1:head + 1 + width], int(heads[head + step - 1])
+            block = members[at:at + n * width]
+            at += n * width
+            columns = [block[c::width] for c in range(width)]
+            if seen:  # a retry: its history as at its first arrival (members stored before it)
+                kept = [j for j, seq in enumerate(columns[-1]) if seq < own[-1]]
+                columns = [[c[j] for j in kept] for c in columns]
+                n = len(kept)
+            out.append(self._row(own, columns, n))
+        return out
+
+    def _row(self, own: list[float], columns: list[list[float]], n: int) -> list[float]:
+        """One row's features: `own` its member, `columns` its window's members by column (time first, sorted)."""
+        t, times = own[0], columns[0]
+        row: list[float] = []
         starts: dict[int, int] = {}
-        for k, (agg, window, col) in enumerate(self._plan):
+        sums: dict[tuple[int, int], float] = {}
+        for agg, window, col in self._plan:
             start = starts.get(window)
             if start is None:
-                start = starts[window] = int(member_t.searchsorted(t - window)) if n else 0
+                start = starts[window] = bisect.bisect_left(times, t - window)
             count = n - start
             if agg == 0:
-                row[k] = count
+                row.append(float(count))
             elif agg == 3:
-                row[k] = (t - member_t[-1]) / 1e6 if count else math.nan
+                row.append((t - times[-1]) / 1e6 if count else math.nan)
             else:
-                total = _sum(member_t[start:], members[start:, col]) if count else 0.0
+                total = sums.get((start, col))
+                if total is None:
+                    total = sums[start, col] = _sum(times[start:], columns[col][start:]) if count else 0.0
                 if agg == 1:
-                    row[k] = total
+                    row.append(total)
                 elif agg == 2:
-                    row[k] = total / count if count else math.nan
+                    row.append(total / count if count else math.nan)
                 else:
                     mean = total / count if count else 0.0
-                    row[k] = own[col] / mean if mean != 0.0 else math.nan
+                    row.append(own[col] / mean if mean != 0.0 else math.nan)
         return row
 
 
-def _sum(times: np.ndarray, values: np.ndarray) -> float:
+def _sum(times: list[float], values: list[float]) -> float:
     """The values added left to right in (time, value) order: the one float64 the offline rule gives
     (training.history) whatever the arrival order. `times` is sorted; only ties need the values sorted."""
-    if times.shape[0] > 1 and (times[1:] == times[:-1]).any():
-        values = values[np.lexsort((values, times))]
-    return float(np.add.accumulate(values)[-1])
+    if len(set(times)) < len(times):
+        values = [v for _, v in sorted(zip(times, values))]
+    return functools.reduce(operator.add, values)
 
 
 _SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()

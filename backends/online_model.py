@@ -4,20 +4,23 @@ Copied as `model.py` into a raw-transaction version folder (export/online.py), w
 and `version_files.py` beside it; runs in Triton's stub process and imports nothing from treeops.
 
 Inputs are the raw fields named in the config (dims [1], requests [N, 1]): BYTES strings, INT64
-integers and Datetime fields as epoch microseconds UTC, FP64 numbers. For each dynamic batch:
+integers and Datetime fields as epoch microseconds UTC, FP64 numbers. Each dynamic batch (one `execute`) is
+handled as one table, not request by request:
 
-1. Every request is decoded and checked on its own: a string that is not UTF-8, a negative or
-   non-finite value of a `non_negative_fields` field (amounts), a time outside 1990-01-01..2200-01-01
-   UTC (it catches seconds or milliseconds sent as microseconds) fail that request alone with
-   INVALID_ARG naming the field and the row; nothing of a failed request reaches the store.
-   (Triton itself refuses a missing input or a wrong datatype, naming it.)
-2. One `OnlineHistory.features` call reads and updates the history of the valid rows of all
-   requests (one pipelined Redis round trip; rows of one entity applied in (time, row) order, each
-   seeing the ones before it; a transaction_id already seen gets the same features and changes
-   nothing). Requests with the parameter `treeops_read_only` true are read in a second call with
-   update=False: they change no state (re-scoring, shadow traffic).
-3. ONNX Runtime scores the raw fields plus the history features (`model.onnx`, the raw graph); one
-   response per request: `probabilities` and `treeops_degraded` (BOOL per row).
+1. Each request's input tensors are taken and its shape checked (every input has the request's rows); the
+   valid ones are concatenated per field and checked at once, each failing row charged to its request: a
+   string that is not UTF-8, a negative or non-finite value of a `non_negative_fields` field (amounts), a time
+   outside 1990-01-01..2200-01-01 UTC (it catches seconds or milliseconds sent as microseconds). A failing
+   request alone gets INVALID_ARG naming the field and its row, and is dropped from the table before the
+   store is called: nothing of it reaches the store, the others are answered. (Triton itself refuses a missing
+   input or a wrong datatype, naming it.)
+2. One `OnlineHistory.features` call reads and updates the history of every row of the table: one Redis round
+   trip, one Lua script call (rows of one entity applied in (time, row) order, each seeing the ones before it,
+   across requests too; a transaction_id already seen gets the same features and changes nothing). Rows of
+   requests with the parameter `treeops_read_only` true are flagged not to update: they read, in that same
+   order, and change no state (re-scoring, shadow traffic).
+3. One ONNX Runtime run scores the table's raw fields plus the history features (`model.onnx`, the raw graph);
+   then one response per request, its rows' slice: `probabilities` and `treeops_degraded` (BOOL per row).
 
 The store (env `TREEOPS_ONLINE_STORE_URL`, set by the launcher) is connected on first use, so a store
 down at load does not fail the load. When it is unreachable, config parameter `on_store_unavailable`
@@ -125,32 +128,67 @@ class TritonPythonModel:
 
     def execute(self, requests):
         self._started, self._arrival = time.perf_counter_ns(), time.time_ns() // 1000
-        responses = [None] * len(requests)
         self._ids = [self.monitor.request_id(r) for r in requests]
-        decoded = []  # (request index, columns, read_only)
-        for k, request in enumerate(requests):
-            try:
-                decoded.append((k, *self._decode(request)))
-            except RequestError as exc:
-                message = f"{self.label}: {exc}; nothing was written to the online store"
-                responses[k] = self._error(message, pb_utils.TritonError.INVALID_ARG)
-                self._log_error(k, message, None)
-        for read_only in (False, True):
-            part = [d for d in decoded if d[2] is read_only]
-            if part:
-                self._score(part, read_only, responses)
+        responses = [None] * len(requests)
+        table = self._decode(requests, responses)
+        if table is not None:
+            self._score(table, responses)
         return responses
+
+    def _refuse(self, k, exc, responses):
+        message = f"{self.label}: {exc}; nothing was written to the online store"
+        responses[k] = self._error(message, pb_utils.TritonError.INVALID_ARG)
+        self._log_error(k, message, None)
 
     def _log_error(self, k, message, columns):
         if self.monitor.should_log(self._ids[k]):
             self.monitor.log.append(self._ids[k], self._arrival, error=message,
                                     transaction_id=None if columns is None else columns[self.transaction_id])
 
-    def _decode(self, request):
-        """(columns by field name, read_only) of one request, or RequestError naming the field and row."""
-        columns, rows = {}, None
+    def _decode(self, requests, responses):
+        """The valid requests as one table, or None when none is: a Table; each refused request gets its
+        INVALID_ARG response here (naming the field and its row)."""
+        parts, taken, sizes, read_only = {name: [] for name, _ in self.fields}, [], [], []
+        for k, request in enumerate(requests):
+            try:
+                arrays, rows = self._tensors(request)
+                flag = _read_only(request)
+            except RequestError as exc:
+                self._refuse(k, exc, responses)
+                continue
+            for name, values in arrays.items():
+                parts[name].append(values)
+            taken.append(k)
+            sizes.append(rows)
+            read_only.append(flag)
+        if not taken:
+            return None
+        columns = {name: p[0] if len(p) == 1 else np.concatenate(p) for name, p in parts.items()}
+        table = Table(taken, columns, np.array(sizes), np.array(read_only))
+        refused = {}  # position in table.requests -> RequestError, the first problem of each
         for name, kind in self.fields:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if kind == "string":
+                columns[name], bad = _strings(columns[name])
+                table.charge(refused, np.array(sorted(bad), dtype=np.intp),
+                             lambda row, at, n=name, bad=bad: f"input {n!r} row {row}: not UTF-8 text ({bad[at]})")
+        for name in self.non_negative:
+            v = columns[name]
+            table.charge(refused, np.flatnonzero(~(v >= 0) | ~np.isfinite(v)),
+                         lambda row, at, n=name, v=v: f"input {n!r} row {row}: {v[at]!r} is not a finite number >= 0")
+        t = columns[self.time]
+        table.charge(refused, np.flatnonzero((t < MIN_TIME_US) | (t >= MAX_TIME_US)),
+                     lambda row, at: f"input {self.time!r} row {row}: {int(t[at])} is outside 1990-01-01..2200-01-01 "
+                                     "UTC; send epoch microseconds (seconds * 1_000_000)")
+        for j, exc in refused.items():
+            self._refuse(table.requests[j], exc, responses)
+        return table.without(refused)
+
+    def _tensors(self, request):
+        """(the request's input arrays by field name, its rows), or RequestError naming the input."""
+        given = {t.name(): t for t in request.inputs()}
+        arrays, rows = {}, None
+        for name, _ in self.fields:
+            tensor = given.get(name)
             if tensor is None:
                 raise RequestError(f"input {name!r} is missing; the model takes {[n for n, _ in self.fields]}")
             values = tensor.as_numpy().reshape(-1)
@@ -159,40 +197,26 @@ class TritonPythonModel:
             elif len(values) != rows:
                 raise RequestError(f"input {name!r} has {len(values)} rows, the others {rows}; send one row per "
                                    "transaction in every input")
-            columns[name] = _strings(name, values) if kind == "string" else values
-        for name in self.non_negative:
-            v = columns[name]
-            bad = np.flatnonzero(~(v >= 0) | ~np.isfinite(v))
-            if bad.size:
-                row = int(bad[0])
-                raise RequestError(f"input {name!r} row {row}: {v[row]!r} is not a finite number >= 0")
-        t = columns[self.time]
-        bad = np.flatnonzero((t < MIN_TIME_US) | (t >= MAX_TIME_US))
-        if bad.size:
-            row = int(bad[0])
-            raise RequestError(f"input {self.time!r} row {row}: {int(t[row])} is outside 1990-01-01..2200-01-01 "
-                               "UTC; send epoch microseconds (seconds * 1_000_000)")
-        return columns, _read_only(request)
+            arrays[name] = values
+        return arrays, rows
 
-    def _score(self, part, read_only, responses):
-        """History for the rows of `part` (one store call), then the trees; fills `responses`."""
-        cols = {n: np.concatenate([d[1][n] for d in part]) if len(part) > 1 else part[0][1][n]
-                for n, _ in self.fields}
-        degraded = False
+    def _score(self, table, responses):
+        """History for every row of `table` (one store call), then the trees (one run); fills `responses`."""
+        cols, degraded = table.columns, False
         try:
             history = self.history.features(cols[self.entity], cols[self.time], {v: cols[v] for v in self.values},
-                                             cols[self.transaction_id], update=not read_only)
+                                             cols[self.transaction_id], update=~table.read_only_rows())
         except StoreUnavailable as exc:
             if self.policy == "error":
                 message = (f"{self.label}: {exc}; retry later (a retried transaction_id is counted once), or "
                            "export with --on-store-unavailable score_without_history")
-                for k, columns, _ in part:
+                for j, k in enumerate(table.requests):
                     responses[k] = self._error(message, pb_utils.TritonError.UNAVAILABLE)
-                    self._log_error(k, message, columns)
+                    self._log_error(k, message, table.request_columns(j))
                 return
             history = np.full((len(cols[self.time]), len(self.names)), np.nan)
             degraded = True
-            self.monitor.degraded.increment(len(part))  # at once: the answers that alert say the store is down
+            self.monitor.degraded.increment(len(table.requests))  # at once: the answers that alert say the store is down
         feeds = {}
         for name in self.graph_inputs:
             if name in cols:
@@ -200,21 +224,21 @@ class TritonPythonModel:
             else:
                 feeds[name] = history[:, self.history_column[name]].astype(np.float32).reshape(-1, 1)
         scores = self.session.run([self.output], feeds)[0]
-        monitor, start = self.monitor, 0
-        for k, columns, _ in part:
-            n = len(columns[self.time])
-            flag = np.full((n, 1), degraded, dtype=np.bool_)
-            answer = scores[start : start + n]
+        flags = np.full((len(scores), 1), degraded, dtype=np.bool_)
+        monitor, entities = self.monitor, None
+        for j, k in enumerate(table.requests):
+            a, b = table.bounds[j], table.bounds[j + 1]
+            answer = scores[a:b]
             responses[k] = pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(self.output, answer), pb_utils.Tensor(DEGRADED_OUTPUT, flag)])
+                pb_utils.Tensor(self.output, answer), pb_utils.Tensor(DEGRADED_OUTPUT, flags[a:b])])
             monitor.answered(answer, self._started)
             if monitor.should_log(self._ids[k]):
+                if entities is None:
+                    entities = np.char.add(f"{self.entity}=", cols[self.entity].astype(str))
                 monitor.log.append(self._ids[k], self._arrival, score=answer[:, -1],
-                                   features=history[start : start + n].astype(np.float32), raw=columns,
-                                   transaction_id=columns[self.transaction_id],
-                                   entity=np.char.add(f"{self.entity}=", columns[self.entity].astype(str)),
+                                   features=history[a:b].astype(np.float32), raw=table.request_columns(j),
+                                   transaction_id=cols[self.transaction_id][a:b], entity=entities[a:b],
                                    degraded=degraded)
-            start += n
 
     @staticmethod
     def _error(message, code):
@@ -226,20 +250,70 @@ class TritonPythonModel:
         self.history = None
 
 
-def _strings(name, values):
-    """BYTES values as str (ONNX Runtime's string tensors), or RequestError naming the row that is not UTF-8."""
+class Table:
+    """The valid requests of one batch as one table: `requests` (their indices in the batch), `columns` (each
+    field's rows of all of them, concatenated in request order), `sizes` (rows per request), `read_only` (per
+    request); request j holds rows bounds[j]:bounds[j + 1]."""
+
+    def __init__(self, requests, columns, sizes, read_only):
+        self.requests, self.columns, self.sizes, self.read_only = requests, columns, sizes, read_only
+        self.bounds = np.concatenate(([0], np.cumsum(sizes)))
+
+    def charge(self, refused, rows, message):
+        """Record in `refused` (position -> RequestError) the first of `rows` (table rows, ascending) of each
+        request not refused yet; `message(row in its request, table row)` says what is wrong."""
+        if not rows.size:
+            return
+        owners = np.searchsorted(self.bounds, rows, side="right") - 1
+        for j, first in zip(*np.unique(owners, return_index=True)):
+            j = int(j)
+            if j not in refused:
+                at = int(rows[first])
+                refused[j] = RequestError(message(at - int(self.bounds[j]), at))
+
+    def without(self, refused):
+        """This table without the `refused` requests (None when none is left)."""
+        if not refused:
+            return self
+        keep = np.array([j not in refused for j in range(len(self.requests))])
+        if not keep.any():
+            return None
+        rows = np.repeat(keep, self.sizes)
+        return Table([k for k, kept in zip(self.requests, keep) if kept],
+                     {n: c[rows] for n, c in self.columns.items()}, self.sizes[keep], self.read_only[keep])
+
+    def read_only_rows(self):
+        return np.repeat(self.read_only, self.sizes)
+
+    def request_columns(self, j):
+        """Request j's rows of every column (views)."""
+        a, b = self.bounds[j], self.bounds[j + 1]
+        return {n: c[a:b] for n, c in self.columns.items()}
+
+
+def _strings(values):
+    """BYTES values as str (ONNX Runtime's string tensors), and {row: reason} of the rows that are not UTF-8."""
     out = np.empty(len(values), dtype=object)
+    try:
+        out[:] = [v.decode("utf-8") for v in values]
+        return out, {}
+    except (UnicodeDecodeError, AttributeError):
+        pass
+    bad = {}
     for row, v in enumerate(values):
         try:
             out[row] = v.decode("utf-8") if isinstance(v, bytes) else str(v)
         except UnicodeDecodeError as exc:
-            raise RequestError(f"input {name!r} row {row}: not UTF-8 text ({exc.reason})") from None
-    return out
+            bad[row] = exc.reason
+    return out, bad
 
 
 def _read_only(request):
     """The request parameter `treeops_read_only` (bool; absent: False)."""
-    value = json.loads(request.parameters() or "{}").get(READ_ONLY_PARAMETER, False)
+    text = request.parameters()
+    if not text or text == "{}":
+        return False
+    value = json.loads(text).get(READ_ONLY_PARAMETER, False)
     if isinstance(value, str) and value.lower() in ("true", "false"):
         value = value.lower() == "true"
     if not isinstance(value, bool):

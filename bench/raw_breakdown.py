@@ -10,14 +10,15 @@ trivial Python-backend model (identity on one FP64 input, same ServingSettings) 
 - in this process, on the exported version's own model.py (loaded from its version folder and initialised with
   the exported config, so the ORT session and the Redis client are the served ones), for batches of 1 and of
   `batch` one-row requests (what Triton's dynamic batcher hands to one execute at load):
-  (a) `_decode` of each request, (b) `OnlineHistory.features` for the rows (one pipelined round trip, one Lua
-  call per row; fresh transactions each call), beside a bare PING on the same connection and the Lua time per
-  call Redis itself counts (INFO commandstats), (c) the raw graph's `session.run` on the feeds `execute`
-  builds, and the whole `execute` (its rest = execute - a - b - c: feeds, responses, metrics, and the parts
-  running slower in turn than alone: under cProfile, session.run inside execute takes ~3x its time alone, with
-  Redis's socket I/O in between evicting its caches);
+  (a) `_decode` of the batch's requests (into one table), (b) `OnlineHistory.features` for the table's rows (one
+  round trip, one Lua call for all rows; fresh transactions each call), beside a bare PING on the same connection
+  and, at batch 1, the Lua time per call Redis itself counts (INFO commandstats), (c) the raw graph's
+  `session.run` on the feeds `execute` builds, and the whole `execute` (its rest = execute - a - b - c: feeds,
+  responses, metrics, and the parts running slower in turn than alone: under cProfile, session.run inside execute
+  takes ~3x its time alone, with Redis's socket I/O in between evicting its caches);
 - the compiled forest (tl2cgen, as the native backend runs it) on the same model, 1 and `batch` rows: the floor
-  for an estimate of a C backend with a C Redis client (health + PING + Lua + forest; an estimate, not measured).
+  for an estimate of a C backend with a C Redis client (health + PING + Lua + forest; an estimate, not measured;
+  Lua is counted as rows x one single-row call, an upper bound now that a batch's rows share one script call).
 
 The in-process model runs under a stand-in for `triton_python_backend_utils` (tensors hold numpy arrays,
 metrics count nothing): what the real one costs inside the stub is in (d). Triton is measured first, so the
@@ -241,12 +242,11 @@ def _batch_parts(served: Any, requests: list[Any], n: int, s: BreakdownSettings)
     total = s.warmup + s.calls
     batches = [requests[i * n:(i + 1) * n] for i in range(len(requests) // n)]
     for_history, recorded, for_execute = batches[:total], batches[total], batches[total + 1:]
-    decode = _median_us(lambda i: [served._decode(r) for r in for_execute[i]], s.calls, s.warmup)
+    decode = _median_us(lambda i: served._decode(for_execute[i], [None] * n), s.calls, s.warmup)
     history = served.history
     args = []
     for batch in for_history:
-        cols = [served._decode(r)[0] for r in batch]
-        c = {k: np.concatenate([d[k] for d in cols]) for k in cols[0]}
+        c = served._decode(batch, [None] * n).columns
         args.append((c[served.entity], c[served.time], {v: c[v] for v in served.values}, c[served.transaction_id]))
     ping = _median_us(lambda i: history._send([("PING",)]), s.calls, s.warmup)
     history._send([("CONFIG", "RESETSTAT")])
@@ -318,15 +318,21 @@ def _median_us(fn: Callable[[int], Any], calls: int, warmup: int) -> float:
 
 class _Tensor:
     def __init__(self, name: str, array: np.ndarray, *_: Any) -> None:
-        self.name, self._array = name, array
+        self._name, self._array = name, array
+
+    def name(self) -> str:
+        return self._name
 
     def as_numpy(self) -> np.ndarray:
         return self._array
 
 
 class _Request:
-    def __init__(self, tensors: dict[str, _Tensor]) -> None:
-        self.tensors = tensors
+    def __init__(self, tensors: list[_Tensor]) -> None:
+        self._tensors = tensors
+
+    def inputs(self) -> list[_Tensor]:
+        return self._tensors
 
     def parameters(self) -> str:
         return ""
@@ -356,7 +362,6 @@ def _stand_in_utils() -> types.ModuleType:
     """What model.py uses of triton_python_backend_utils, without the stub's shared memory."""
     pb = types.ModuleType("triton_python_backend_utils")
     pb.Tensor = _Tensor
-    pb.get_input_tensor_by_name = lambda request, name: request.tensors.get(name)
     pb.InferenceResponse = lambda output_tensors=None, error=None: (output_tensors, error)
     pb.TritonError = type("TritonError", (Exception,), {"INVALID_ARG": 3, "UNAVAILABLE": 14})
     pb.MetricFamily = _MetricFamily
@@ -419,7 +424,7 @@ def _requests(model: RawModel, frame: pl.DataFrame) -> list[_Request]:
         else:
             values = col.dt.epoch("us") if isinstance(col.dtype, pl.Datetime) else col
             columns[t.name] = np.ascontiguousarray(values.to_numpy(), dtype=t.numpy_dtype)
-    return [_Request({k: _Tensor(k, v[i:i + 1].reshape(1, 1)) for k, v in columns.items()}) for i in range(len(frame))]
+    return [_Request([_Tensor(k, v[i:i + 1].reshape(1, 1)) for k, v in columns.items()]) for i in range(len(frame))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
