@@ -465,6 +465,45 @@ def monitor(
     _emit(as_json, result.to_dict(), result.lines(), failure=failures.get(result.exit_code))
 
 
+@app.command()
+def retrain(
+    window: Annotated[str, typer.Option(help="served traffic of this long before --end: 7d, 24h, 1d12h")] = "7d",
+    end: Annotated[str | None, typer.Option(help="end of the window, ISO 8601 (no offset: UTC; default now)")] = None,
+    data: Annotated[Path | None, typer.Option(help="train on this raw file (CSV or Parquet) instead of the log")] = None,
+    trigger: Annotated[str | None, typer.Option(help="why, recorded as lineage: the monitor verdict's id")] = None,
+    model_name: Annotated[str, typer.Option("--model-name", "--model", help="registered model")] = "fraud",
+    log_root: Annotated[Path | None, typer.Option(help="prediction log (default: <workspace>/prediction_log)")] = None,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a challenger with the champion's parameters on the window's logged predictions joined with their labels
+    (features as served), or on --data; registers it as @challenger with lineage.* tags. Exit 6 too few labels or a
+    class too rare, 1 no champion or bad input, 4 a --data file that breaks the data contract: nothing registered."""
+    from monitoring.monitor import MonitorPaths, parse_end, parse_window
+    from retraining.retrain import RetrainSettings, retrain_from_file, retrain_from_log
+
+    ws = Workspace.resolve(workspace)
+    if data is not None:
+        outcome = retrain_from_file(model_name, data, tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root,
+                                    reports_dir=ws.reports_dir, trigger=trigger)
+    else:
+        stop = parse_end(end)
+        outcome = retrain_from_log(model_name, stop - parse_window(window), stop,
+                                   MonitorPaths.in_workspace(ws.root, model_name, log_root),
+                                   tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root, trigger=trigger,
+                                   settings=RetrainSettings())
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items() if k != "best_iteration")
+    lineage = outcome.lineage
+    source = (f"{lineage['rows']} labelled predictions from {lineage['window_start']} to {lineage['window_end']}"
+              if lineage["source"] == "prediction_log" else lineage["data"])
+    _emit(as_json, outcome.to_dict(), [
+        f"registered {model_name} version {outcome.registered.version} as @{outcome.registered.alias} "
+        f"(run {outcome.registered.run_id}), trained with version {lineage['champion_version']}'s parameters",
+        f"on {source}; trigger {lineage['trigger']}",
+        f"test: {shown}",
+    ])
+
+
 TritonUrlOpt = Annotated[
     str | None, typer.Option("--triton-url", help="gRPC address of a running Triton to switch live (explicit mode)")
 ]
