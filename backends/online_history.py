@@ -77,10 +77,21 @@ SCRIPT_ROWS = 512
 # Returns {heads, windows}: per row seen (0/1), its member (data + seq; seq 0 when not stored) and the number of
 # its window's members, as float64; then every row's members in [t - longest window, t), oldest first, row after
 # row. For a seen id: its first arrival's member and window, which the caller filters to seq < its seq.
+# Each row reads its entity's whole members zset (it holds the retention, barely more than the longest window) and
+# finds its window, the newest and the oldest time in it: pruning runs only when something is older than the
+# retention, so an insert costs six commands.
 SCRIPT = """
 local maxw, keep, data, flags = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local width = #data / #flags
-local heads, windows = {}, {}
+local function first_at(all, t)  -- first member of all (sorted by time) with time >= t, else #all + 1
+  local lo, hi = 1, #all + 1
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if struct.unpack('<d', all[mid]) < t then lo = mid + 1 else hi = mid end
+  end
+  return lo
+end
+local heads, windows, w = {}, {}, 0
 for i = 1, #flags do
   local e, txn = 3 * tonumber(ARGV[3 + 2 * i]), ARGV[4 + 2 * i]
   local z, tz, h = KEYS[e - 2], KEYS[e - 1], KEYS[e]
@@ -88,18 +99,22 @@ for i = 1, #flags do
   local own = redis.call('HGET', h, 't:' .. txn)
   local seen = own and 1 or 0
   local t = struct.unpack('<d', own or d)
-  local ts = string.format('%.0f', t)
-  local rows = redis.call('ZRANGEBYSCORE', z, string.format('%.0f', t - maxw), '(' .. ts)
+  local all = redis.call('ZRANGE', z, 0, -1)
+  local from, to = first_at(all, t - maxw), first_at(all, t) - 1
   if not own then
     if string.byte(flags, i) == 49 then
+      local ts = string.format('%.0f', t)
       own = d .. struct.pack('<d', redis.call('HINCRBY', h, 'seq', 1))
       redis.call('ZADD', z, ts, own)
       redis.call('ZADD', tz, ts, txn)
       redis.call('HSET', h, 't:' .. txn, own)
-      local newest = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')[2]
-      local cutoff = '(' .. string.format('%.0f', tonumber(newest) - keep)
-      local old = redis.call('ZRANGEBYSCORE', tz, '-inf', cutoff)
-      if #old > 0 then
+      local newest, oldest = t, t
+      if #all > 0 then
+        newest, oldest = math.max(t, (struct.unpack('<d', all[#all]))), math.min(t, (struct.unpack('<d', all[1])))
+      end
+      if oldest < newest - keep then
+        local cutoff = '(' .. string.format('%.0f', newest - keep)
+        local old = redis.call('ZRANGEBYSCORE', tz, '-inf', cutoff)
         for j = 1, #old do
           redis.call('HDEL', h, 't:' .. old[j])
         end
@@ -110,9 +125,10 @@ for i = 1, #flags do
       own = d .. struct.pack('<d', 0)
     end
   end
-  heads[i] = struct.pack('<d', seen) .. own .. struct.pack('<d', #rows)
-  for j = 1, #rows do
-    windows[#windows + 1] = rows[j]
+  heads[i] = struct.pack('<d', seen) .. own .. struct.pack('<d', to - from + 1)
+  for j = from, to do
+    w = w + 1
+    windows[w] = all[j]
   end
 end
 return {table.concat(heads), table.concat(windows)}
