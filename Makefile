@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean perf-analyzer
+.PHONY: install system-packages demo test bench clean perf-analyzer
 
 # Debian programs the tests and the demo start for real: redis-server (the online feature store),
 # prometheus + promtool (the alert rules, checked and fired on a real Prometheus), chromium (the
@@ -12,14 +12,17 @@ STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := redis-server prometheus chromium prometheus-pushgateway
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
+# Checked on every run, not only when the venv is built: a package added later reaches existing checkouts.
+system-packages:
+	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES); }
+
 $(STAMP): pyproject.toml constraints.txt
-	dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES); }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: system-packages $(STAMP)
 
 demo: install
 	$(BIN)/treeops demo
