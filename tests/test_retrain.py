@@ -14,11 +14,15 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 from mlflow.tracking import MlflowClient
 
+from backends.prediction_log import DIR_ENV, MAX_BYTES_ENV, RING_SIZE_ENV, PredictionLog, Settings
 from bench.monitor import log_predictions
 from export.parity import reference_scores
+from export.pipeline import ExportSettings, export_model
+from export.repository import ModelRepository
 from monitoring.labels import LABELLED_AT, ingest_labels
 from monitoring.monitor import MonitorPaths
 from monitoring.prediction_log import read_window
@@ -138,6 +142,46 @@ def test_served_features_are_used_not_recomputed(served, tmp_path):
     held = bundle.holdout.height
     np.testing.assert_array_equal(bundle.fitted.matrix(bundle.holdout), x[-held:])
     assert (bundle.fitted.matrix(bundle.holdout)[:, column] >= 1).all()
+
+
+def test_a_raw_model_log_gets_its_stateless_features_computed_and_keeps_raw_holdout_rows(served, tmp_path):
+    """A raw-transaction model logs its raw fields and history features; the stateless ones (computed inside its
+    graph) come from the raw fields with the version's spec, and the raw holdout lets the challenger be exported
+    --raw-inputs behind the parity gate on real rows."""
+    paths = dataclasses.replace(served.paths, log_root=tmp_path / "log", labels_dir=tmp_path / "labels",
+                                model_repository=tmp_path / "repo")
+    export_model(MODEL, ModelRepository(paths.model_repository), settings=ExportSettings(raw_inputs=True))
+    fitted = champion(MODEL).fitted
+    stream = generate_transactions(GenerateSpec(rows=2_000, seed=13, fraud_rate=0.05), first_id=3_000_000).sort(
+        "timestamp", "transaction_id")
+    x = fitted.matrix_raw(stream)
+    history = [i for i, f in enumerate(fitted.spec.features) if f.stateful]
+    fields = stream.drop("is_fraud").with_columns(pl.col("timestamp").dt.epoch("us"))
+    arrow = {pl.Int64: pa.int64(), pl.Float64: pa.float64(), pl.String: pa.string()}
+    writer = PredictionLog(Settings({DIR_ENV: str(paths.log_root), RING_SIZE_ENV: "10000", MAX_BYTES_ENV: str(2**40)}),
+                           MODEL, 1, [fitted.spec.names[i] for i in history],
+                           [(name, arrow[fields.schema[name]]) for name in fields.columns])
+    start_us = int(START.timestamp() * 1_000_000)
+    ids = stream["transaction_id"].cast(pl.String).to_numpy()
+    for lo in range(0, stream.height, 50):
+        hi = min(lo + 50, stream.height)
+        writer.append(f"raw-{lo}", start_us + lo * 1000, score=np.full(hi - lo, 0.5), features=x[lo:hi, history],
+                      raw={c: fields[c].to_numpy()[lo:hi] for c in fields.columns}, transaction_id=ids[lo:hi])
+    writer.close(timeout_s=60)
+    labels_file = tmp_path / "labels.csv"
+    pl.DataFrame({"transaction_id": ids, "label": stream["is_fraud"].cast(pl.Int8),
+                  LABELLED_AT: [END.isoformat()] * len(ids)}).write_csv(labels_file)
+    ingest_labels(labels_file, paths.labels_dir, pl.Series(ids))
+
+    outcome = retrain_from_log(MODEL, START, END, paths, tracking_uri=served.ws.tracking_uri,
+                               artifact_root=served.ws.artifact_root)
+    bundle = registry.load_bundle(registry.resolve(MODEL, version=outcome.registered.version), tmp_path / "b")
+    held = bundle.holdout.height
+    np.testing.assert_array_equal(bundle.fitted.matrix(bundle.holdout), x[-held:])
+    assert bundle.raw_holdout.equals(stream.drop("is_fraud").tail(held))
+    exported = export_model(MODEL, ModelRepository(paths.model_repository), version=outcome.registered.version,
+                            settings=ExportSettings(raw_inputs=True))
+    assert exported.parity is not None and exported.parity.rows >= held
 
 
 def test_too_few_labels_exit_6_and_register_nothing(served):
