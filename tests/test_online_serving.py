@@ -6,11 +6,13 @@ starts empty, so a transaction's history is the stream's earlier transactions of
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from export.pipeline import ExportSettings, export_model
 from export.repository import ModelRepository
 from online_store.redis_server import LocalRedis
 from redis_fixtures import local_redis
+from server.admin import GRPC_RESTRICTED_PREFIX
 from server.client import ScoringClient, load_features
 from server.errors import ScoringError
 from server.launcher import free_port
@@ -46,6 +49,8 @@ pytestmark = [pytest.mark.triton]
 
 MODEL = "online"
 LENIENT = "online_lenient"  # the same version, on_store_unavailable = score_without_history
+BATCHED = "online_batched"  # the same version; its dynamic batcher waits BATCH_WAIT_US, so a burst is one execute
+BATCH_WAIT_US = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -72,20 +77,24 @@ def export_online(ws: Workspace) -> Exported:
     return Exported(ws, load_features(result.version_dir), booster, result.version_dir)
 
 
-def copy_model(exported: Exported, repository: Path, name: str, policy: str = "error") -> None:
-    """The exported `online` model served as `repository/name`, with config parameter on_store_unavailable `policy`."""
+def copy_model(exported: Exported, repository: Path, name: str, policy: str = "error", wait_us: int = 0) -> None:
+    """The exported `online` model served as `repository/name`, with config parameter on_store_unavailable `policy`
+    and the dynamic batcher's max_queue_delay_microseconds `wait_us`."""
     shutil.copytree(exported.ws.model_repository / MODEL, repository / name)
     config = (repository / name / "config.pbtxt").read_text().replace(f'name: "{MODEL}"', f'name: "{name}"')
     default = 'key: "on_store_unavailable"\n  value {\n    string_value: "error"'
-    assert default in config, config
-    (repository / name / "config.pbtxt").write_text(config.replace(default, default.replace('"error"', f'"{policy}"')))
+    assert default in config and "dynamic_batching {\n}" in config, config
+    config = config.replace(default, default.replace('"error"', f'"{policy}"'))
+    config = config.replace("dynamic_batching {\n}", f"dynamic_batching {{\n  max_queue_delay_microseconds: {wait_us}\n}}")
+    (repository / name / "config.pbtxt").write_text(config)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    """`export_online`, plus a lenient copy (on_store_unavailable = score_without_history) beside it."""
+    """`export_online`, plus a lenient copy (on_store_unavailable = score_without_history) and a batched one."""
     exported = export_online(Workspace(tmp_path_factory.mktemp("online")))
     copy_model(exported, exported.ws.model_repository, LENIENT, "score_without_history")
+    copy_model(exported, exported.ws.model_repository, BATCHED, wait_us=BATCH_WAIT_US)
     return exported
 
 
@@ -97,7 +106,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
 
 @pytest.fixture(scope="module")
 def triton(exported: Exported, store: LocalRedis):
-    with serving(exported.ws, models=[MODEL, LENIENT], online_store_url=store.url, exit_timeout_s=5) as server:
+    with serving(exported.ws, models=[MODEL, LENIENT, BATCHED], online_store_url=store.url, exit_timeout_s=5) as server:
         yield server
 
 
@@ -181,12 +190,14 @@ def _raw_client(triton) -> grpcclient.InferenceServerClient:
     return grpcclient.InferenceServerClient(triton.settings.grpc_url)
 
 
+RAW_TYPES = {"transaction_id": "INT64", "card_id": "INT64", "timestamp": "INT64", "amount": "FP64",
+             "merchant_category": "BYTES", "country": "BYTES", "channel": "BYTES"}
+
+
 def _inputs(row: dict, **override: tuple[str, np.ndarray]) -> list[grpcclient.InferInput]:
     """Plain tritonclient inputs of one transaction (dict of raw fields; timestamp in epoch µs)."""
-    types = {"transaction_id": "INT64", "card_id": "INT64", "timestamp": "INT64", "amount": "FP64",
-             "merchant_category": "BYTES", "country": "BYTES", "channel": "BYTES"}
     inputs = []
-    for name, datatype in types.items():
+    for name, datatype in RAW_TYPES.items():
         datatype, values = override.get(name, (datatype, None))
         if values is None:
             values = np.array([[row[name]]], dtype=object if datatype == "BYTES" else NUMPY[datatype])
@@ -227,6 +238,87 @@ def test_a_missing_field_is_refused_naming_it(client, store, triton):
         raw.infer(MODEL, inputs)
     assert "country" in err.value.message()
     assert _state(store.url) == {}
+
+
+def _frame_inputs(frame: pl.DataFrame, **override: np.ndarray) -> list[grpcclient.InferInput]:
+    """Plain tritonclient inputs of a frame of transactions, one row each ([n, 1]); `override` replaces columns."""
+    epoch = frame.with_columns(pl.col("timestamp").dt.epoch("us"))
+    inputs = []
+    for name, datatype in RAW_TYPES.items():
+        values = override.get(name)
+        if values is None:
+            values = np.array(epoch[name].to_list(), dtype=object if datatype == "BYTES" else NUMPY[datatype])
+        values = values.reshape(-1, 1)
+        inp = grpcclient.InferInput(name, list(values.shape), datatype)
+        inp.set_data_from_numpy(values)
+        inputs.append(inp)
+    return inputs
+
+
+def _burst(triton, requests: list[tuple[list[grpcclient.InferInput], bool]]) -> tuple[list, int]:
+    """Send every (inputs, read_only) request to BATCHED at once: (each one's result or InferenceServerException, in
+    order; how many executions Triton ran for them: 1 when its batcher put them all in one execute)."""
+    results: list = [None] * len(requests)
+    done = [threading.Event() for _ in requests]
+
+    def answered(k: int, result, error) -> None:
+        results[k] = error if error is not None else result
+        done[k].set()
+
+    admin = {GRPC_RESTRICTED_PREFIX + triton.settings.admin_header: triton.settings.admin_key.get_secret_value()}
+    with _raw_client(triton) as raw:
+        before = raw.get_inference_statistics(BATCHED, headers=admin).model_stats[0].execution_count
+        for k, (inputs, read_only) in enumerate(requests):
+            raw.async_infer(BATCHED, inputs, functools.partial(answered, k),
+                            parameters={"treeops_read_only": True} if read_only else None)
+        assert all(d.wait(30) for d in done), "a request of the burst got no answer in 30 s"
+        after = raw.get_inference_statistics(BATCHED, headers=admin).model_stats[0].execution_count
+    return results, after - before
+
+
+def test_one_execute_of_requests_of_several_cards_applies_every_row_in_time_order(exported, client, store, triton):
+    """Six requests of three cards in one execute, each card's rows spread over several requests and no request in
+    time order, plus a read-only one in the middle of a card's rows: every row sees exactly its card's earlier rows
+    of the batch that update, the read-only one changes nothing."""
+    stream = _stream(rows=400, seed=81)
+    cards = stream["card_id"].unique(maintain_order=True).head(3).to_list()
+    rows = stream.filter(pl.col("card_id").is_in(cards)).head(19)
+    peek = rows.filter(pl.col("card_id") == cards[0]).slice(2, 1)
+    updates = rows.join(peek, on="transaction_id", how="anti").sort("timestamp", "transaction_id")
+    assert (updates.filter(pl.col("card_id") == cards[0])["timestamp"] > peek["timestamp"][0]).any()
+    parts = [updates.reverse().gather_every(6, offset=k) for k in range(6)]
+    assert sum(cards[0] in p["card_id"].to_list() for p in parts) >= 2  # one card's rows across requests
+    results, executions = _burst(triton, [(_frame_inputs(p), False) for p in parts] + [(_frame_inputs(peek), True)])
+    assert executions == 1
+    expected = _by_id(updates, _offline(exported, updates))
+    for part, result in zip(parts, results):
+        assert _by_id(part, result.as_numpy("probabilities")[:, 1]) == pytest.approx(
+            {k: expected[k] for k in part["transaction_id"].to_list()}, abs=1e-5)
+        assert not result.as_numpy("treeops_degraded").any()
+    with_peek = updates.vstack(peek).sort("timestamp", "transaction_id")
+    want = _by_id(with_peek, _offline(exported, with_peek))[peek["transaction_id"][0]]
+    assert results[-1].as_numpy("probabilities")[0, 1] == pytest.approx(want, abs=1e-5)
+    records = {f for key, v in _state(store.url).items() if key.endswith(b":h") for f in v}
+    assert f"t:{peek['transaction_id'][0]}".encode() not in records
+    assert {f"t:{i}".encode() for i in updates["transaction_id"].to_list()} <= records
+
+
+def test_a_bad_request_in_a_batch_is_refused_alone_and_writes_nothing(exported, client, store, triton):
+    stream = _stream(rows=400, seed=83)
+    card = stream["card_id"][0]
+    good = stream.filter(pl.col("card_id") == card).head(4)
+    bad = stream.filter(pl.col("card_id") != card).head(2)
+    amounts = bad["amount"].to_numpy().copy()
+    amounts[1] = -3.0
+    results, executions = _burst(triton, [(_frame_inputs(good.head(2)), False),
+                                          (_frame_inputs(bad, amount=amounts), False),
+                                          (_frame_inputs(good.tail(2)), False)])
+    assert executions == 1
+    assert isinstance(results[1], InferenceServerException)
+    assert results[1].status() == "StatusCode.INVALID_ARGUMENT" and "'amount' row 1" in results[1].message()
+    served = np.concatenate([results[0].as_numpy("probabilities")[:, 1], results[2].as_numpy("probabilities")[:, 1]])
+    np.testing.assert_allclose(served, _offline(exported, good), rtol=0, atol=1e-5)
+    assert {key.split(b"{")[1].split(b"}")[0] for key in _state(store.url)} == {str(card).encode()}
 
 
 def test_plain_tritonclient_and_kserve_json_score_like_offline(exported, client, triton):
