@@ -77,7 +77,7 @@ SCRIPT_ROWS = 512
 # Returns {heads, windows}: per row seen (0/1), its member (data + seq; seq 0 when not stored) and the number of
 # its window's members, as float64; then every row's members in [t - longest window, t), oldest first, row after
 # row. For a seen id: its first arrival's member and window, which the caller filters to seq < its seq.
-# Each row reads its entity's whole members zset (it holds the retention, barely more than the longest window) and
+# Each row reads its entity's whole members zset (it holds the retention: the longest window plus the allowance) and
 # finds its window, the newest and the oldest time in it: pruning runs only when something is older than the
 # retention, so an insert costs six commands.
 SCRIPT = """
