@@ -26,14 +26,20 @@
  * running tritonserver. Built with -Wall -Wextra -Werror (export/native_backend.py).
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- the Triton C API subset (opaque handles; enum values fixed by the API) ---- */
 typedef struct TRITONSERVER_Error TRITONSERVER_Error;
@@ -111,6 +117,35 @@ extern TRITONSERVER_Error* TRITONBACKEND_OutputBuffer(TRITONBACKEND_Output* outp
                                                      int64_t* memory_type_id);
 extern TRITONSERVER_Error* TRITONBACKEND_ResponseSend(TRITONBACKEND_Response* response, const uint32_t send_flags,
                                                      TRITONSERVER_Error* error);
+extern TRITONSERVER_Error* TRITONBACKEND_RequestId(TRITONBACKEND_Request* request, const char** id);
+extern TRITONSERVER_Error* TRITONBACKEND_ModelInstanceName(TRITONBACKEND_ModelInstance* instance, const char** name);
+extern TRITONSERVER_Error* TRITONBACKEND_ModelInstanceSetState(TRITONBACKEND_ModelInstance* instance, void* state);
+extern TRITONSERVER_Error* TRITONBACKEND_ModelInstanceState(TRITONBACKEND_ModelInstance* instance, void** state);
+
+/* Custom metrics (tritonserver.h; histograms since 2.51's API). */
+typedef struct TRITONSERVER_Parameter TRITONSERVER_Parameter;
+typedef struct TRITONSERVER_MetricFamily TRITONSERVER_MetricFamily;
+typedef struct TRITONSERVER_Metric TRITONSERVER_Metric;
+typedef struct TRITONSERVER_MetricArgs TRITONSERVER_MetricArgs;
+enum { METRIC_COUNTER = 0, METRIC_GAUGE = 1, METRIC_HISTOGRAM = 2 }; /* TRITONSERVER_METRIC_KIND_* */
+enum { PARAMETER_STRING = 0 };                                    /* TRITONSERVER_PARAMETER_STRING */
+extern TRITONSERVER_Parameter* TRITONSERVER_ParameterNew(const char* name, const int type, const void* value);
+extern void TRITONSERVER_ParameterDelete(TRITONSERVER_Parameter* parameter);
+extern TRITONSERVER_Error* TRITONSERVER_MetricFamilyNew(TRITONSERVER_MetricFamily** family, const int kind,
+                                                       const char* name, const char* description);
+extern TRITONSERVER_Error* TRITONSERVER_MetricFamilyDelete(TRITONSERVER_MetricFamily* family);
+extern TRITONSERVER_Error* TRITONSERVER_MetricArgsNew(TRITONSERVER_MetricArgs** args);
+extern TRITONSERVER_Error* TRITONSERVER_MetricArgsSetHistogram(TRITONSERVER_MetricArgs* args, const double* buckets,
+                                                              const uint64_t buckets_count);
+extern TRITONSERVER_Error* TRITONSERVER_MetricArgsDelete(TRITONSERVER_MetricArgs* args);
+extern TRITONSERVER_Error* TRITONSERVER_MetricNewWithArgs(TRITONSERVER_Metric** metric,
+                                                         TRITONSERVER_MetricFamily* family,
+                                                         const TRITONSERVER_Parameter** labels,
+                                                         const uint64_t label_count,
+                                                         const TRITONSERVER_MetricArgs* args);
+extern TRITONSERVER_Error* TRITONSERVER_MetricDelete(TRITONSERVER_Metric* metric);
+extern TRITONSERVER_Error* TRITONSERVER_MetricIncrement(TRITONSERVER_Metric* metric, double value);
+extern TRITONSERVER_Error* TRITONSERVER_MetricObserve(TRITONSERVER_Metric* metric, double value);
 
 /* ---- errors and time ---- */
 #define MSG_MAX 2048
@@ -361,9 +396,119 @@ static char* read_text(const char* path) {
   return text;
 }
 
+static bool json_double(Json v, double* out) {
+  json_ws(&v);
+  char* stop = NULL;
+  const double x = strtod(v.p, &stop);
+  if (stop == v.p) return false;
+  *out = x;
+  return true;
+}
+
+/* ---- CRC-32 (IEEE, as Python's zlib.crc32): the log's sampling rule and its record frames ---- */
+static uint32_t CRC_TABLE[256];
+
+static void crc32_init(void) {
+  for (uint32_t n = 0; n < 256; ++n) {
+    uint32_t c = n;
+    for (int k = 0; k < 8; ++k) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+    CRC_TABLE[n] = c;
+  }
+}
+
+static uint32_t crc32_of(const void* data, size_t n) {
+  const unsigned char* p = data;
+  uint32_t c = 0xFFFFFFFFu;
+  for (size_t i = 0; i < n; ++i) c = CRC_TABLE[(c ^ p[i]) & 0xFF] ^ (c >> 8);
+  return c ^ 0xFFFFFFFFu;
+}
+
+/* ---- the prediction log's settings: the environment variables of backends/prediction_log.py Settings ----
+ * Names, defaults and the contract version come from that module at build time (export/native_backend.py). */
+#if !defined(TREEOPS_LOG_DIR_ENV) || !defined(TREEOPS_LOG_SAMPLE_RATE_ENV) || !defined(TREEOPS_LOG_MAX_BYTES_ENV) || \
+    !defined(TREEOPS_LOG_SAMPLE_RATE_DEFAULT) || !defined(TREEOPS_LOG_MAX_BYTES_DEFAULT) ||                         \
+    !defined(TREEOPS_LOG_CONTRACT) || !defined(TREEOPS_JOURNAL_MAGIC) || !defined(TREEOPS_JOURNAL_FORMAT) ||         \
+    !defined(TREEOPS_METRICS_PARAMETER)
+#error "build with export/native_backend.py build_backend: it defines the prediction log's and metrics' contract"
+#endif
+
+typedef struct {
+  char root[4096]; /* "" = the log is off */
+  double sample_rate;
+  int64_t max_bytes;
+} LogSettings;
+
+static TRITONSERVER_Error* bad_setting(const char* key, const char* text, const char* what) {
+  return errorf(ERROR_INVALID_ARG, "treeops_forest: %s='%s' in tritonserver's environment is not %s: fix the "
+                "TritonSettings prediction_log_* field (or the variable)", key, text, what);
+}
+
+static TRITONSERVER_Error* log_settings(LogSettings* s) {
+  const char* root = getenv(TREEOPS_LOG_DIR_ENV);
+  s->root[0] = '\0';
+  if (root != NULL && root[0] != '\0' &&
+      snprintf(s->root, sizeof s->root, "%s", root) >= (int)sizeof s->root)
+    return bad_setting(TREEOPS_LOG_DIR_ENV, root, "a path shorter than 4096 bytes");
+  const char* rate = getenv(TREEOPS_LOG_SAMPLE_RATE_ENV);
+  char* stop = NULL;
+  s->sample_rate = TREEOPS_LOG_SAMPLE_RATE_DEFAULT;
+  if (rate != NULL) {
+    s->sample_rate = strtod(rate, &stop);
+    while (stop != rate && *stop == ' ') stop++;
+    if (stop == rate || *stop != '\0' || !(s->sample_rate >= 0.0 && s->sample_rate <= 1.0))
+      return bad_setting(TREEOPS_LOG_SAMPLE_RATE_ENV, rate, "a float in 0.0..1.0");
+  }
+  const char* max_bytes = getenv(TREEOPS_LOG_MAX_BYTES_ENV);
+  s->max_bytes = TREEOPS_LOG_MAX_BYTES_DEFAULT;
+  if (max_bytes != NULL) {
+    s->max_bytes = strtoll(max_bytes, &stop, 10);
+    while (stop != max_bytes && *stop == ' ') stop++;
+    if (stop == max_bytes || *stop != '\0' || s->max_bytes < 1)
+      return bad_setting(TREEOPS_LOG_MAX_BYTES_ENV, max_bytes, "an int in >= 1");
+  }
+  return NULL;
+}
+
+/* Whether a request of this id is logged (backends/prediction_log.py `sampled`: the same for every retry). */
+static bool sampled(const char* request_id, size_t n, double rate) {
+  return rate >= 1.0 || (double)crc32_of(request_id, n) < rate * 4294967296.0;
+}
+
+/* `s` as a JSON string into `out` (at least 6 * strlen(s) + 3 bytes); returns the bytes written. */
+static size_t json_quote(char* out, const char* s) {
+  size_t n = 0;
+  out[n++] = '"';
+  for (const unsigned char* p = (const unsigned char*)s; *p; ++p) {
+    if (*p == '"' || *p == '\\') {
+      out[n++] = '\\';
+      out[n++] = (char)*p;
+    } else if (*p < 0x20) {
+      n += (size_t)sprintf(out + n, "\\u%04x", *p);
+    } else {
+      out[n++] = (char)*p;
+    }
+  }
+  out[n++] = '"';
+  return n;
+}
+
+/* mkdir -p `path` (0755). */
+static bool make_dirs(const char* path) {
+  char buf[4600];
+  if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf) return false;
+  for (char* p = buf + 1; *p; ++p) {
+    if (*p != '/') continue;
+    *p = '\0';
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST) return false;
+    *p = '/';
+  }
+  return mkdir(buf, 0755) == 0 || errno == EEXIST;
+}
+
 /* ---- the version: its identity, its files and its forest ---- */
 #define METADATA_FILE "treeops.json"
 #define FOREST_FILE "forest.so"
+#define FEATURES_FILE "feature_spec.json"
 
 typedef void (*predict_rows_fn)(const float* x, int64_t rows, float* out);
 typedef int (*int_fn)(void);
@@ -495,42 +640,506 @@ static TRITONSERVER_Error* check_tensor(const Version* v, Json config, const cha
 }
 
 /* The model config must match the forest's width and feature count and the names export recorded. */
-static TRITONSERVER_Error* check_config(TRITONBACKEND_Model* model, const Version* v, Json metadata,
-                                        const Forest* forest) {
+static TRITONSERVER_Error* check_config(const Version* v, Json config, Json metadata, const Forest* forest) {
   char input_name[512], output_name[512];
   if (!json_member_string(metadata, "input_name", input_name, sizeof input_name) ||
       !json_member_string(metadata, "output_name", output_name, sizeof output_name))
     return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: " METADATA_FILE " lacks input_name/output_name; "
                   "re-export the version", v->where);
+  int64_t max_batch_size = 0;
+  json_member_int(config, "max_batch_size", &max_batch_size);
+  TRITONSERVER_Error* err =
+      check_tensor(v, config, "input", input_name, forest->n_features, "features", max_batch_size > 0);
+  if (err == NULL)
+    err = check_tensor(v, config, "output", output_name, forest->width, "outputs per row", max_batch_size > 0);
+  return err;
+}
+
+/* ---- what a served version records: metrics and the prediction log's identity ---- */
+enum { KIND_BINARY, KIND_MULTICLASS, KIND_REGRESSION };
+enum { DECISION_NAME = 32 };
+
+typedef struct {
+  Forest* forest;
+  const char* name;  /* Triton's, valid while the model is loaded */
+  uint64_t version;
+  int kind;          /* the objective's, from treeops.json: what a row's decision is */
+  double threshold;
+  int n_decisions;   /* binary: positive, negative; multiclass: one per class; regression: value */
+  uint64_t warmup_requests; /* Triton's model_warmup requests each instance executes first (not counted) */
+  LogSettings log;
+  char version_dir[4600];   /* <root>/model=<name>/version=<v> */
+  char model_dir[4400];     /* <root>/model=<name>: retention runs over all its versions */
+  char* header;             /* a journal segment's header (magic, format, length, CRC-32, JSON) */
+  size_t header_size;
+  uint64_t roll_bytes;      /* a segment is closed past this size, and retention runs */
+  TRITONSERVER_MetricFamily* families[3];
+  TRITONSERVER_Metric* duration;
+  TRITONSERVER_Metric** decisions;
+  TRITONSERVER_Metric* dropped;
+} Model;
+
+enum { FAMILY_DURATION, FAMILY_PREDICTIONS, FAMILY_DROPPED };
+
+static void model_free(Model* m) {
+  if (m == NULL) return;
+  if (m->decisions != NULL)
+    for (int d = 0; d < m->n_decisions; ++d)
+      if (m->decisions[d] != NULL) log_error(TRITONSERVER_MetricDelete(m->decisions[d]), "deleting a metric");
+  if (m->duration != NULL) log_error(TRITONSERVER_MetricDelete(m->duration), "deleting a metric");
+  if (m->dropped != NULL) log_error(TRITONSERVER_MetricDelete(m->dropped), "deleting a metric");
+  for (int f = 0; f < 3; ++f)
+    if (m->families[f] != NULL) log_error(TRITONSERVER_MetricFamilyDelete(m->families[f]), "deleting a metric family");
+  free(m->decisions);
+  free(m->header);
+  forest_free(m->forest);
+  free(m);
+}
+
+static void decision_name(const Model* m, int d, char out[DECISION_NAME]) {
+  if (m->kind == KIND_BINARY) snprintf(out, DECISION_NAME, "%s", d == 0 ? "positive" : "negative");
+  else if (m->kind == KIND_MULTICLASS) snprintf(out, DECISION_NAME, "%d", d);
+  else snprintf(out, DECISION_NAME, "value");
+}
+
+/* The decision of one scored row (`row`: its `width` outputs), as backends/serving_monitor.py counts it. */
+static int decision_of(const Model* m, const float* row, int64_t width) {
+  if (m->kind == KIND_BINARY) return row[width - 1] >= m->threshold ? 0 : 1;
+  if (m->kind == KIND_REGRESSION) return 0;
+  int best = 0;
+  for (int64_t k = 1; k < width; ++k)
+    if (row[k] > row[best]) best = (int)k;
+  return best;
+}
+
+/* One metric of `role` in the declared metrics (config parameter TREEOPS_METRICS_PARAMETER, written by export
+ * from monitoring/metric_names.py): its family is made on first use; labels are filled by name. */
+static TRITONSERVER_Error* new_metric(const Model* m, const char* where, Json declared, const char* role,
+                                      const char* want_kind, const char* decision,
+                                      TRITONSERVER_MetricFamily** family, TRITONSERVER_Metric** metric) {
+  Json d, labels, label, buckets, bucket;
+  char name[256], kind[32], help[1024], label_name[64], version[32];
+  if (!json_member(declared, role, &d) || !json_member_string(d, "name", name, sizeof name) ||
+      !json_member_string(d, "kind", kind, sizeof kind) || !json_member_string(d, "help", help, sizeof help))
+    return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: config parameter '" TREEOPS_METRICS_PARAMETER "' lacks "
+                  "role '%s' (name, kind, help): re-export the version, or `treeops sync` its config", where, role);
+  if (strcmp(kind, want_kind) != 0)
+    return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: metric %s (role %s) is declared a %s; the backend "
+                  "emits a %s: fix monitoring/metric_names.py", where, name, role, kind, want_kind);
+  const int n_labels = json_member(d, "labels", &labels) ? json_array(labels, &label) : 0;
+  if (n_labels < 0 || n_labels > 8)
+    return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: metric %s declares a bad label list", where, name);
+  const TRITONSERVER_Parameter* params[8];
+  TRITONSERVER_Error* err = NULL;
+  int made = 0;
+  snprintf(version, sizeof version, "%llu", (unsigned long long)m->version);
+  for (int i = 0; i < n_labels && err == NULL; ++i, json_next(&label)) {
+    Json item = label;
+    const char* value = NULL;
+    if (json_string(&item, label_name, sizeof label_name)) {
+      if (strcmp(label_name, "model") == 0) value = m->name;
+      else if (strcmp(label_name, "version") == 0) value = version;
+      else if (strcmp(label_name, "decision") == 0) value = decision;
+    }
+    if (value == NULL) {
+      err = errorf(ERROR_INVALID_ARG, "treeops_forest: %s: metric %s declares label '%s' the native backend cannot "
+                   "fill (it knows model, version%s): fix monitoring/metric_names.py", where, name, label_name,
+                   decision != NULL ? ", decision" : "");
+      break;
+    }
+    params[made++] = TRITONSERVER_ParameterNew(label_name, PARAMETER_STRING, value);
+  }
+  double bounds[64];
+  int n_bounds = 0;
+  if (err == NULL && strcmp(kind, "histogram") == 0) {
+    n_bounds = json_member(d, "buckets", &buckets) ? json_array(buckets, &bucket) : -1;
+    if (n_bounds < 1 || n_bounds > 64)
+      err = errorf(ERROR_INVALID_ARG, "treeops_forest: %s: histogram %s declares no buckets (1 to 64 bounds)",
+                   where, name);
+    for (int i = 0; err == NULL && i < n_bounds; ++i, json_next(&bucket))
+      if (!json_double(bucket, &bounds[i]))
+        err = errorf(ERROR_INVALID_ARG, "treeops_forest: %s: histogram %s has a bucket that is not a number",
+                     where, name);
+  }
+  const int kinds = strcmp(kind, "counter") == 0 ? METRIC_COUNTER : strcmp(kind, "gauge") == 0 ? METRIC_GAUGE
+                                                                                               : METRIC_HISTOGRAM;
+  if (err == NULL && *family == NULL) err = TRITONSERVER_MetricFamilyNew(family, kinds, name, help);
+  TRITONSERVER_MetricArgs* args = NULL;
+  if (err == NULL && n_bounds > 0) {
+    err = TRITONSERVER_MetricArgsNew(&args);
+    if (err == NULL) err = TRITONSERVER_MetricArgsSetHistogram(args, bounds, (uint64_t)n_bounds);
+  }
+  if (err == NULL) err = TRITONSERVER_MetricNewWithArgs(metric, *family, params, (uint64_t)made, args);
+  if (args != NULL) log_error(TRITONSERVER_MetricArgsDelete(args), "deleting metric arguments");
+  for (int i = 0; i < made; ++i) TRITONSERVER_ParameterDelete((TRITONSERVER_Parameter*)params[i]);
+  return err;
+}
+
+static TRITONSERVER_Error* make_metrics(Model* m, const char* where, Json config) {
+  Json parameters, entry;
+  if (!json_member(config, "parameters", &parameters) ||
+      !json_member(parameters, TREEOPS_METRICS_PARAMETER, &entry))
+    return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: config parameter '" TREEOPS_METRICS_PARAMETER "' is "
+                  "missing (exported before treeops published its serving metrics): re-export the version, or "
+                  "`treeops sync` its config", where);
+  Json raw = entry;
+  json_ws(&raw);
+  char* text = malloc(strlen(raw.p) + 1);
+  if (text == NULL) return TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory");
+  TRITONSERVER_Error* err = NULL;
+  if (!json_member_string(entry, "string_value", text, strlen(raw.p) + 1))
+    err = errorf(ERROR_INVALID_ARG, "treeops_forest: %s: config parameter '" TREEOPS_METRICS_PARAMETER "' has no "
+                 "string_value; re-export the version", where);
+  Json declared = {text};
+  if (err == NULL)
+    err = new_metric(m, where, declared, "request_duration", "histogram", NULL, &m->families[FAMILY_DURATION],
+                     &m->duration);
+  if (err == NULL && (m->decisions = calloc((size_t)m->n_decisions, sizeof *m->decisions)) == NULL)
+    err = TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory");
+  for (int d = 0; err == NULL && d < m->n_decisions; ++d) {
+    char decision[DECISION_NAME];
+    decision_name(m, d, decision);
+    err = new_metric(m, where, declared, "predictions", "counter", decision, &m->families[FAMILY_PREDICTIONS],
+                     &m->decisions[d]);
+  }
+  if (err == NULL && m->log.root[0] != '\0')
+    err = new_metric(m, where, declared, "log_dropped", "counter", NULL, &m->families[FAMILY_DROPPED], &m->dropped);
+  free(text);
+  return err;
+}
+
+/* Served feature names (feature_spec.json, or f0..fN-1 for a forest exported without one) into the
+ * journal header, as backends/python_model.py names the log's feature columns. */
+static TRITONSERVER_Error* make_header(Model* m, const Version* v) {
+  char path[4700];
+  snprintf(path, sizeof path, "%s/" FEATURES_FILE, v->dir);
+  char* spec_text = read_text(path);
+  Json spec = {spec_text}, features, feature;
+  const int64_t n = m->forest->n_features;
+  int listed = -1;
+  if (spec_text != NULL) {
+    listed = json_member(spec, "features", &features) ? json_array(features, &feature) : -1;
+    if (listed != n) {
+      free(spec_text);
+      return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: %s lists %d features but forest.so has %lld; "
+                    "re-export the version", v->where, path, listed, (long long)n);
+    }
+  }
+  const size_t cap = 256 + 6 * strlen(m->name) + (size_t)n * (6 * 512 + 4) + 20;
+  const size_t prefix = 8 + 4 + 4 + 4; /* magic, format, JSON length, JSON CRC-32 */
+  char* h = malloc(prefix + cap);
+  TRITONSERVER_Error* err = h == NULL ? TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory") : NULL;
+  size_t len = 0;
+  if (err == NULL) {
+    char* j = h + prefix;
+    len += (size_t)sprintf(j + len, "{\"contract\":");
+    len += json_quote(j + len, TREEOPS_LOG_CONTRACT);
+    len += (size_t)sprintf(j + len, ",\"model\":");
+    len += json_quote(j + len, m->name);
+    len += (size_t)sprintf(j + len, ",\"version\":%llu,\"features\":[", (unsigned long long)m->version);
+    for (int64_t i = 0; i < n && err == NULL; ++i) {
+      char name[512];
+      if (spec_text != NULL) {
+        if (!json_member_string(feature, "name", name, sizeof name))
+          err = errorf(ERROR_INVALID_ARG, "treeops_forest: %s: feature %lld of %s has no name; re-export the "
+                       "version", v->where, (long long)i, path);
+        json_next(&feature);
+      } else {
+        snprintf(name, sizeof name, "f%lld", (long long)i);
+      }
+      if (i > 0) j[len++] = ',';
+      if (err == NULL) len += json_quote(j + len, name);
+    }
+    len += (size_t)sprintf(j + len, "]}");
+  }
+  free(spec_text);
+  if (err != NULL) {
+    free(h);
+    return err;
+  }
+  const uint32_t format = TREEOPS_JOURNAL_FORMAT, json_len = (uint32_t)len, crc = crc32_of(h + prefix, len);
+  memcpy(h, TREEOPS_JOURNAL_MAGIC, 8);
+  memcpy(h + 8, &format, 4);
+  memcpy(h + 12, &json_len, 4);
+  memcpy(h + 16, &crc, 4);
+  m->header = h;
+  m->header_size = prefix + len;
+  return NULL;
+}
+
+/* The objective (what a decision is), the warm-up count, the log and the metrics of a loaded version. */
+static TRITONSERVER_Error* serving_state(Model* m, const Version* v, Json metadata, Json config) {
+  Json objective, warmups, w;
+  char kind[32] = "binary";
+  if (json_member(metadata, "objective", &objective)) {
+    json_member_string(objective, "kind", kind, sizeof kind);
+    Json t;
+    if (json_member(objective, "threshold", &t)) json_double(t, &m->threshold);
+  }
+  m->kind = strcmp(kind, "multiclass") == 0 ? KIND_MULTICLASS : strcmp(kind, "regression") == 0 ? KIND_REGRESSION
+                                                                                                : KIND_BINARY;
+  m->n_decisions = m->kind == KIND_BINARY ? 2 : m->kind == KIND_MULTICLASS ? (int)m->forest->width : 1;
+  const int n_warmups = json_member(config, "model_warmup", &warmups) ? json_array(warmups, &w) : 0;
+  for (int i = 0; i < n_warmups; ++i, json_next(&w)) {
+    int64_t batch = 1, count = 1;
+    json_member_int(w, "batch_size", &batch);
+    json_member_int(w, "count", &count);
+    m->warmup_requests += (uint64_t)(batch > 0 ? batch : 1) * (uint64_t)(count > 1 ? count : 1);
+  }
+  TRITONSERVER_Error* err = log_settings(&m->log);
+  if (err == NULL && m->log.root[0] != '\0') {
+    if (snprintf(m->model_dir, sizeof m->model_dir, "%s/model=%s", m->log.root, m->name) >= (int)sizeof m->model_dir)
+      return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: prediction log path too long under %s", v->where,
+                    m->log.root);
+    snprintf(m->version_dir, sizeof m->version_dir, "%s/version=%llu", m->model_dir, (unsigned long long)m->version);
+    const uint64_t quarter = (uint64_t)m->log.max_bytes / 4;
+    m->roll_bytes = quarter < 4096 ? 4096 : quarter > (64u << 20) ? (64u << 20) : quarter;
+    err = make_header(m, v);
+  }
+  if (err == NULL) err = make_metrics(m, v->where, config);
+  return err;
+}
+
+/* ---- the prediction log: one append-only journal segment per instance ----
+ * <root>/model=<m>/version=<v>/date=YYYY-MM-DD/hour=HH/<ns>-<pid>-<instance>.tlog, read by
+ * monitoring/prediction_log.py. A segment is its header (magic, u32 format, u32 JSON length, u32 CRC-32 of the
+ * JSON, JSON {"contract", "model", "version", "features"}) and then records, each framed as u32 payload length,
+ * u32 CRC-32 of the payload, payload (little-endian):
+ *   i64 arrival (epoch us UTC), u32 rows (or error length), u16 request id length, u8 status (0 answered,
+ *   1 failed), the request id, then for an answered request rows x f32 score (the last output column) and
+ *   rows x n_features f32 features, for a failed one its error message.
+ * Each execute call appends its records with one write(2) on an O_APPEND descriptor, before its responses are
+ * sent: every answered request is in the page cache first, so kill -9 of tritonserver loses none of them; only
+ * power loss can tear a tail, which the reader detects by length and CRC and skips with a warning. */
+enum { RECORD_FIXED = 8 + 4 + 2 + 1, FRAME = 8 };
+
+typedef struct {
+  const Model* model;
+  char name[128];            /* the instance's name, as a file-name part */
+  uint64_t warmup_left;      /* requests still to be skipped as warm-up */
+  uint64_t rng;              /* request ids for requests without one */
+  int fd;                    /* the open segment, or -1 */
+  int64_t segment_hour;      /* its hour partition (epoch hours) */
+  uint64_t segment_bytes;
+  char segment[4700];
+  bool failing;              /* the last write failed: logged once per streak */
+  char* buf;                 /* this execute call's records */
+  size_t size, cap;
+  uint64_t records;
+  uint64_t* counts;          /* rows per decision in this execute call */
+} Instance;
+
+typedef struct {
+  char* path;
+  const char* name;
+  int64_t size;
+} SegmentFile;
+
+static int by_name(const void* a, const void* b) {
+  return strcmp(((const SegmentFile*)a)->name, ((const SegmentFile*)b)->name);
+}
+
+static bool is_segment(const char* name) {
+  const size_t n = strlen(name);
+  return name[0] != '.' && ((n > 5 && strcmp(name + n - 5, ".tlog") == 0) ||
+                            (n > 8 && strcmp(name + n - 8, ".parquet") == 0));
+}
+
+/* The complete segments (.tlog and .parquet) under `dir`, `depth` folder levels down. */
+static void collect_segments(const char* dir, int depth, SegmentFile** files, size_t* n, size_t* cap) {
+  DIR* d = opendir(dir);
+  if (d == NULL) return;
+  struct dirent* e;
+  while ((e = readdir(d)) != NULL) {
+    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+    char path[4700];
+    if (snprintf(path, sizeof path, "%s/%s", dir, e->d_name) >= (int)sizeof path) continue;
+    struct stat st;
+    if (lstat(path, &st) != 0) continue; /* deleted meanwhile by another instance's retention */
+    if (S_ISDIR(st.st_mode) && depth > 0) {
+      collect_segments(path, depth - 1, files, n, cap);
+    } else if (S_ISREG(st.st_mode) && depth == 0 && is_segment(e->d_name)) {
+      if (*n == *cap) {
+        SegmentFile* grown = realloc(*files, (*cap = *cap ? *cap * 2 : 64) * sizeof **files);
+        if (grown == NULL) break;
+        *files = grown;
+      }
+      char* copy = strdup(path);
+      if (copy == NULL) break;
+      (*files)[(*n)++] = (SegmentFile){copy, strrchr(copy, '/') + 1, (int64_t)st.st_size};
+    }
+  }
+  closedir(d);
+}
+
+/* Delete the model's oldest complete segments (every version, either writer) while they hold more than
+ * max_bytes; `keep` (this instance's open segment) stays. */
+static void retain(const Model* m, const char* keep) {
+  SegmentFile* files = NULL;
+  size_t n = 0, cap = 0;
+  collect_segments(m->model_dir, 3, &files, &n, &cap); /* version=V, date=D, hour=H, then the files */
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) total += files[i].size;
+  qsort(files, n, sizeof *files, by_name);
+  for (size_t i = 0; i < n && total > m->log.max_bytes; ++i) {
+    if (strcmp(files[i].path, keep) == 0) continue;
+    if (unlink(files[i].path) == 0 || errno == ENOENT) total -= files[i].size;
+  }
+  for (size_t i = 0; i < n; ++i) free(files[i].path);
+  free(files);
+}
+
+static void journal_close(Instance* in) {
+  if (in->fd >= 0) close(in->fd);
+  in->fd = -1;
+}
+
+/* A new segment for epoch hour `hour`, header written; false with `why` set. */
+static bool journal_open(Instance* in, int64_t hour, char* why, size_t why_cap) {
+  const Model* m = in->model;
+  const time_t start = (time_t)(hour * 3600);
+  struct tm tm;
+  gmtime_r(&start, &tm);
+  char folder[4700];
+  snprintf(folder, sizeof folder, "%s/date=%04d-%02d-%02d/hour=%02d", m->version_dir, tm.tm_year + 1900,
+           tm.tm_mon + 1, tm.tm_mday, tm.tm_hour);
+  if (!make_dirs(folder)) {
+    snprintf(why, why_cap, "cannot create %s: %s", folder, strerror(errno));
+    return false;
+  }
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  if (snprintf(in->segment, sizeof in->segment, "%s/%020llu-%d-%s.tlog", folder,
+               (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec, (int)getpid(),
+               in->name) >= (int)sizeof in->segment) {
+    snprintf(why, why_cap, "the segment path under %s is too long", m->version_dir);
+    return false;
+  }
+  in->fd = open(in->segment, O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0644);
+  if (in->fd < 0) {
+    snprintf(why, why_cap, "cannot create %s: %s", in->segment, strerror(errno));
+    return false;
+  }
+  if (write(in->fd, m->header, m->header_size) != (ssize_t)m->header_size) {
+    snprintf(why, why_cap, "cannot write the header of %s: %s", in->segment, strerror(errno));
+    journal_close(in);
+    unlink(in->segment);
+    return false;
+  }
+  in->segment_hour = hour;
+  in->segment_bytes = m->header_size;
+  retain(m, in->segment);
+  return true;
+}
+
+/* Room for `more` bytes in this call's record buffer. */
+static bool reserve(Instance* in, size_t more) {
+  if (in->size + more <= in->cap) return true;
+  size_t cap = in->cap ? in->cap : 4096;
+  while (cap < in->size + more) cap *= 2;
+  char* grown = realloc(in->buf, cap);
+  if (grown == NULL) return false;
+  in->buf = grown;
+  in->cap = cap;
+  return true;
+}
+
+/* Queue one request's record in this call's buffer: answered (`scores` rows x width, `x` rows x n_features)
+ * or failed (`error`). False when out of memory (the record is dropped). */
+static bool add_record(Instance* in, const char* id, size_t id_len, int64_t arrival_us, const char* error,
+                       const float* scores, int64_t width, const float* x, int64_t rows) {
+  const int64_t n_features = in->model->forest->n_features;
+  const size_t error_len = error != NULL ? strlen(error) : 0;
+  const size_t body = error != NULL ? error_len : (size_t)rows * (size_t)(1 + n_features) * sizeof(float);
+  const size_t payload = RECORD_FIXED + id_len + body;
+  if (id_len > 0xFFFF || payload > 0xFFFFFFFFu || !reserve(in, FRAME + payload)) return false;
+  char* p = in->buf + in->size + FRAME;
+  const uint32_t count = error != NULL ? (uint32_t)error_len : (uint32_t)rows, length = (uint32_t)payload;
+  const uint16_t id_size = (uint16_t)id_len;
+  const uint8_t status = error != NULL;
+  memcpy(p, &arrival_us, 8);
+  memcpy(p + 8, &count, 4);
+  memcpy(p + 12, &id_size, 2);
+  memcpy(p + 14, &status, 1);
+  memcpy(p + RECORD_FIXED, id, id_len);
+  char* q = p + RECORD_FIXED + id_len;
+  if (error != NULL) {
+    memcpy(q, error, error_len);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) memcpy(q + r * (int64_t)sizeof(float), scores + r * width + width - 1, sizeof(float));
+    memcpy(q + (size_t)rows * sizeof(float), x, (size_t)rows * (size_t)n_features * sizeof(float));
+  }
+  const uint32_t crc = crc32_of(p, payload);
+  memcpy(in->buf + in->size, &length, 4);
+  memcpy(in->buf + in->size + 4, &crc, 4);
+  in->size += FRAME + payload;
+  in->records++;
+  return true;
+}
+
+/* Append this call's records to the instance's segment with one write(2); returns the records dropped. A
+ * short write is cut off again (ftruncate), so a later record never follows a torn one. */
+static uint64_t journal_flush(Instance* in, int64_t arrival_us) {
+  const uint64_t records = in->records;
+  const size_t size = in->size;
+  in->records = 0;
+  in->size = 0;
+  if (records == 0) return 0;
+  const Model* m = in->model;
+  const int64_t hour = arrival_us / 3600000000ll;
+  char why[5000] = "";
+  struct stat st;
+  if (in->fd >= 0 && (hour != in->segment_hour || in->segment_bytes >= m->roll_bytes ||
+                      fstat(in->fd, &st) != 0 || st.st_nlink == 0)) /* nlink 0: deleted by retention */
+    journal_close(in);
+  bool ok = in->fd >= 0 || journal_open(in, hour, why, sizeof why);
+  if (ok) {
+    ssize_t wrote;
+    do wrote = write(in->fd, in->buf, size);
+    while (wrote < 0 && errno == EINTR);
+    ok = wrote == (ssize_t)size;
+    if (ok) {
+      in->segment_bytes += size;
+    } else {
+      snprintf(why, sizeof why, "writing %zu bytes to %s wrote %zd: %s", size, in->segment, wrote,
+               wrote < 0 ? strerror(errno) : "short write (disk full?)");
+      if (wrote > 0 && ftruncate(in->fd, (off_t)in->segment_bytes) != 0) journal_close(in);
+    }
+  }
+  if (ok) {
+    in->failing = false;
+    return 0;
+  }
+  if (!in->failing)
+    log_error(errorf(ERROR_INTERNAL, "%s; %llu prediction records dropped (counted in the log_dropped metric; "
+                     "logged again after the next success)", why, (unsigned long long)records),
+              "prediction log");
+  in->failing = true;
+  return records;
+}
+
+/* The model config as NUL-terminated JSON (caller frees). */
+static TRITONSERVER_Error* config_text(TRITONBACKEND_Model* model, char** text) {
   TRITONSERVER_Message* message = NULL;
   TRITONSERVER_Error* err = TRITONBACKEND_ModelConfig(model, 1, &message);
   if (err != NULL) return err;
   const char* base = NULL;
   size_t size = 0;
-  char* text = NULL;
   if ((err = TRITONSERVER_MessageSerializeToJson(message, &base, &size)) == NULL) {
-    if ((text = malloc(size + 1)) == NULL) {
+    if ((*text = malloc(size + 1)) == NULL) {
       err = TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory");
     } else {
-      memcpy(text, base, size);
-      text[size] = '\0';
+      memcpy(*text, base, size);
+      (*text)[size] = '\0';
     }
   }
   log_error(TRITONSERVER_MessageDelete(message), "deleting the model config message");
-  if (err != NULL) return err;
-  Json config = {text};
-  int64_t max_batch_size = 0;
-  json_member_int(config, "max_batch_size", &max_batch_size);
-  err = check_tensor(v, config, "input", input_name, forest->n_features, "features", max_batch_size > 0);
-  if (err == NULL)
-    err = check_tensor(v, config, "output", output_name, forest->width, "outputs per row", max_batch_size > 0);
-  free(text);
   return err;
 }
 
-/* Check the version's files, load its forest and check the config against it; `*out` is set first, so
- * that the caller frees whatever was loaded when a later step fails. */
-static TRITONSERVER_Error* load_version(TRITONBACKEND_Model* model, Forest** out) {
+/* Check the version's files, load its forest, check the config against it and set up what it records;
+ * `*out` is set first, so that the caller frees whatever was loaded when a later step fails. */
+static TRITONSERVER_Error* load_version(TRITONBACKEND_Model* model, Model** out) {
   Version v;
   int artifact = -1;
   const char* location = NULL;
@@ -553,10 +1162,21 @@ static TRITONSERVER_Error* load_version(TRITONBACKEND_Model* model, Forest** out
     return errorf(ERROR_NOT_FOUND, "treeops_forest: %s: cannot read %s; re-export the version with treeops export",
                   v.where, metadata_path);
   Json metadata = {metadata_text};
-  if ((*out = calloc(1, sizeof **out)) == NULL) err = TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory");
-  if (err == NULL) err = verify_files(&v, metadata); /* before anything of the version is mapped */
-  if (err == NULL) err = open_forest(&v, *out);
-  if (err == NULL) err = check_config(model, &v, metadata, *out);
+  char* text = NULL;
+  Model* m = *out = calloc(1, sizeof **out);
+  if (m == NULL || (m->forest = calloc(1, sizeof *m->forest)) == NULL)
+    err = TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory");
+  if (err == NULL) {
+    m->name = v.model;
+    m->version = version;
+    m->threshold = 0.5;
+    err = verify_files(&v, metadata); /* before anything of the version is mapped */
+  }
+  if (err == NULL) err = open_forest(&v, m->forest);
+  if (err == NULL) err = config_text(model, &text);
+  if (err == NULL) err = check_config(&v, (Json){text}, metadata, m->forest);
+  if (err == NULL) err = serving_state(m, &v, metadata, (Json){text});
+  free(text);
   free(metadata_text);
   return err;
 }
@@ -570,14 +1190,15 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_Initialize(TRITONBACKEND_Backend* backe
     return errorf(ERROR_UNSUPPORTED, "treeops_forest needs TRITONBACKEND API %u.%u or a later %u.x, but this "
                   "tritonserver has %u.%u: serve with tritonserver 2.51 or newer of major %u (nvidia-pytriton 0.7.0)",
                   BACKEND_API_MAJOR, TREEOPS_BACKEND_API_MINOR, BACKEND_API_MAJOR, major, minor, BACKEND_API_MAJOR);
+  crc32_init();
   return NULL;
 }
 
 EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInitialize(TRITONBACKEND_Model* model) {
-  Forest* forest = NULL;
-  TRITONSERVER_Error* err = load_version(model, &forest);
-  if (err == NULL) err = TRITONBACKEND_ModelSetState(model, forest);
-  if (err != NULL) forest_free(forest); /* Triton never calls ModelFinalize for a model that failed here */
+  Model* m = NULL;
+  TRITONSERVER_Error* err = load_version(model, &m);
+  if (err == NULL) err = TRITONBACKEND_ModelSetState(model, m);
+  if (err != NULL) model_free(m); /* Triton never calls ModelFinalize for a model that failed here */
   return err;
 }
 
@@ -585,7 +1206,51 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelFinalize(TRITONBACKEND_Model* mode
   void* state = NULL;
   TRITONSERVER_Error* err = TRITONBACKEND_ModelState(model, &state);
   if (err != NULL) return err;
-  forest_free(state);
+  model_free(state);
+  return NULL;
+}
+
+static void instance_free(Instance* in) {
+  if (in == NULL) return;
+  journal_close(in); /* every record was written by its execute call: nothing is left to flush */
+  free(in->buf);
+  free(in->counts);
+  free(in);
+}
+
+EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceInitialize(TRITONBACKEND_ModelInstance* instance) {
+  TRITONBACKEND_Model* model = NULL;
+  void* state = NULL;
+  const char* name = NULL;
+  TRITONSERVER_Error* err = TRITONBACKEND_ModelInstanceModel(instance, &model);
+  if (err == NULL) err = TRITONBACKEND_ModelState(model, &state);
+  if (err == NULL) err = TRITONBACKEND_ModelInstanceName(instance, &name);
+  if (err != NULL) return err;
+  const Model* m = state;
+  Instance* in = calloc(1, sizeof *in);
+  if (in == NULL || (in->counts = calloc((size_t)m->n_decisions, sizeof *in->counts)) == NULL) {
+    instance_free(in);
+    return TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory");
+  }
+  in->model = m;
+  in->fd = -1;
+  in->warmup_left = m->warmup_requests;
+  size_t k = 0;
+  for (const char* p = name; *p && k + 1 < sizeof in->name; ++p)
+    in->name[k++] = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ? *p : '_';
+  in->name[k] = '\0';
+  if (getrandom(&in->rng, sizeof in->rng, 0) != (ssize_t)sizeof in->rng) in->rng = now_ns();
+  in->rng |= 1;
+  err = TRITONBACKEND_ModelInstanceSetState(instance, in);
+  if (err != NULL) instance_free(in);
+  return err;
+}
+
+EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceFinalize(TRITONBACKEND_ModelInstance* instance) {
+  void* state = NULL;
+  TRITONSERVER_Error* err = TRITONBACKEND_ModelInstanceState(instance, &state);
+  if (err != NULL) return err;
+  instance_free(state);
   return NULL;
 }
 
@@ -594,8 +1259,9 @@ typedef struct {
   TRITONBACKEND_Input* input;
   uint32_t buffer_count;
   int64_t rows;
-  int64_t first_row; /* in the batch */
-  bool failed;       /* answered with an error already */
+  int64_t first_row;          /* in the batch */
+  TRITONSERVER_Error* error;  /* the request fails with it (answered after the log is written) */
+  bool ok;                    /* answered with its scores */
 } Part;
 
 /* Check one request's input; on success `part` describes it. */
@@ -696,74 +1362,129 @@ static bool respond(TRITONBACKEND_Request* request, const float* scores, int64_t
   return ok;
 }
 
+/* The client's request id, or a fresh random one (then a retry is a new sampling decision, as in
+ * backends/serving_monitor.py). */
+static const char* request_id(Instance* in, TRITONBACKEND_Request* request, char fresh[17], size_t* len) {
+  const char* id = NULL;
+  TRITONSERVER_Error* err = TRITONBACKEND_RequestId(request, &id);
+  log_error(err, "reading a request id");
+  if (err == NULL && id != NULL && id[0] != '\0') {
+    *len = strlen(id);
+    return id;
+  }
+  in->rng ^= in->rng >> 12; /* xorshift64* */
+  in->rng ^= in->rng << 25;
+  in->rng ^= in->rng >> 27;
+  snprintf(fresh, 17, "%016llx", (unsigned long long)(in->rng * 2685821657736338717ull));
+  *len = 16;
+  return fresh;
+}
+
+/* Queue the log records of requests [first, count) that the sampling rate keeps. */
+static void log_requests(Instance* in, TRITONBACKEND_Request** requests, const Part* parts, uint32_t first,
+                         uint32_t count, int64_t arrival_us, const float* scores, const float* batch,
+                         const float* direct, uint64_t* dropped) {
+  const Forest* forest = in->model->forest;
+  for (uint32_t r = first; r < count; ++r) {
+    char fresh[17];
+    size_t id_len = 0;
+    const char* id = request_id(in, requests[r], fresh, &id_len);
+    if (!sampled(id, id_len, in->model->log.sample_rate)) continue;
+    const Part* p = &parts[r];
+    const bool added =
+        p->error != NULL
+            ? add_record(in, id, id_len, arrival_us, TRITONSERVER_ErrorMessage(p->error), NULL, 0, NULL, 0)
+            : add_record(in, id, id_len, arrival_us, NULL, scores + p->first_row * forest->width, forest->width,
+                         batch != NULL ? batch + p->first_row * forest->n_features : direct, p->rows);
+    *dropped += !added;
+  }
+}
+
 EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_ModelInstance* instance,
                                                               TRITONBACKEND_Request** requests,
                                                               const uint32_t request_count) {
-  TRITONBACKEND_Model* model = NULL;
   void* state = NULL;
-  TRITONSERVER_Error* err = TRITONBACKEND_ModelInstanceModel(instance, &model);
-  if (err == NULL) err = TRITONBACKEND_ModelState(model, &state);
+  TRITONSERVER_Error* err = TRITONBACKEND_ModelInstanceState(instance, &state);
   Part* parts = err == NULL ? calloc(request_count, sizeof *parts) : NULL;
   if (err == NULL && parts == NULL) err = TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory");
   if (err != NULL) return err; /* nothing answered yet: Triton answers every request with it and releases them */
-  const Forest* forest = state;
+  Instance* in = state;
+  const Model* model = in->model;
+  const Forest* forest = model->forest;
+  struct timespec wall;
+  clock_gettime(CLOCK_REALTIME, &wall);
+  const int64_t arrival_us = (int64_t)wall.tv_sec * 1000000 + wall.tv_nsec / 1000;
+  /* Triton's warm-up requests come first on each instance: neither counted nor logged */
+  const uint32_t warmup = in->warmup_left < request_count ? (uint32_t)in->warmup_left : request_count;
+  in->warmup_left -= warmup;
 
   /* compute_input: check and gather every request's rows into one batch */
   const uint64_t exec_start = now_ns();
   int64_t batch_rows = 0;
   uint32_t good = 0;
   for (uint32_t r = 0; r < request_count; ++r) {
-    TRITONSERVER_Error* bad = request_input(forest, requests[r], &parts[r]);
-    if (bad != NULL) {
-      parts[r].failed = true;
-      answer_error(requests[r], bad);
-      continue;
-    }
+    if ((parts[r].error = request_input(forest, requests[r], &parts[r])) != NULL) continue;
     parts[r].first_row = batch_rows;
     batch_rows += parts[r].rows;
     good++;
   }
   const size_t row_bytes = (size_t)forest->n_features * sizeof(float);
   bool copy = good > 1; /* one request in one buffer is scored where it lies */
-  for (uint32_t r = 0; r < request_count; ++r) copy |= !parts[r].failed && parts[r].buffer_count != 1;
+  for (uint32_t r = 0; r < request_count; ++r) copy |= parts[r].error == NULL && parts[r].buffer_count != 1;
   float* scores = malloc((size_t)batch_rows * (size_t)forest->width * sizeof(float) + 1);
   float* batch = copy ? malloc((size_t)batch_rows * row_bytes + 1) : NULL;
   const float* x = batch;
   const bool allocated = scores != NULL && (batch != NULL || !copy);
   for (uint32_t r = 0; r < request_count && allocated; ++r) {
-    if (parts[r].failed) continue;
+    if (parts[r].error != NULL) continue;
     float* dst = copy ? batch + parts[r].first_row * forest->n_features : NULL;
-    TRITONSERVER_Error* bad = gather_input(&parts[r], (uint64_t)parts[r].rows * row_bytes, dst, copy ? NULL : &x);
-    if (bad != NULL) { /* its rows stay in the batch as zeros, scored and dropped */
-      if (dst != NULL) memset(dst, 0, (size_t)parts[r].rows * row_bytes);
-      parts[r].failed = true;
-      answer_error(requests[r], bad);
-    }
+    parts[r].error = gather_input(&parts[r], (uint64_t)parts[r].rows * row_bytes, dst, copy ? NULL : &x);
+    if (parts[r].error != NULL && dst != NULL) /* its rows stay in the batch as zeros, scored and dropped */
+      memset(dst, 0, (size_t)parts[r].rows * row_bytes);
   }
 
   /* compute_infer: score the batch */
   const uint64_t compute_start = now_ns();
   if (allocated && x != NULL && batch_rows > 0) forest->predict_rows(x, batch_rows, scores);
   const uint64_t compute_end = now_ns();
+  for (uint32_t r = 0; r < request_count; ++r)
+    if (parts[r].error == NULL && (!allocated || x == NULL))
+      parts[r].error = TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory");
+
+  /* the prediction log, before any response is sent: an answered request is always in the page cache */
+  uint64_t dropped = 0;
+  if (model->log.root[0] != '\0') {
+    log_requests(in, requests, parts, warmup, request_count, arrival_us, scores, copy ? batch : NULL, x, &dropped);
+    dropped += journal_flush(in, arrival_us);
+  }
 
   /* compute_output: write each request's rows into its outputs and send its response */
-  bool* ok = calloc(request_count, sizeof *ok);
+  memset(in->counts, 0, (size_t)model->n_decisions * sizeof *in->counts);
   for (uint32_t r = 0; r < request_count; ++r) {
-    if (parts[r].failed) continue;
-    if (!allocated || x == NULL || ok == NULL) {
-      answer_error(requests[r], TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory"));
+    if (parts[r].error != NULL) {
+      answer_error(requests[r], parts[r].error);
+      parts[r].error = NULL;
       continue;
     }
-    ok[r] = respond(requests[r], scores + parts[r].first_row * forest->width, parts[r].rows, forest->width);
+    const float* rows = scores + parts[r].first_row * forest->width;
+    parts[r].ok = respond(requests[r], rows, parts[r].rows, forest->width);
+    if (!parts[r].ok || r < warmup) continue;
+    log_error(TRITONSERVER_MetricObserve(model->duration, (double)(now_ns() - exec_start) / 1e9),
+              "observing the request duration");
+    for (int64_t k = 0; k < parts[r].rows; ++k) in->counts[decision_of(model, rows + k * forest->width, forest->width)]++;
   }
   const uint64_t exec_end = now_ns();
+  for (int d = 0; d < model->n_decisions; ++d)
+    if (in->counts[d] > 0)
+      log_error(TRITONSERVER_MetricIncrement(model->decisions[d], (double)in->counts[d]), "counting predictions");
+  if (dropped > 0 && model->dropped != NULL)
+    log_error(TRITONSERVER_MetricIncrement(model->dropped, (double)dropped), "counting dropped log records");
 
   uint64_t scored_rows = 0;
   for (uint32_t r = 0; r < request_count; ++r) {
-    const bool success = ok != NULL && ok[r];
-    scored_rows += success ? (uint64_t)parts[r].rows : 0;
-    log_error(TRITONBACKEND_ModelInstanceReportStatistics(instance, requests[r], success, exec_start, compute_start,
-                                                          compute_end, exec_end),
+    scored_rows += parts[r].ok ? (uint64_t)parts[r].rows : 0;
+    log_error(TRITONBACKEND_ModelInstanceReportStatistics(instance, requests[r], parts[r].ok, exec_start,
+                                                          compute_start, compute_end, exec_end),
               "reporting request statistics");
     log_error(TRITONBACKEND_RequestRelease(requests[r], REQUEST_RELEASE_ALL), "releasing a request");
   }
@@ -771,7 +1492,6 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_Mode
     log_error(TRITONBACKEND_ModelInstanceReportBatchStatistics(instance, scored_rows, exec_start, compute_start,
                                                                compute_end, exec_end),
               "reporting batch statistics");
-  free(ok);
   free(scores);
   free(batch);
   free(parts);

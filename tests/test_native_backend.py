@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("nm"
                                 reason="needs a C compiler (gcc) and nm")
 
 ENTRY_POINTS = {"TRITONBACKEND_Initialize", "TRITONBACKEND_ModelInitialize", "TRITONBACKEND_ModelFinalize",
+                "TRITONBACKEND_ModelInstanceInitialize", "TRITONBACKEND_ModelInstanceFinalize",
                 "TRITONBACKEND_ModelInstanceExecute"}
 
 

@@ -3,7 +3,8 @@
 The fastest target here (`treeops bench serving`, bench/): Triton calls the forest in its own process instead
 of passing each batch to a Python-backend stub. Needs tl2cgen and a C compiler at export time;
 the version folder (forest.so + libtriton_treeops_forest.so) is specific to the exporting
-machine's architecture and runs on CPU instances.
+machine's architecture and runs on CPU instances. The config carries the serving metrics' declarations
+(`treeops_metrics`, export/serving_metrics.py), which the backend registers through Triton's custom-metrics API.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import UnsupportedModelError
 from export.native_backend import BACKEND_NAME, build_backend
+from export.serving_metrics import serving_metrics_parameter
 from export.targets.compiled_forest_target import CompiledForestTarget
 from export.triton_config import ServingSettings, TensorSpec, model_config
 
@@ -48,5 +50,5 @@ class NativeCompiledTarget(CompiledForestTarget):
             outputs=[TensorSpec(self.output_name, (n_outputs,))],
             serving=serving,
             versions=versions,
-            parameters=parameters,
+            parameters={**serving_metrics_parameter(), **parameters},
         )
