@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 def _run(args: list[str], cwd: Path) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "TREEOPS_WORKSPACE")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"  # no usage report sent from tests
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{args} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
