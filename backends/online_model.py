@@ -146,8 +146,8 @@ class TritonPythonModel:
                                     transaction_id=None if columns is None else columns[self.transaction_id])
 
     def _decode(self, requests, responses):
-        """The valid requests as one table, or None when none is: a Table; each refused request gets its
-        INVALID_ARG response here (naming the field and its row)."""
+        """The batch's valid requests as one Table (None when none is valid); each refused request gets its
+        INVALID_ARG response here, naming the field and its row."""
         parts, taken, sizes, read_only = {name: [] for name, _ in self.fields}, [], [], []
         for k, request in enumerate(requests):
             try:
