@@ -1,18 +1,20 @@
 """Scale benchmarks of both engines: generate, compute features and train on N rows; rows/s and peak memory.
 
 The dask engine's data is generated in a child process, so the client's peak is what training on the
-cluster costs it.
+cluster costs it. `python -m bench.training --help` runs either engine with the dask engine's partition
+count as an option (fixed rows per partition show how a worker's peak follows its partitions, not the rows).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import multiprocessing
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import polars as pl
 
 from training.dataset import ParquetDataset, open_dataset
 from training.distributed import (
@@ -20,6 +22,7 @@ from training.distributed import (
     dask_client,
     default_partitions,
     load_partitions,
+    partition_folders,
     peak_rss_mib,
     sorted_workers,
     train_distributed,
@@ -105,7 +108,7 @@ class DaskTrainingBenchmark:
     workers: int
     partitions: int
     read_rows_per_s: float  # every partition read (hash filter included), no features
-    features_rows_per_s: float  # read + sort + the feature spec, per partition
+    features_rows_per_s: float  # read + sort + the feature spec + the write to disk, per partition
     train_rows_per_s: float  # the whole engine: features, global split and fit, xgboost.dask, test metrics
     train_s: float
     trees: int
@@ -131,13 +134,11 @@ def _read_partition(dataset: ParquetDataset, key: str, index: int, partitions: i
     return dataset.partition(key, index, partitions).collect().height
 
 
-def _height(frame: pl.DataFrame) -> int:
-    return frame.height
-
-
 def run_dask_training_benchmark(rows: int, workdir: Path, workers: int = 2, seed: int = 7,
-                                max_rounds: int = 100, scheduler: str | None = None) -> DaskTrainingBenchmark:
-    """Generate `rows` transactions into `workdir` (in a child process), then time the engine's steps."""
+                                max_rounds: int = 100, scheduler: str | None = None,
+                                partitions: int | None = None) -> DaskTrainingBenchmark:
+    """Generate `rows` transactions into `workdir` (in a child process), then time the engine's steps
+    (`partitions`: default_partitions for the rows and workers when None)."""
     path = workdir / f"bench_{rows}.parquet"
     if not path.exists():
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -146,16 +147,15 @@ def run_dask_training_benchmark(rows: int, workdir: Path, workers: int = 2, seed
     params = TrainParams(num_boost_round=max_rounds, seed=seed)
     with dask_client(DaskSettings(scheduler=scheduler, workers=workers)) as client:
         homes = sorted_workers(client)
-        n_parts = default_partitions(rows, len(homes))
+        n_parts = partitions or default_partitions(rows, len(homes))
         t0 = time.perf_counter()
         client.gather([client.submit(_read_partition, dataset, "card_id", i, n_parts, workers=[homes[i % len(homes)]],
                                      pure=False) for i in range(n_parts)])
         t_read = time.perf_counter() - t0
         t0 = time.perf_counter()
-        parts = load_partitions(client, dataset, FRAUD_FEATURES, TARGET, "card_id", n_parts)
-        client.gather(parts.map(_height))
-        t_feat = time.perf_counter() - t0
-        del parts
+        with partition_folders(client) as run_id:
+            load_partitions(client, dataset, FRAUD_FEATURES, TARGET, "card_id", n_parts, run_id)
+            t_feat = time.perf_counter() - t0
         t0 = time.perf_counter()
         run = train_distributed(client, dataset, FRAUD_FEATURES, TARGET, "card_id", params, n_parts)
         t_train = time.perf_counter() - t0
@@ -166,3 +166,30 @@ def run_dask_training_benchmark(rows: int, workdir: Path, workers: int = 2, seed
         worker_peak_rss_gib=[round(m / 1024, 2) for m in run.worker_peak_rss_mib],
         client_peak_rss_gib=round(peak_rss_mib() / 1024, 2),
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: one benchmark run, its figures as JSON on stdout."""
+    parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000_000, help="transactions to generate and train on")
+    parser.add_argument("--engine", choices=["single", "dask"], default="single")
+    parser.add_argument("--workers", type=int, default=2, help="dask: workers of the local cluster")
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="dask: entity partitions (default: one per worker, more above 5M rows each)")
+    parser.add_argument("--max-rounds", type=int, default=100, help="boosting rounds at most")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the generated data goes (kept and reused; default: a temporary folder)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if args.engine == "dask":
+            result = run_dask_training_benchmark(args.rows, workdir, workers=args.workers, max_rounds=args.max_rounds,
+                                                 partitions=args.partitions)
+        else:
+            result = run_training_benchmark(args.rows, workdir, max_rounds=args.max_rounds)
+    print(json.dumps(result.to_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

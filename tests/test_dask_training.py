@@ -26,9 +26,9 @@ from server.client import ScoringClient, load_features, score_raw
 from server.launcher import free_port
 from training.dask_pipeline import train_and_register_dask
 from training.dataset import open_dataset
-from training.distributed import (DaskSettings, dask_client, encoded_partition, fit_globally, global_split,
-                                  load_partitions, train_distributed)
-from training.errors import DataError, DistributedError
+from training.distributed import (TRAIN_TASK_PREFIX, DaskSettings, cluster_workers, dask_client, encoded_partition,
+                                  fit_globally, global_split, load_partitions, partition_folders, train_distributed)
+from training.errors import DataError, DistributedError, SettingsError
 from training.features import FRAUD_FEATURES
 from training.generate import GenerateSpec, generate_transactions
 from training.tracking import EXPERIMENT
@@ -103,11 +103,12 @@ def test_distributed_features_equal_single_machine(tmp_path: Path) -> None:
     del computed
 
     ds = open_dataset(str(folder), {**SPEC.raw_schema, TARGET: None}, "card_id")
-    with dask_client(DaskSettings(workers=2)) as client:
-        parts = load_partitions(client, ds, SPEC, TARGET, "card_id", 4)
+    with dask_client(DaskSettings(workers=2)) as client, partition_folders(client) as run_id:
+        parts = load_partitions(client, ds, SPEC, TARGET, "card_id", 4, run_id)
         split = global_split(parts, ds.count_rows(), params)
-        fitted = fit_globally(parts, SPEC, split)
-        frames = parts.gather(encoded_partition, fitted, split)
+        parts = parts.split_at(split)
+        fitted = fit_globally(parts, SPEC)
+        frames = parts.gather(encoded_partition, fitted)
     assert_no_dask_processes()
     merged = pl.concat(frames).sort("__order_1")  # order_by = (timestamp, transaction_id)
     assert merged.height == n and all(f.height for f in frames), "every row in exactly one non-empty partition"
@@ -149,13 +150,24 @@ def test_cli_dask_train_register_export_serve(dataset: Path, tmp_path: Path, tre
     assert scores.model_version == str(mv.version)
 
 
+def run_files(client: Client) -> dict[str, list[str]]:
+    """What runs left in each worker's local directory (the partition files and XGBoost's caches go in treeops-*)."""
+    return client.run(lambda dask_worker: sorted(p.name for p in Path(dask_worker.local_directory).glob("treeops-*")))
+
+
 def test_same_data_seed_and_workers_give_the_same_model(dataset: Path) -> None:
-    """Two runs, each on a fresh 2-worker LocalCluster: bit-identical boosters."""
+    """Two runs, each on a fresh 2-worker LocalCluster: bit-identical boosters; no run files left, also after a
+    run that fails once the partition files are written."""
     ds = open_dataset(str(dataset), {**SPEC.raw_schema, TARGET: None}, "card_id")
     models = []
-    for _ in range(2):
+    for i in range(2):
         with dask_client(DaskSettings(workers=2)) as client:
             run = train_distributed(client, ds, SPEC, TARGET, "card_id", TrainParams(num_boost_round=30, seed=11))
+            assert run_files(client) == {w: [] for w in cluster_workers(client)}
+            if i == 0:
+                with pytest.raises(SettingsError, match="unknown objective 'bogus'"):
+                    train_distributed(client, ds, SPEC, TARGET, "card_id", TrainParams(objective="bogus"))
+                assert run_files(client) == {w: [] for w in cluster_workers(client)}
         models.append(run.result.booster.save_raw("json"))
     assert_no_dask_processes()
     assert models[0] == models[1]
@@ -190,8 +202,8 @@ def test_worker_killed_during_training_fails_fast(dataset: Path, tmp_path: Path,
     """SIGKILL one worker of the command's LocalCluster while xgboost trains: a clear error soon, never a hang.
 
     The monitoring client, opened after the engine's own, becomes the process's default client, as in a
-    notebook: xgboost.dask's internal waits must still go through the engine's client (they deadlocked the
-    event loop before `watch_workers` made it current).
+    notebook: the engine's waits must still go through its own client (xgboost.dask's deadlocked the event
+    loop before `watch_workers` made it current).
     """
     caplog.set_level(logging.INFO, logger="training.distributed")
     ws = Workspace(tmp_path / "ws")
@@ -212,10 +224,10 @@ def test_worker_killed_during_training_fails_fast(dataset: Path, tmp_path: Path,
                                       if (m := re.search(r"scheduler (tcp://\S+),", r.getMessage()))), None),
                         60, "the local cluster's log line naming its scheduler")
     with Client(address, timeout=10) as monitor:
-        # xgboost.dask (3.x) submits one training task per worker, keyed "fn-<uuid>".
+        # One training task per worker, keyed treeops-train-<rank>-<run>.
         victim = _wait_for(lambda: next((w for w, keys in monitor.processing().items()
-                                         if any(str(k).startswith("fn-") for k in keys)), None),
-                           120, "xgboost.dask's training task")
+                                         if any(str(k).startswith(TRAIN_TASK_PREFIX) for k in keys)), None),
+                           120, "a worker's training task")
         pid = monitor.run(os.getpid, workers=[victim])[victim]
         time.sleep(1)  # a few boosting rounds in
     killed = time.monotonic()
