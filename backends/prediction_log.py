@@ -12,8 +12,16 @@ monitoring/prediction_log.py reads:
 - The writer thread flushes at least every `flush_interval_s` (and as soon as `flush_rows` rows wait): one segment
   per hour partition, written to a `.tmp` name, fsynced, then renamed, so a complete segment is the only thing with
   the final name. Past `max_bytes` the model's oldest segments (all versions) are deleted.
-- `close` (model finalize: Triton unload or SIGTERM) flushes everything: lossless on a graceful stop. On kill -9 the
-  records of the last flush interval (about 1 s) are lost and at most a `.tmp` file is left, which readers skip.
+- `close` (model finalize: Triton unload) flushes everything. On kill -9 the records of the last flush interval
+  (about 1 s) are lost and at most a `.tmp` file is left, which readers skip.
+- Graceful stop (server/launcher.py): the launcher kills tritonserver's process group before Triton unloads its
+  models (so clients never see NOT_FOUND for long), so finalize never runs; `StopHandshake` makes it lossless.
+  Files under `<root>/.flush/`, `<server>` being tritonserver's pid (the stub's process group): each log registers
+  `<server>-<pid>-<n>.writer`. Before SIGTERM the launcher writes `<server>.stop`: the stub's metrics publisher
+  (serving_monitor.py, every 0.5 s) stops calling Triton (a call waiting on a frozen Triton would hold the GIL and
+  wedge the stub), has the writer poll every `POLL_S`, and answers `.quiet`. Once Triton logged that it unloads (no
+  request executes any more) the launcher freezes it and writes `<server>.flush`; the writer writes everything
+  queued and answers `.flushed`. `quiet_all` and `flush_all` are the launcher's side.
 - Sampling keeps a request when crc32(request id) / 2**32 < `sample_rate`, so a retry (same id) gets the same
   decision.
 - `lag_s`: seconds since the oldest record not yet written (0 when none waits): treeops_prediction_log_lag_seconds.
@@ -21,6 +29,7 @@ monitoring/prediction_log.py reads:
 
 import collections
 import datetime as dt
+import itertools
 import logging
 import os
 import threading
@@ -40,6 +49,9 @@ FLUSH_INTERVAL_ENV = "TREEOPS_PREDICTION_LOG_FLUSH_INTERVAL_S"
 SCHEMA_KEY = b"treeops.prediction_log"
 SCHEMA_VERSION = b"1"
 HOUR_US = 3_600_000_000
+#: Folder under the log root of the stop handshake's files; how often a stopping writer looks for the flush request.
+FLUSH_DIR = ".flush"
+POLL_S = 0.01
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +123,7 @@ class PredictionLog:
         self._wake = threading.Event()
         self._stop = False
         self._table([])  # pyarrow imports pandas on its first object array (~0.4 s): at load, not in a flush
+        self.handshake = StopHandshake(settings.root)
         self._thread = threading.Thread(target=self._run, name=f"prediction-log-{model}-{version}", daemon=True)
         self._thread.start()
 
@@ -150,20 +163,39 @@ class PredictionLog:
 
     def _run(self):
         interval = self.settings.flush_interval_s
+        due = time.monotonic() + interval
         while True:
-            self._wake.wait(interval)
-            self._wake.clear()
+            handshake = self.handshake
+            woken = self._wake.wait(min(interval, POLL_S) if handshake.stopping else interval)
             stop = self._stop
+            asked = handshake.flush_requested()
+            if not (woken or stop or asked or time.monotonic() >= due):
+                continue
+            self._wake.clear()
+            due = time.monotonic() + interval
             try:
-                self.flush()
+                self.flush(durable=not asked)
             except Exception:  # a full disk must not kill the writer: keep the records' count honest and go on
                 log.exception("prediction log of %s version %s: writing a segment under %s failed",
                               self.model, self.version, self.folder)
+            if asked:
+                handshake.answer("flushed")
             if stop:
+                handshake.unregister()
                 return
 
-    def flush(self):
-        """Write every queued record (writer thread, or the caller after `close` stopped it)."""
+    def prepare_stop(self):
+        """The server is about to stop (the publisher saw `<server>.stop`): look for the flush request every POLL_S."""
+        self.handshake.stopping = True
+        self._wake.set()
+
+    def flush(self, durable=True):
+        """Write every queued record (writer thread, or the caller after `close` stopped it).
+
+        `durable`: fsync each segment and its folder (survives a machine crash). The stop's flush skips it: written
+        data outlives the killed process in the page cache, and an fsync on a busy disk can take seconds while
+        tritonserver is frozen.
+        """
         entries = []
         ring = self._ring
         if ring:
@@ -176,13 +208,13 @@ class PredictionLog:
             for e in entries:
                 by_hour[e[1] // HOUR_US].append(e)
             for hour, part in sorted(by_hour.items()):
-                self._write(hour, part)
+                self._write(hour, part, durable)
         finally:
             self._oldest_in_flight = None
         if entries:
             self._retain()
 
-    def _write(self, hour, entries):
+    def _write(self, hour, entries, durable):
         table = self._table(entries)
         start = dt.datetime.fromtimestamp(hour * 3600, dt.UTC)
         folder = os.path.join(self.folder, f"date={start:%Y-%m-%d}", f"hour={start:%H}")
@@ -194,13 +226,15 @@ class PredictionLog:
         with open(temp, "wb") as f:
             pq.write_table(table, f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.rename(temp, final)
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        if durable:
+            directory = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
         self.written_rows += table.num_rows
 
     def _table(self, entries):
@@ -269,6 +303,99 @@ class PredictionLog:
         if self._thread.is_alive():
             log.error("prediction log of %s version %s: the writer did not finish within %ss; %d requests unwritten",
                       self.model, self.version, timeout_s, len(self._ring))
+
+
+class StopHandshake:
+    """One log's side of the graceful-stop handshake (module docstring): registered while its writer runs."""
+
+    _count = itertools.count()
+
+    def __init__(self, root):
+        server = os.getpgid(0)
+        self.folder = os.path.join(root, FLUSH_DIR)
+        os.makedirs(self.folder, exist_ok=True)
+        self.stem = os.path.join(self.folder, f"{server}-{os.getpid()}-{next(self._count)}")
+        self.requests = os.path.join(self.folder, f"{server}")
+        self.stopping = False
+        self._flushed = False
+        with open(self.stem + ".writer", "wb"):
+            pass
+
+    def stop_requested(self):
+        return os.path.exists(self.requests + ".stop")
+
+    def flush_requested(self):
+        return not self._flushed and os.path.exists(self.requests + ".flush")
+
+    def answer(self, what):
+        """`quiet` (no more calls to Triton) or `flushed` (everything queued when asked is written, or its failure
+        logged)."""
+        with open(f"{self.stem}.{what}", "wb"):
+            pass
+        self._flushed = self._flushed or what == "flushed"
+
+    def unregister(self):
+        for suffix in (".writer", ".quiet", ".flushed"):
+            try:
+                os.remove(self.stem + suffix)
+            except FileNotFoundError:
+                pass
+
+
+def quiet_all(root, server_pid, timeout_s):
+    """Before SIGTERM: ask the stubs of tritonserver `server_pid` to stop calling Triton; wait for each (at most
+    `timeout_s`). Returns the registrations that did not answer."""
+    return _ask(root, server_pid, "stop", "quiet", timeout_s)
+
+
+def flush_all(root, server_pid, timeout_s):
+    """Once no request executes any more: ask every log of tritonserver `server_pid` to write what it queued; wait
+    until each answered, finished (finalize) or died, at most `timeout_s`. Returns the registrations that did not."""
+    return _ask(root, server_pid, "flush", "flushed", timeout_s)
+
+
+def _ask(root, server_pid, request, answer, timeout_s):
+    folder = os.path.join(root, FLUSH_DIR)
+    prefix = f"{server_pid}-"
+    try:
+        stems = [os.path.join(folder, f[: -len(".writer")]) for f in os.listdir(folder)
+                 if f.startswith(prefix) and f.endswith(".writer")]
+    except FileNotFoundError:
+        return []
+    with open(os.path.join(folder, f"{server_pid}.{request}"), "wb"):
+        pass
+    deadline = time.monotonic() + timeout_s
+    while True:
+        waiting = [s for s in stems if os.path.exists(s + ".writer") and not os.path.exists(f"{s}.{answer}")
+                   and _alive(int(os.path.basename(s).split("-")[1]))]
+        if not waiting or time.monotonic() >= deadline:
+            return [s + ".writer" for s in waiting]
+        time.sleep(POLL_S / 4)
+
+
+def clear_handshakes(root):
+    """Remove the handshake files of servers that no longer run (a stopped or killed tritonserver's)."""
+    folder = os.path.join(root, FLUSH_DIR)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in names:
+        server = name.split("-")[0].split(".")[0]
+        if server.isdigit() and not _alive(int(server)):
+            try:
+                os.remove(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+
+
+def _alive(pid):
+    """Whether `pid` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def _rows(entry):

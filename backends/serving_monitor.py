@@ -10,7 +10,8 @@ Warm-up requests are neither counted nor logged: Triton runs each `model_warmup`
 (empty id, no flags), so the first that many requests an instance executes are skipped.
 The request path only queues what it measured (deque appends, O(1)); a publisher thread hands it to Triton every
 `PUBLISH_INTERVAL_S` (each metric call is a message to the Triton process), with the log's lag and dropped count.
-So the metrics trail the answers by at most that interval; `close` (finalize) publishes the rest.
+So the metrics trail the answers by at most that interval; `close` (finalize) publishes the rest. Asked by a
+stopping launcher (prediction_log.py StopHandshake), the publisher stops calling Triton before Triton is frozen.
 """
 
 import collections
@@ -58,6 +59,7 @@ class ServingMonitor:
             self._lag, self._dropped = self._metric("log_lag"), self._metric("log_dropped")
             self._published_dropped = 0
         self._stop = threading.Event()
+        self._quiet = False  # the server is stopping: no more calls to Triton
         self._thread = threading.Thread(target=self._run, name=f"treeops-metrics-{self.model}", daemon=True)
         self._thread.start()
 
@@ -112,6 +114,11 @@ class ServingMonitor:
 
     def _run(self):
         while not self._stop.wait(PUBLISH_INTERVAL_S):
+            if self.log is not None and self.log.handshake.stop_requested():
+                self._quiet = True
+                self.log.prepare_stop()
+                self.log.handshake.answer("quiet")
+                return
             self.publish()
 
     def publish(self):
@@ -140,4 +147,5 @@ class ServingMonitor:
         self._thread.join()
         if self.log is not None:
             self.log.close()
-        self.publish()
+        if not self._quiet:
+            self.publish()

@@ -14,10 +14,17 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from backends import prediction_log
 from server.errors import InsecureAdminError, PortInUseError, TritonStartError, TritonUnhealthyError
 from server.installation import TritonInstallation
 from server.server_record import ServerRecord, check_stale
-from server.settings import ADMIN_KEY_ENV, ONLINE_STORE_URL_ENV, SupervisionSettings, TritonSettings
+from server.settings import (
+    ADMIN_KEY_ENV,
+    ONLINE_STORE_URL_ENV,
+    PREDICTION_LOG_DIR_ENV,
+    SupervisionSettings,
+    TritonSettings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +33,10 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 UNLOADING_LINE = b"All models are stopped, unloading models"
 #: Prefix of the shared-memory files the Python backend creates in /dev/shm (one per model instance).
 PYTHON_BACKEND_SHM = "/dev/shm/triton_python_backend_shm_region_"
+#: How long a graceful stop waits for the Python-backend models' stubs to stop calling Triton (they look every
+#: 0.5 s; clients are still answered meanwhile), then for their prediction logs to write what they queued.
+LOG_QUIET_TIMEOUT_S = 3.0
+LOG_FLUSH_TIMEOUT_S = 5.0
 
 
 class TritonServer:
@@ -45,6 +56,7 @@ class TritonServer:
         self.log_path = log_path
         self.record_path = log_path.with_suffix(".pid.json")
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_root: str | None = None  # the prediction log the running server's models write
 
     @property
     def key_in_environment(self) -> bool:
@@ -87,10 +99,12 @@ class TritonServer:
         ensure_ports_free(s.host, ports)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_path, "ab")
+        env = self.environment()
+        self._log_root = env.get(PREDICTION_LOG_DIR_ENV) or None
         log.info("starting %s %s (log: %s)", self.installation.binary, " ".join(s.to_args(redact=True)), self.log_path)
         try:
             self._proc = subprocess.Popen(
-                self.command, env=self.environment(), stdout=log_file, stderr=subprocess.STDOUT,
+                self.command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with(os.getpid()),
             )
         finally:
@@ -172,8 +186,11 @@ class TritonServer:
 
         Graceful: SIGTERM makes Triton wait (up to `exit_timeout_s`) for in-flight inferences; once it logs
         that none is left it unloads every model but keeps its ports open for up to a second more, answering
-        NOT_FOUND "no available versions". The launcher kills the group at that log line, so the ports close
-        (UNAVAILABLE) instead. Not graceful (a wedged server): SIGKILL at once.
+        NOT_FOUND "no available versions". At that log line the launcher freezes tritonserver (SIGSTOP: a request
+        arriving now waits, it is not answered NOT_FOUND), has every prediction-log writer write what it queued
+        (their stubs are not frozen; bounded by LOG_FLUSH_TIMEOUT_S), then kills the group, so the ports close
+        (UNAVAILABLE) and no answered request is missing from the log. Not graceful (a wedged server): SIGKILL at
+        once; the log loses at most its last flush interval.
         """
         proc, self._proc = self._proc, None
         if proc is None:
@@ -181,20 +198,47 @@ class TritonServer:
         ours = proc.poll() is None
         regions = _shared_memory_regions(proc.pid)
         if ours and graceful:
+            self._quiet_prediction_logs(proc)
             log_offset = self._log_size()
             proc.send_signal(signal.SIGTERM)
             if not self._await_unload(proc, log_offset, timeout_s=self.settings.exit_timeout_s + 10):
                 log.warning("tritonserver did not finish its in-flight requests in time; killing it")
+            self._flush_prediction_logs(proc)
         _kill_group(proc.pid)
         proc.wait()
         _await_group_gone(proc.pid, timeout_s=5)
         for region in regions:  # what the killed unload did not get to remove
             region.unlink(missing_ok=True)
         self.record_path.unlink(missing_ok=True)
+        if self._log_root is not None:
+            prediction_log.clear_handshakes(self._log_root)
         if ours or proc.returncode == 0:
             log.info("Triton stopped")
         else:
             log.error("tritonserver pid %d %s", proc.pid, describe_exit(proc.returncode))
+
+    def _quiet_prediction_logs(self, proc: subprocess.Popen[bytes]) -> None:
+        """Have the stubs stop calling Triton, so that freezing it cannot leave one waiting on it."""
+        if self._log_root is None:
+            return
+        unanswered = prediction_log.quiet_all(self._log_root, proc.pid, LOG_QUIET_TIMEOUT_S)
+        if unanswered:
+            log.warning("%d Python-backend stub(s) did not stop their metrics calls within %.0fs (%s); stopping anyway",
+                        len(unanswered), LOG_QUIET_TIMEOUT_S, ", ".join(unanswered))
+
+    def _flush_prediction_logs(self, proc: subprocess.Popen[bytes]) -> None:
+        """Freeze tritonserver and wait until every prediction-log writer of its models wrote what it queued."""
+        if self._log_root is None:
+            return
+        proc.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        unanswered = prediction_log.flush_all(self._log_root, proc.pid, LOG_FLUSH_TIMEOUT_S)
+        if unanswered:
+            log.error("%d prediction-log writer(s) did not write their queued records within %.0fs, so the last "
+                      "records of those models may be missing from %s: %s (see %s for the writers' errors)",
+                      len(unanswered), LOG_FLUSH_TIMEOUT_S, self._log_root, ", ".join(unanswered), self.log_path)
+        else:
+            log.info("prediction logs written in %.3fs", time.monotonic() - started)
 
     def _await_unload(self, proc: subprocess.Popen[bytes], log_offset: int, timeout_s: float) -> bool:
         """Wait until tritonserver exits or logs UNLOADING_LINE after `log_offset`; False on timeout."""
