@@ -278,6 +278,10 @@ def _raw_parity(bundle: registry.ModelBundle, scorer, tolerance: float) -> Parit
     """Raw-input graph on the held-out raw rows vs Polars features + xgboost on the same rows (history
     features, which the online model reads from the store, fed as the spec computes them offline)."""
     raw = bundle.raw_holdout
+    if raw.height == 0:
+        raise ExportError(f"{bundle.ref.name} version {bundle.ref.version} has no raw held-out rows (it was trained on "
+                          "ready features, e.g. retrained from a feature-tensor log), so --raw-inputs has nothing to "
+                          "prove the raw graph on: export it without --raw-inputs, or retrain it from raw data")
     served = scorer(raw_feeds(bundle.fitted, raw))
     return check_parity(bundle.booster, lambda _features: served, bundle.fitted.matrix_raw(raw),
                         tolerance=tolerance, threshold=bundle.objective.threshold)

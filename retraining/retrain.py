@@ -26,7 +26,7 @@ from retraining.errors import InsufficientLabelsError, RetrainError
 from training import tracking
 from training.features import FittedFeatures, load_fitted
 from training.objectives import Objective
-from training.train import RAW_HOLDOUT_ROWS, TrainParams, TrainResult, _fit, xgb_safe
+from training.train import RAW_HOLDOUT_ROWS, TrainParams, TrainResult, fit_booster, xgb_safe
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def _train(dataset: LoggedTrainingSet, base: Champion) -> TrainResult:
                 f"the {name} slice of the labelled predictions ({len(dataset.labels[part]):,} rows, by arrival) holds "
                 "a single class; widen --window or wait for more labels. Nothing was registered")
     names = [xgb_safe(name) for name in base.fitted.spec.names]
-    booster = _fit(dataset.matrix, dataset.labels, names, params, base.objective, slices["train"], slices["valid"])
+    booster = fit_booster(dataset.matrix, dataset.labels, names, params, base.objective, slices["train"], slices["valid"])
     test = slices["test"]
     pred = booster.predict(xgb.DMatrix(dataset.matrix[test], feature_names=names))
     metrics = base.objective.metrics(dataset.labels[test], pred)

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from backends.prediction_log import DIR_ENV, MAX_BYTES_ENV, RING_SIZE_ENV, PredictionLog, Settings
 from bench.monitor import log_predictions
+from export.errors import ExportError
 from export.parity import reference_scores
 from export.pipeline import ExportSettings, export_model
 from export.repository import ModelRepository
@@ -124,6 +125,13 @@ def test_retrain_from_the_log_registers_a_challenger_with_the_champions_paramete
     np.testing.assert_array_equal(bundle.fitted.matrix(bundle.holdout), served.matrix[-held:])
     assert bundle.holdout["is_fraud"].to_list() == served.labels["label"].tail(held).to_list()
     assert outcome.metrics["roc_auc"] > 0.7
+
+    # trained on ready features, it has no raw rows to prove a raw graph on: one clear error, nothing written
+    assert bundle.raw_holdout.height == 0
+    repository = ModelRepository(tmp_path / "repo")
+    with pytest.raises(ExportError, match="no raw held-out rows"):
+        export_model(MODEL, repository, version=outcome.registered.version, settings=ExportSettings(raw_inputs=True))
+    assert repository.versions(MODEL) == []
 
 
 def test_served_features_are_used_not_recomputed(served, tmp_path):

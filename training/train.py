@@ -97,7 +97,7 @@ def train_model(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: Train
         raise DataError(f"feature(s) {empty} are missing in every training row; check the columns they come from")
     names = [xgb_safe(n) for n in spec.names]
     sl_train, sl_valid, sl_test = slice(0, n_train), slice(n_train, n_train + n_valid), slice(n_train + n_valid, n)
-    booster = _fit(x, y, names, params, objective, sl_train, sl_valid)
+    booster = fit_booster(x, y, names, params, objective, sl_train, sl_valid)
     best = booster.num_boosted_rounds() - 1
     pred = booster.predict(xgb.DMatrix(x[sl_test], feature_names=names))
     metrics = objective.metrics(y[sl_test], pred)
@@ -106,7 +106,7 @@ def train_model(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: Train
     if 0 < len(stateless) < len(spec.features):
         # What the history features are worth: the same split and parameters without them.
         xs = np.ascontiguousarray(x[:, stateless])
-        plain = _fit(xs, y, [names[i] for i in stateless], params, objective, sl_train, sl_valid)
+        plain = fit_booster(xs, y, [names[i] for i in stateless], params, objective, sl_train, sl_valid)
         plain_pred = plain.predict(xgb.DMatrix(xs[sl_test], feature_names=[names[i] for i in stateless]))
         primary = objective.primary_metric
         metrics[f"{primary}_without_history"] = objective.metrics(y[sl_test], plain_pred)[primary]
@@ -116,7 +116,7 @@ def train_model(raw: pl.LazyFrame, spec: FeatureSpec, target: str, params: Train
                        {"train": n_train, "valid": n_valid, "test": n_test})
 
 
-def _fit(x: np.ndarray, y: np.ndarray, names: list[str], params: TrainParams, objective: Objective,
+def fit_booster(x: np.ndarray, y: np.ndarray, names: list[str], params: TrainParams, objective: Objective,
          sl_train: slice, sl_valid: slice) -> xgb.Booster:
     """Train with early stopping on the validation slice; keep exactly the trees that are served."""
     # QuantileDMatrix stores the binned matrix (about a quarter of the float copy) for `hist`.
