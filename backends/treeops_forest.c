@@ -10,7 +10,9 @@
  *    with SIGBUS; now only that version is UNAVAILABLE and the reason names the file;
  * 2. dlopen forest.so: predict_rows, treeops_width, treeops_n_features;
  * 3. the model config (TRITONBACKEND_ModelConfig as JSON) must declare one FP32 input [n_features] and
- *    one FP32 output [width] as the forest reports them, named as treeops.json records.
+ *    one FP32 output [width] as the forest reports them, named as treeops.json records;
+ * 4. the prediction log's settings (environment), the features' names (feature_spec.json, else f0..fN-1) and
+ *    the declared metrics (config parameter treeops_metrics) are read and the metrics registered.
  * What was loaded is freed on every failure path.
  *
  * Execute: each request's one FP32 input [rows, n_features] is gathered into one batch, scored in one
@@ -19,7 +21,18 @@
  * TRITONBACKEND_ModelInstanceReportStatistics): exec_start before the inputs are read, compute_start
  * after they are gathered, compute_end after scoring, exec_end after outputs are written and
  * responses sent; so Triton's compute_input / compute_infer / compute_output are input, scoring and
- * output time, as for every other backend (and as perf_analyzer reports them).
+ * output time, as for every other backend (and as perf_analyzer reports them). A request the backend refuses
+ * is answered with its error after the batch is scored, with the others.
+ *
+ * What it records, as the Python-backend models do (backends/serving_monitor.py, prediction_log.py):
+ * - the metrics declared in the config parameter treeops_metrics (monitoring/metric_names.py via export), through
+ *   Triton's custom-metrics API on its metrics port: the request-duration histogram (execute start to the
+ *   response sent, answered requests), rows per decision at the served threshold (treeops.json objective), and
+ *   the prediction-log records dropped (a failed write); updated in execute (in-process calls, no publisher);
+ * - with TREEOPS_PREDICTION_LOG_DIR set, the prediction log: per-instance journal segments (see "the prediction
+ *   log" below), written before the responses are sent; sampling by crc32(request id) < rate * 2^32.
+ * The first requests of each instance that Triton's model_warmup sends (sum of batch_size x count) are neither
+ * counted nor logged.
  *
  * Only the Triton C API functions used here are declared below (as in tritonbackend.h and
  * tritonserver.h of TRITONBACKEND API 1.19, tritonserver 2.51); the library resolves them from the
@@ -910,7 +923,11 @@ static TRITONSERVER_Error* serving_state(Model* m, const Version* v, Json metada
  *   rows x n_features f32 features, for a failed one its error message.
  * Each execute call appends its records with one write(2) on an O_APPEND descriptor, before its responses are
  * sent: every answered request is in the page cache first, so kill -9 of tritonserver loses none of them; only
- * power loss can tear a tail, which the reader detects by length and CRC and skips with a warning. */
+ * power loss can tear a tail, which the reader detects by length and CRC and skips with a warning.
+ * A segment closes at its hour's end or past `roll_bytes` (max_bytes / 4, 4 KiB to 64 MiB); then retention
+ * deletes the model's oldest segments (both writers') beyond max_bytes, so the log holds at most max_bytes plus
+ * each instance's open segment. A segment that another instance's retention deleted while open is noticed within
+ * a second (nlink 0) and replaced; what was appended to it meanwhile was deleted with it. */
 enum { RECORD_FIXED = 8 + 4 + 2 + 1, FRAME = 8 };
 
 typedef struct {
@@ -921,6 +938,7 @@ typedef struct {
   int fd;                    /* the open segment, or -1 */
   int64_t segment_hour;      /* its hour partition (epoch hours) */
   uint64_t segment_bytes;
+  int64_t checked_us;        /* when the segment was last checked to be still linked */
   char segment[4700];
   bool failing;              /* the last write failed: logged once per streak */
   char* buf;                 /* this execute call's records */
@@ -1089,8 +1107,11 @@ static uint64_t journal_flush(Instance* in, int64_t arrival_us) {
   const int64_t hour = arrival_us / 3600000000ll;
   char why[5000] = "";
   struct stat st;
+  const bool check = arrival_us - in->checked_us >= 1000000; /* once a second: another instance's retention may
+                                                                have deleted this segment (nlink 0) */
+  if (check) in->checked_us = arrival_us;
   if (in->fd >= 0 && (hour != in->segment_hour || in->segment_bytes >= m->roll_bytes ||
-                      fstat(in->fd, &st) != 0 || st.st_nlink == 0)) /* nlink 0: deleted by retention */
+                      (check && (fstat(in->fd, &st) != 0 || st.st_nlink == 0))))
     journal_close(in);
   bool ok = in->fd >= 0 || journal_open(in, hour, why, sizeof why);
   if (ok) {
