@@ -64,7 +64,8 @@ PREDICTIONS = Metric(
     "treeops_predictions_total", "counter", "rows answered, by the decision at the served threshold",
     ("model", "version", "decision"), "treeops")
 DEGRADED_ANSWERS = Metric(
-    "treeops_degraded_answers_total", "counter", "rows answered degraded (scored without their history features)",
+    "treeops_degraded_answers_total", "counter",
+    "requests answered degraded (scored without their history features); a request of several rows counts once",
     ("model", "version"), "treeops")
 PREDICTION_LOG_LAG = Metric(
     "treeops_prediction_log_lag_seconds", "gauge", "age of the oldest prediction record not yet written to the log",
