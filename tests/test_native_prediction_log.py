@@ -6,6 +6,7 @@ Parquet segments; torn and foreign segments are checked on journals a real serve
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -280,3 +281,15 @@ def test_a_journal_of_another_schema_or_version_is_skipped_with_a_warning(served
     assert f"skipping {other_format}, written with another schema (journal" in caplog.text
     assert f"skipping {moved}, written for model '{MODEL}' version 1, another model version" in caplog.text
     assert f"skipping {short}, 10 bytes, shorter than a header" in caplog.text
+
+
+@pytest.mark.triton
+def test_the_monitor_job_reads_native_served_traffic_unchanged(served: dict, native_ws: Workspace, tmp_path: Path):
+    from monitoring.monitor import MonitorPaths, run_monitor
+
+    paths = dataclasses.replace(MonitorPaths.in_workspace(tmp_path, MODEL, log_root=served["root"]),
+                                model_repository=native_ws.model_repository)
+    result = run_monitor(MODEL, *ALL_TIME, paths)
+    (window,) = result.versions
+    assert (window.version, window.rows, window.failed_rows) == (1, sum(len(x) for x, _ in served["sent"].values()), 0)
+    assert window.drift is not None or window.skipped, window  # a drift verdict, or the reason it was not computed
