@@ -622,6 +622,55 @@ def rollback(
     ])
 
 
+@app.command("loop")
+def loop_cmd(
+    once: Annotated[bool, typer.Option("--once", help="run one pass and exit (the only mode: schedule it with cron, "
+                                       "the Kubernetes CronJob or Prefect)")] = False,
+    window: Annotated[str, typer.Option(help="traffic monitored and trained on, ending at --end: 7d, 24h")] = "7d",
+    gate_window: Annotated[str, typer.Option(help="newest part of --window the challenger is shadowed and judged "
+                                             "on, not trained on")] = "1d",
+    end: Annotated[str | None, typer.Option(help="end of the windows, ISO 8601 (no offset: UTC; default now)")] = None,
+    margin: Annotated[float | None, typer.Option(help="ROC AUC the challenger must add (default TREEOPS_GATE_MARGIN "
+                                                 "or 0.001)")] = None,
+    slo: Annotated[Path | None, typer.Option(help="SLO file of the gate's Locust run (default: p99 120 ms, no "
+                                             "failed request)")] = None,
+    slo_duration_s: Annotated[int | None, typer.Option("--slo-duration-s", help="seconds of the gate's Locust run "
+                                                       "(default 5)")] = None,
+    model_name: Annotated[str, typer.Option("--model-name", "--model", help="served model")] = "fraud",
+    triton_url: TritonUrlOpt = None,
+    retain: RetainOpt = 2,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Monitor the window; on drift or a quality drop retrain a challenger, export it (parity), shadow it on the
+    newest traffic, gate it (ROC AUC margin, Locust SLO against it loaded in Triton) and promote it with a live
+    switch. Prints what it decided and why; every step goes to the audit log. Exit 0 nothing to do or promoted,
+    6 too little data, 1 refused or another loop holds <workspace>/loop.lock."""
+    from monitoring.monitor import parse_end, parse_window
+    from retraining.gate import GateSettings
+    from retraining.loop import LoopRefused, LoopSettings, run_loop_once
+
+    if not once:
+        raise InvalidSettingsError("`treeops loop` runs only with --once (one pass); schedule it with cron, the "
+                                   "Kubernetes CronJob or the Prefect flow")
+    ws = Workspace.resolve(workspace)
+    _stop_on_sigterm()
+    gate = GateSettings(**{k: v for k, v in (("margin", margin), ("slo_file", slo), ("slo_duration_s", slo_duration_s))
+                           if v is not None})
+    settings = LoopSettings(window=parse_window(window), gate_window=parse_window(gate_window), retain_versions=retain,
+                            gate=gate)
+    control = _model_control(triton_url)
+    outcome = run_loop_once(model_name, parse_end(end), ws, settings, triton=control, grpc_url=triton_url)
+    failure = None
+    if outcome.decision == "refused":
+        failure = LoopRefused(f"challenger refused: {outcome.reason}; nothing was promoted")
+    elif outcome.decision == "too_little_data":
+        from monitoring.monitor import InsufficientDataError
+
+        failure = InsufficientDataError(f"too little data: {outcome.reason}; nothing was promoted")
+    _emit(as_json, outcome.to_dict(), outcome.lines(), failure=failure)
+
+
 @app.command()
 def models(
     model_name: ModelOpt = "fraud",

@@ -1,0 +1,287 @@
+"""`treeops loop --once`: monitor -> (on drift or quality drop: retrain -> export -> shadow -> gate -> promote), once.
+
+One plain function per step (`monitor_step`, `retrain_step`, `export_step`, `shadow_step`, `gate_step`,
+`promote_step`) and `run_loop_once`, which runs them in order under a lock (`loop_lock`: flock on
+`<workspace>/loop.lock`) and returns a `LoopOutcome`. Every step is appended to the audit log.
+
+Windows, all ending at `end`: the monitor reads [end - window, end); the challenger is trained on the labelled
+predictions of [end - window, end - gate_window) and shadowed and judged on the newest [end - gate_window, end),
+traffic it never trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from export.repository import ModelRepository
+from monitoring.monitor import MonitorPaths, MonitorResult
+from registry.promotion import AuditLog, RegistryEvent, _actor, _now
+from registry.rollout import ModelControl as RolloutControl
+from retraining.gate import GateCheck, GateSettings, GateVerdict, ModelControl
+from retraining.retrain import RetrainOutcome
+from retraining.shadow import ShadowResult
+from treeops.errors import EXIT_DRIFT, EXIT_ERROR, EXIT_NO_DATA, EXIT_QUALITY, TreeopsError
+from treeops.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "loop.lock"
+SHADOW_DIR = "shadow"
+SLO_ROWS = 5_000
+Decision = Literal["nothing_to_do", "too_little_data", "refused", "promoted"]
+
+
+class LoopBusyError(TreeopsError):
+    """Another `treeops loop` holds the workspace's lock; this one did nothing (exit 1)."""
+
+
+class LoopRefused(TreeopsError):
+    """The loop ran and refused the challenger (exit 1); the audit log holds the figures."""
+
+
+class LoopSettings(BaseSettings):
+    """Windows and limits of one loop run. Env prefix `TREEOPS_LOOP_` (the gate's: `TREEOPS_GATE_`)."""
+
+    model_config = SettingsConfigDict(env_prefix="TREEOPS_LOOP_", extra="forbid", frozen=True)
+
+    window: dt.timedelta = Field(dt.timedelta(days=7), description="served traffic the monitor reads and the "
+                                 "challenger trains on (its newest gate_window excepted)")
+    gate_window: dt.timedelta = Field(dt.timedelta(days=1), description="newest traffic the challenger is shadowed "
+                                      "and judged on (not trained on)")
+    retain_versions: int = Field(2, ge=0, description="exported versions without an alias kept after a promotion")
+    gate: GateSettings = Field(default_factory=GateSettings)
+
+
+@dataclass(frozen=True)
+class LoopOutcome:
+    """What one run decided and why, with each step's summary."""
+
+    model: str
+    decision: Decision
+    reason: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    champion: int | None = None  # after the run
+    challenger: int | None = None
+    verdict: GateVerdict | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0 nothing to do or promoted, 6 too little data for a verdict, 1 refused."""
+        return {"too_little_data": EXIT_NO_DATA, "refused": EXIT_ERROR}.get(self.decision, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "decision": self.decision, "reason": self.reason, "exit_code": self.exit_code,
+                "champion": self.champion, "challenger": self.challenger, "steps": self.steps,
+                "gate": self.verdict.to_dict() if self.verdict else None}
+
+    def lines(self) -> list[str]:
+        out = [f"loop {self.model}: {self.decision.replace('_', ' ')}: {self.reason}"]
+        out += [f"  {s['step']}: {s['summary']}" for s in self.steps]
+        return out
+
+
+@contextlib.contextmanager
+def loop_lock(workspace: Path) -> Iterator[Path]:
+    """Hold an exclusive flock on `<workspace>/loop.lock` (released on exit, also when the process dies).
+
+    Raises LoopBusyError at once when another process holds it.
+    """
+    path = workspace / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise LoopBusyError(f"another `treeops loop` is running in {workspace} (it holds {path}, pid {holder}); "
+                                "this one did nothing. Wait for it to finish, or give it another --workspace"
+                                ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def monitor_step(model: str, start: dt.datetime, end: dt.datetime, paths: MonitorPaths) -> MonitorResult:
+    """`treeops monitor` over [start, end) (InsufficientDataError when nothing was logged)."""
+    from monitoring.monitor import MonitorSettings, run_monitor
+
+    return run_monitor(model, start, end, paths, settings=MonitorSettings())
+
+
+def retrain_step(model: str, start: dt.datetime, end: dt.datetime, ws: Workspace, paths: MonitorPaths,
+                 trigger: str) -> RetrainOutcome:
+    """A challenger trained on the labelled predictions of [start, end), registered @challenger."""
+    from retraining.retrain import RetrainSettings, retrain_from_log
+
+    return retrain_from_log(model, start, end, paths, tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root,
+                            trigger=trigger, settings=RetrainSettings())
+
+
+def export_step(model: str, repository: ModelRepository, challenger: int) -> GateCheck:
+    """The challenger exported as the served version was, behind the parity gate."""
+    from retraining.gate import parity_check
+
+    return parity_check(model, repository, challenger)
+
+
+def shadow_step(model: str, champion: int, challenger: int, start: dt.datetime, end: dt.datetime, ws: Workspace,
+                paths: MonitorPaths) -> ShadowResult:
+    """The challenger's scores of the champion's logged traffic in [start, end), stored under <workspace>/shadow."""
+    from retraining.shadow import shadow_window
+
+    return shadow_window(model, champion, challenger, start, end, paths, ws.root / SHADOW_DIR)
+
+
+def gate_step(shadow: ShadowResult, repository: ModelRepository, paths: MonitorPaths, triton: ModelControl | None,
+              grpc_url: str | None, out_dir: Path, settings: GateSettings,
+              checks: tuple[GateCheck, ...] = ()) -> GateVerdict:
+    """Quality on the shadowed window, then (if it passed) the SLO run; `checks` already run (the export) come
+    first. Stops at the first refusal."""
+    from monitoring.labels import read_labels
+    from retraining.gate import quality_check, slo_check
+    from retraining.shadow import read_shadow
+
+    model, champion, challenger = shadow.model, shadow.champion_version, shadow.challenger_version
+    done = list(checks)
+    if all(c.passed for c in done):
+        done.append(quality_check(read_shadow(shadow), read_labels(paths.labels_dir), settings))
+    if all(c.passed for c in done):
+        feeds = slo_feeds(model, repository, champion, challenger, shadow, paths)
+        done.append(slo_check(model, repository, challenger, feeds, triton, grpc_url=grpc_url, out_dir=out_dir,
+                              settings=settings))
+    return GateVerdict(model, champion, challenger, tuple(done))
+
+
+def slo_feeds(model: str, repository: ModelRepository, champion: int, challenger: int, shadow: ShadowResult,
+              paths: MonitorPaths) -> dict[str, np.ndarray]:
+    """Requests for the SLO run: the shadowed window's features as served (feature-tensor models), or the
+    champion's raw holdout rows (raw-input models)."""
+    from export.pipeline import version_signature
+    from loadtest.pipeline import raw_holdout
+    from retraining.shadow import logged_features
+    from server.client import load_features, request_feeds
+
+    signature = version_signature(repository, model, challenger)
+    features = load_features(repository.version_dir(model, challenger))
+    tensor = signature.feature_tensor
+    if tensor is not None:
+        _, matrix = logged_features(model, champion, shadow.start, shadow.end, paths, features.spec.names)
+        return {tensor.name: matrix[:SLO_ROWS]}
+    return request_feeds(signature, features, raw_holdout(repository.root, model, champion).head(SLO_ROWS))
+
+
+def promote_step(model: str, repository: ModelRepository, audit: AuditLog, verdict: GateVerdict,
+                 triton: RolloutControl | None, retain_versions: int) -> RegistryEvent:
+    """Move @champion to the challenger the gate passed and roll it out (a running Triton switches with no failed
+    request). `promote`'s own holdout comparison is recorded but does not decide: the gate did."""
+    from export.pipeline import ExportSettings
+    from registry.promotion import promote
+    from registry.rollout import rollout
+    from registry.sync import SyncSettings, served_export
+
+    sync = SyncSettings(retain_versions=retain_versions, export=ExportSettings(**served_export(repository, model)))
+    event, _ = promote(model, repository, audit, margin=float("-inf"), reason=f"gate passed: {verdict.reason}",
+                       deploy=lambda: rollout(model, repository, triton, sync))
+    return event
+
+
+def run_loop_once(model: str, end: dt.datetime, ws: Workspace, settings: LoopSettings | None = None, *,
+                  triton: Any = None, grpc_url: str | None = None) -> LoopOutcome:
+    """One pass of the loop under the workspace's lock; every step is appended to `ws.audit_log`.
+
+    `triton`: a model-control client of the running Triton (server.admin.AdminClient) and `grpc_url` its address,
+    for the gate's SLO run and the live switch; without them no challenger can pass the gate.
+
+    Raises:
+        LoopBusyError: another loop holds the lock (nothing done).
+    """
+    from monitoring.monitor import InsufficientDataError
+    from registry import versions as registry
+    from retraining.errors import InsufficientLabelsError
+    from retraining.gate import record_verdict
+    from retraining.shadow import EmptyShadowWindow
+    from training import tracking
+
+    settings = settings or LoopSettings()
+    if settings.gate_window >= settings.window:
+        from treeops.errors import InvalidSettingsError
+
+        raise InvalidSettingsError(f"gate_window {settings.gate_window} must be shorter than window {settings.window}: "
+                                   "the challenger trains on the window's older part")
+    paths = MonitorPaths.in_workspace(ws.root, model)
+    repository, audit = ModelRepository(ws.model_repository), AuditLog(ws.audit_log)
+    start, gate_start = end - settings.window, end - settings.gate_window
+    steps: list[dict[str, Any]] = []
+
+    def step(name: str, summary: str, to_version: int, metrics: dict[str, dict[str, float]] | None = None) -> None:
+        steps.append({"step": name, "summary": summary})
+        audit.append(RegistryEvent(f"loop_{name}", model, None, to_version, _actor(), _now(), summary,
+                                   metrics=metrics or {}))
+
+    def finish(decision: Decision, reason: str, champion: int, challenger: int | None = None,
+               verdict: GateVerdict | None = None) -> LoopOutcome:
+        step("decision", f"{decision}: {reason}", challenger or champion)
+        log.info("loop %s: %s: %s", model, decision, reason)
+        return LoopOutcome(model, decision, reason, steps, champion, challenger, verdict)
+
+    with loop_lock(ws.root):
+        tracking.configure(ws.tracking_uri, ws.artifact_root)
+        champion = registry.resolve(model, alias="champion").version
+        try:
+            watched = monitor_step(model, start, end, paths)
+        except InsufficientDataError as exc:
+            return finish("too_little_data", f"monitor: {exc}", champion)
+        verdicts = {v.version: v.exit_code for v in watched.versions}
+        step("monitor", f"{start.isoformat()} .. {end.isoformat()}: exit {watched.exit_code} (per version "
+             f"{verdicts})", champion, {f"v{v.version}": {"drift_share": v.drift_share or 0.0, "labelled": v.labelled}
+                                        for v in watched.versions})
+        if watched.exit_code not in (EXIT_DRIFT, EXIT_QUALITY):
+            why = "too little data for a verdict" if watched.exit_code == EXIT_NO_DATA else "no drift, no quality drop"
+            return finish("too_little_data" if watched.exit_code == EXIT_NO_DATA else "nothing_to_do",
+                          f"monitor: {why}", champion)
+        trigger = f"monitor {model} {start.isoformat()}..{end.isoformat()} exit {watched.exit_code}"
+        try:
+            retrained = retrain_step(model, start, gate_start, ws, paths, trigger)
+        except InsufficientLabelsError as exc:
+            return finish("too_little_data", f"retrain: {exc}", champion)
+        challenger = retrained.registered.version
+        step("retrain", f"version {challenger} @challenger on {retrained.lineage['rows']} labelled predictions of "
+             f"{start.isoformat()} .. {gate_start.isoformat()}", challenger, {"test": retrained.metrics})
+        exported = export_step(model, repository, challenger)
+        step("export", exported.why, challenger, {"parity": exported.figures})
+        if not exported.passed:
+            verdict = GateVerdict(model, champion, challenger, (exported,))
+            record_verdict(audit, verdict)
+            return finish("refused", verdict.reason, champion, challenger, verdict)
+        try:
+            shadowed = shadow_step(model, champion, challenger, gate_start, end, ws, paths)
+        except EmptyShadowWindow as exc:
+            return finish("too_little_data", f"shadow: {exc}", champion, challenger)
+        step("shadow", f"{shadowed.rows} predictions of version {champion} scored by {challenger} into "
+             f"{shadowed.path}", challenger)
+        try:
+            verdict = gate_step(shadowed, repository, paths, triton, grpc_url, ws.reports_dir / "gate" / model,
+                                settings.gate, (exported,))
+        except InsufficientLabelsError as exc:
+            return finish("too_little_data", f"gate: {exc}", champion, challenger)
+        record_verdict(audit, verdict)
+        if not verdict.passed:
+            return finish("refused", verdict.reason, champion, challenger, verdict)
+        event = promote_step(model, repository, audit, verdict, triton, settings.retain_versions)
+        return finish("promoted", f"version {event.to_version} is champion (was {event.from_version}); "
+                      f"{verdict.reason}", event.to_version, None, verdict)

@@ -1,0 +1,207 @@
+"""treeops loop --once: monitor -> retrain -> export -> shadow -> gate -> promote, with the lock and the audit log.
+
+A champion (version 1) trained on a small clean batch; drifted traffic it served logged over the two hours before
+END, every row labelled. The loop trains the challenger on the older 90 minutes and shadows and judges it on the
+newest 30.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+
+from bench.monitor import log_predictions
+from export.parity import reference_scores
+from export.pipeline import export_model
+from export.repository import ModelRepository
+from monitoring.labels import LABELLED_AT, ingest_labels
+from monitoring.monitor import MonitorPaths
+from registry import versions as registry
+from registry.promotion import AuditLog
+from retraining.gate import GATE_SUFFIX, GateSettings
+from retraining.loop import LoopSettings, loop_lock, run_loop_once
+from retraining.shadow import InBandShadowNeeded, read_shadow, require_same_spec
+from server.admin import AdminClient
+from server.client import ScoringClient
+from server.errors import ScoringError
+from training.generate import GenerateSpec, generate_transactions, write_transactions
+from training.pipeline import train_and_register
+from training.train import TrainParams
+from treeops.workspace import Workspace
+from triton_fixtures import serving
+
+MODEL = "fraud"
+END = dt.datetime(2026, 3, 1, 13, tzinfo=dt.UTC)
+SETTINGS = LoopSettings(window=dt.timedelta(hours=2), gate_window=dt.timedelta(minutes=30),
+                        gate=GateSettings(margin=1e-6, min_labels=50, slo_duration_s=3, slo_users=2, p99_ms=500.0))
+PARAMS = TrainParams(num_boost_round=30, max_depth=4, learning_rate=0.2, subsample=0.9, seed=5)
+TREEOPS = str(Path(sys.executable).parent / "treeops")
+ADMIN_KEY = "test-admin-key-0123456789"
+
+pytestmark = pytest.mark.slow
+
+
+def _workspace(root: Path) -> tuple[Workspace, np.ndarray]:
+    """Champion v1 exported; 4,000 drifted, labelled predictions it served logged in the 2 h before END. Returns the
+    workspace and some logged feature rows for a client."""
+    ws = Workspace(root)
+    data = write_transactions(generate_transactions(GenerateSpec(rows=3_000, seed=3)), ws.data_dir / "train.parquet")
+    train_and_register(data, "is_fraud", MODEL, params=PARAMS, tracking_uri=ws.tracking_uri,
+                       artifact_root=ws.artifact_root)
+    export_model(MODEL, ModelRepository(ws.model_repository))
+    bundle = registry.load_bundle(registry.resolve(MODEL, alias="champion"), root / "bundle")
+    paths = MonitorPaths.in_workspace(ws.root, MODEL)
+    raw = generate_transactions(GenerateSpec(rows=6_000, seed=11, fraud_rate=0.06, drift=1.0), first_id=1_000_000)
+    x = bundle.fitted.matrix_raw(raw)
+    ids = raw["transaction_id"].cast(pl.String).to_list()
+    log_predictions(paths.log_root, bundle.fitted.spec.names, x, reference_scores(bundle.booster, x)[:, -1], ids,
+                    end=END, window=dt.timedelta(hours=2))
+    labels = pl.DataFrame({"transaction_id": ids, "label": raw["is_fraud"].cast(pl.Int8),
+                           LABELLED_AT: [END.isoformat()] * len(ids)})
+    labels.write_csv(ws.root / "labels.csv")
+    ingest_labels(ws.root / "labels.csv", paths.labels_dir, pl.Series(ids))
+    return ws, x[:300]
+
+
+@pytest.fixture
+def tracking():
+    before = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(before)
+
+
+def _events(ws: Workspace) -> list[dict]:
+    return AuditLog(ws.audit_log).read()
+
+
+def test_the_gate_refuses_a_challenger_short_of_the_margin_and_promotes_nothing(tmp_path, tracking):
+    ws, _ = _workspace(tmp_path / "ws")
+    settings = SETTINGS.model_copy(update={"gate": GateSettings(margin=0.5, min_labels=50)})
+    outcome = run_loop_once(MODEL, END, ws, settings)
+
+    assert outcome.decision == "refused" and outcome.exit_code == 1, outcome.lines()
+    assert registry.aliases(MODEL) == {"champion": 1, "challenger": 2}  # nothing promoted
+    assert [s["step"] for s in outcome.steps] == ["monitor", "retrain", "export", "shadow", "decision"]
+    refused = [e for e in _events(ws) if e["event"] == "gate_refused"]
+    assert len(refused) == 1 and refused[0]["to_version"] == 2 and refused[0]["from_version"] == 1
+    quality = refused[0]["metrics"]["quality"]
+    assert quality["margin"] == 0.5 and quality["labelled"] >= 50
+    assert f"{quality['challenger_roc_auc']:.5f}" in refused[0]["reason"]
+    assert "minimum absolute change check failed" in refused[0]["reason"]  # mlflow.validate_evaluation_results
+    assert [c.name for c in outcome.verdict.checks] == ["parity", "quality"]  # no SLO run after a refusal
+    assert not any(e["event"] == "promote" for e in _events(ws))
+    assert {e["event"] for e in _events(ws)} >= {"loop_monitor", "loop_retrain", "loop_export", "loop_shadow",
+                                                 "loop_decision"}
+
+    # the shadow stored both scores beside each other; the champion's are the logged ones
+    shadow = read_shadow(outcome_shadow(ws))
+    assert shadow.columns == ["request_id", "transaction_id", "arrival", "champion_version", "champion_score",
+                              "challenger_score"]
+    assert shadow.height == 1_500 and shadow["champion_version"].unique().to_list() == [1]
+    assert not np.allclose(shadow["champion_score"].to_numpy(), shadow["challenger_score"].to_numpy())
+
+
+def outcome_shadow(ws: Workspace):
+    from retraining.shadow import ShadowResult, shadow_path
+
+    start = END - SETTINGS.gate_window
+    return ShadowResult(MODEL, 1, 2, start, END, 0, shadow_path(ws.root / "shadow", MODEL, 2, start, END))
+
+
+def test_versions_of_another_feature_spec_need_in_band_shadowing(tmp_path, tracking):
+    ws = Workspace(tmp_path / "ws")
+    data = write_transactions(generate_transactions(GenerateSpec(rows=2_000, seed=3)), ws.data_dir / "t.parquet")
+    for features in ("card_transactions_v2", "columns"):  # the fraud spec, then one fitted on the columns
+        train_and_register(data, "is_fraud", MODEL, params=PARAMS, features=features, tracking_uri=ws.tracking_uri,
+                           artifact_root=ws.artifact_root)
+    with pytest.raises(InBandShadowNeeded, match="in-band shadowing .* does not build yet"):
+        require_same_spec(MODEL, 1, 2)
+
+
+def test_a_second_loop_is_refused_while_one_holds_the_lock(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "TREEOPS_WORKSPACE")}
+    with loop_lock(ws.root) as lock:
+        proc = subprocess.run([TREEOPS, "loop", "--once", "--workspace", str(ws.root), "--json"],
+                              capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stderr
+    error = json.loads(proc.stdout)
+    assert error["kind"] == "LoopBusyError" and str(lock) in error["error"] and str(os.getpid()) in error["error"]
+    assert "another `treeops loop` is running" in proc.stderr
+    assert not ws.audit_log.exists()  # it did nothing
+
+
+class SteadyLoad:
+    """Client threads scoring single rows without retries, recording failures and the versions that answered."""
+
+    def __init__(self, url: str, rows: np.ndarray, threads: int = 2) -> None:
+        self.url, self.rows = url, rows
+        self.stop = threading.Event()
+        self.failures: list[str] = []
+        self.versions: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, seed: int) -> None:
+        with ScoringClient(self.url, MODEL, retries=0, timeout_s=5.0) as client:
+            i = seed
+            while not self.stop.is_set():
+                try:
+                    version = client.score(self.rows[i % len(self.rows)][None, :]).model_version
+                    with self.lock:
+                        self.versions.append(version)
+                except ScoringError as exc:
+                    with self.lock:
+                        self.failures.append(str(exc))
+                i += 1
+
+    def __enter__(self) -> SteadyLoad:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=10)
+
+
+@pytest.mark.triton
+def test_loop_once_promotes_a_better_challenger_live_with_zero_failed_requests(tmp_path, tracking):
+    ws, rows = _workspace(tmp_path / "ws")
+    with (serving(ws, models=[MODEL], exit_timeout_s=5, admin_key=ADMIN_KEY) as server,
+          AdminClient(server.settings.grpc_url, ADMIN_KEY) as admin):
+        with SteadyLoad(server.settings.grpc_url, rows) as load:
+            time.sleep(0.5)
+            outcome = run_loop_once(MODEL, END, ws, SETTINGS, triton=admin, grpc_url=server.settings.grpc_url)
+            deadline = time.monotonic() + 30
+            while load.versions[-1] != "2":
+                assert time.monotonic() < deadline, "answers never came from version 2"
+                time.sleep(0.05)
+            time.sleep(0.3)
+        assert outcome.decision == "promoted", outcome.lines()
+        assert load.failures == [], load.failures[:5]
+        assert load.versions[0] == "1" and load.versions[-1] == "2" and len(load.versions) > 100
+        assert not admin.model_ready(MODEL + GATE_SUFFIX, 2)  # the gate's copy is gone
+        with ScoringClient(server.settings.grpc_url, MODEL) as client:
+            assert client.score(rows[:3]).model_version == "2"
+
+    assert registry.aliases(MODEL) == {"champion": 2}
+    assert [c.name for c in outcome.verdict.checks] == ["parity", "quality", "slo"]
+    assert all(c.passed for c in outcome.verdict.checks)
+    assert outcome.verdict.checks[2].figures["failures"] == 0 and outcome.verdict.checks[2].figures["requests"] > 0
+    events = [e["event"] for e in _events(ws)]
+    assert events == ["loop_monitor", "loop_retrain", "loop_export", "loop_shadow", "gate_passed", "promote",
+                      "loop_decision"]
+    assert not (ws.model_repository / (MODEL + GATE_SUFFIX)).exists()
