@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import select
 import secrets
 import shutil
 import signal
@@ -68,6 +70,21 @@ def _ready(serve: subprocess.Popen[str], workspace: Path, timeout_s: float = 90)
                 pass
         time.sleep(0.2)
     raise AssertionError(f"serve was not ready in {timeout_s}s")
+
+
+def _supervising(serve: subprocess.Popen[str], timeout_s: float = 90) -> ServerRecord:
+    """Wait for the ready line of a `serve --json`: its start is over and it supervises; the record of its Triton.
+
+    Not `_ready`: Triton answering ready does not mean serve saw it yet. Under load a test that stopped or killed
+    Triton at that point hit serve's start-up instead (a SIGSTOPped one then ran out serve's 120 s ready timeout).
+    """
+    readable, _, _ = select.select([serve.stdout], [], [], timeout_s)
+    assert readable, f"serve printed no ready line in {timeout_s}s"
+    line = serve.stdout.readline()
+    assert line, f"serve exited {serve.wait()}: {serve.communicate()[1][-2000:]}"
+    ready = json.loads(line)
+    return ServerRecord(ready["pid"], serve.pid, {"gRPC": ready["grpc_port"], "HTTP": ready["http_port"],
+                                                  "metrics": ready["metrics_port"]}, ready["model_repository"])
 
 
 def _gone(pid: int, timeout_s: float = 10) -> bool:
@@ -164,9 +181,9 @@ def test_an_orphaned_tritonserver_of_the_workspace_is_stopped_at_start(trained, 
 
 
 def test_a_stopped_tritonserver_fails_liveness_and_serve_exits_non_zero(workspace, reaper):
-    serve = _serve(workspace, "--liveness-interval-s", "0.5", "--liveness-failures", "2")
+    serve = _serve(workspace, "--json", "--liveness-interval-s", "0.5", "--liveness-failures", "2")
     reaper.append(serve)
-    record = _ready(serve, workspace)
+    record = _supervising(serve)
     os.kill(record.pid, signal.SIGSTOP)
     try:
         _, err = serve.communicate(timeout=30)
@@ -179,9 +196,9 @@ def test_a_stopped_tritonserver_fails_liveness_and_serve_exits_non_zero(workspac
 
 
 def test_a_tritonserver_killed_by_a_signal_is_an_error_naming_it(workspace, reaper):
-    serve = _serve(workspace)
+    serve = _serve(workspace, "--json")
     reaper.append(serve)
-    record = _ready(serve, workspace)
+    record = _supervising(serve)
     os.kill(record.pid, signal.SIGKILL)
     _, err = serve.communicate(timeout=30)
     assert serve.returncode == 1
