@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 from export.repository import ModelRepository
 from monitoring.prediction_log import read_window
 from test_prediction_log import ALL_TIME, FEATURE_MODEL, feature_ws  # noqa: F401 (feature_ws is a fixture)
-from test_supervision import _ready, _serve
+from test_supervision import _serve, _supervising
 from treeops.workspace import Workspace
 from triton_fixtures import assert_no_leftover, serving
 
@@ -131,9 +131,9 @@ def test_serve_stopped_by_sigterm_under_load_logs_every_answered_request(feature
     workspace = tmp_path / "ws"
     shutil.copytree(feature_ws.model_repository, workspace / "model_repository")
     shutil.copy2(feature_ws.root / "mlflow.db", workspace / "mlflow.db")
-    serve = _serve(workspace)
+    serve = _serve(workspace, "--json")
     try:
-        record = _ready(serve, workspace)
+        record = _supervising(serve)
         with Load(f"127.0.0.1:{record.ports['gRPC']}", _n_features(feature_ws)) as load:
             time.sleep(1.5)
             serve.send_signal(signal.SIGTERM)
