@@ -10,12 +10,12 @@ monitoring/prediction_log.py reads:
   record is dropped and counted (`dropped`; serving_monitor.py publishes it as treeops_prediction_log_dropped_total).
 
 - The writer thread flushes at least every `flush_interval_s` (and as soon as `flush_rows` rows wait): one segment
-  per hour partition, written to a `.tmp` name, fsynced, then renamed, so a complete segment is the only thing with
-  the final name. Past `max_bytes` the model's oldest segments (all versions) are deleted.
+  per hour partition, written to a `.tmp` name, fsynced (not in a stop's flush, see `flush`), then renamed, so a
+  complete segment is the only thing with the final name. Past `max_bytes` the model's oldest segments (all versions) are deleted.
 - `close` (model finalize: Triton unload) flushes everything. On kill -9 the records of the last flush interval
   (about 1 s) are lost and at most a `.tmp` file is left, which readers skip.
-- Graceful stop (server/launcher.py): the launcher kills tritonserver's process group before Triton unloads its
-  models (so clients never see NOT_FOUND for long), so finalize never runs; `StopHandshake` makes it lossless.
+- Graceful stop (server/launcher.py): the launcher kills tritonserver's process group as Triton starts unloading its
+  models (so clients see UNAVAILABLE, not NOT_FOUND), so finalize never runs; `StopHandshake` makes it lossless.
   Files under `<root>/.flush/`, `<server>` being tritonserver's pid (the stub's process group): each log registers
   `<server>-<pid>-<n>.writer`. Before SIGTERM the launcher writes `<server>.stop`: the stub's metrics publisher
   (serving_monitor.py, every 0.5 s) stops calling Triton (a call waiting on a frozen Triton would hold the GIL and
@@ -166,7 +166,8 @@ class PredictionLog:
         due = time.monotonic() + interval
         while True:
             handshake = self.handshake
-            woken = self._wake.wait(min(interval, POLL_S) if handshake.stopping else interval)
+            timeout = max(0.0, due - time.monotonic())
+            woken = self._wake.wait(min(timeout, POLL_S) if handshake.stopping else timeout)
             stop = self._stop
             asked = handshake.flush_requested()
             if not (woken or stop or asked or time.monotonic() >= due):

@@ -182,15 +182,17 @@ class TritonServer:
                 )
 
     def stop(self, graceful: bool = True) -> None:
-        """Stop Triton so that clients see UNAVAILABLE, never NOT_FOUND; then SIGKILL its whole process group.
+        """Stop Triton so that clients see UNAVAILABLE, not NOT_FOUND; then SIGKILL its whole process group.
 
-        Graceful: SIGTERM makes Triton wait (up to `exit_timeout_s`) for in-flight inferences; once it logs
-        that none is left it unloads every model but keeps its ports open for up to a second more, answering
-        NOT_FOUND "no available versions". At that log line the launcher freezes tritonserver (SIGSTOP: a request
-        arriving now waits, it is not answered NOT_FOUND), has every prediction-log writer write what it queued
-        (their stubs are not frozen; bounded by LOG_FLUSH_TIMEOUT_S), then kills the group, so the ports close
-        (UNAVAILABLE) and no answered request is missing from the log. Not graceful (a wedged server): SIGKILL at
-        once; the log loses at most its last flush interval.
+        Graceful: SIGTERM makes Triton wait (up to `exit_timeout_s`) for in-flight inferences; once none is left it
+        unloads every model but keeps its ports open for up to a second more, answering NOT_FOUND "no available
+        versions". At its log line saying so the launcher freezes tritonserver (SIGSTOP: a request arriving now waits
+        and then gets UNAVAILABLE), has every prediction-log writer write what it queued (the stubs are not frozen;
+        bounded by LOG_FLUSH_TIMEOUT_S), then kills the group: no answered request is missing from the log. Triton
+        logs that line just after it began unloading, so a request arriving in the launcher's reaction time (about
+        1-2 ms here) can still get NOT_FOUND. With a prediction log, the stubs first stop their metrics calls
+        (`LOG_QUIET_TIMEOUT_S`, about 0.5 s; clients are still answered). Not graceful (a wedged server): SIGKILL
+        at once; the log loses at most its last flush interval.
         """
         proc, self._proc = self._proc, None
         if proc is None:
