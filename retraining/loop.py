@@ -201,7 +201,7 @@ def promote_step(model: str, repository: ModelRepository, audit: AuditLog, verdi
 
 
 def run_loop_once(model: str, end: dt.datetime, ws: Workspace, settings: LoopSettings | None = None, *,
-                  triton: Any = None, grpc_url: str | None = None) -> LoopOutcome:
+                  triton: ModelControl | None = None, grpc_url: str | None = None) -> LoopOutcome:
     """One pass of the loop under the workspace's lock; every step is appended to `ws.audit_log`.
 
     `triton`: a model-control client of the running Triton (server.admin.AdminClient) and `grpc_url` its address,
@@ -209,79 +209,100 @@ def run_loop_once(model: str, end: dt.datetime, ws: Workspace, settings: LoopSet
 
     Raises:
         LoopBusyError: another loop holds the lock (nothing done).
+        InvalidSettingsError: gate_window is not shorter than window.
+        TreeopsError: a step failed (e.g. InBandShadowNeeded, a rollout that did not load: `promote` then puts the
+            registry back); recorded first as the run's `loop_decision` event.
     """
-    from monitoring.monitor import InsufficientDataError
     from registry import versions as registry
-    from retraining.errors import InsufficientLabelsError
-    from retraining.gate import record_verdict
-    from retraining.shadow import EmptyShadowWindow
     from training import tracking
+    from treeops.errors import InvalidSettingsError
 
     settings = settings or LoopSettings()
     if settings.gate_window >= settings.window:
-        from treeops.errors import InvalidSettingsError
-
         raise InvalidSettingsError(f"gate_window {settings.gate_window} must be shorter than window {settings.window}: "
                                    "the challenger trains on the window's older part")
-    paths = MonitorPaths.in_workspace(ws.root, model)
-    repository, audit = ModelRepository(ws.model_repository), AuditLog(ws.audit_log)
-    start, gate_start = end - settings.window, end - settings.gate_window
-    steps: list[dict[str, Any]] = []
-
-    def step(name: str, summary: str, to_version: int, metrics: dict[str, dict[str, float]] | None = None) -> None:
-        steps.append({"step": name, "summary": summary})
-        audit.append(RegistryEvent(f"loop_{name}", model, None, to_version, _actor(), _now(), summary,
-                                   metrics=metrics or {}))
-
-    def finish(decision: Decision, reason: str, champion: int, challenger: int | None = None,
-               verdict: GateVerdict | None = None) -> LoopOutcome:
-        step("decision", f"{decision}: {reason}", challenger or champion)
-        log.info("loop %s: %s: %s", model, decision, reason)
-        return LoopOutcome(model, decision, reason, steps, champion, challenger, verdict)
-
     with loop_lock(ws.root):
         tracking.configure(ws.tracking_uri, ws.artifact_root)
         champion = registry.resolve(model, alias="champion").version
+        record = _Record(model, AuditLog(ws.audit_log))
         try:
-            watched = monitor_step(model, start, end, paths)
-        except InsufficientDataError as exc:
-            return finish("too_little_data", f"monitor: {exc}", champion)
-        verdicts = {v.version: v.exit_code for v in watched.versions}
-        step("monitor", f"{start.isoformat()} .. {end.isoformat()}: exit {watched.exit_code} (per version "
-             f"{verdicts})", champion, {f"v{v.version}": {"drift_share": v.drift_share or 0.0, "labelled": v.labelled}
-                                        for v in watched.versions})
-        if watched.exit_code not in (EXIT_DRIFT, EXIT_QUALITY):
-            why = "too little data for a verdict" if watched.exit_code == EXIT_NO_DATA else "no drift, no quality drop"
-            return finish("too_little_data" if watched.exit_code == EXIT_NO_DATA else "nothing_to_do",
-                          f"monitor: {why}", champion)
-        trigger = f"monitor {model} {start.isoformat()}..{end.isoformat()} exit {watched.exit_code}"
-        try:
-            retrained = retrain_step(model, start, gate_start, ws, paths, trigger)
-        except InsufficientLabelsError as exc:
-            return finish("too_little_data", f"retrain: {exc}", champion)
-        challenger = retrained.registered.version
-        step("retrain", f"version {challenger} @challenger on {retrained.lineage['rows']} labelled predictions of "
-             f"{start.isoformat()} .. {gate_start.isoformat()}", challenger, {"test": retrained.metrics})
-        exported = export_step(model, repository, challenger)
-        step("export", exported.why, challenger, {"parity": exported.figures})
-        if not exported.passed:
-            verdict = GateVerdict(model, champion, challenger, (exported,))
-            record_verdict(audit, verdict)
-            return finish("refused", verdict.reason, champion, challenger, verdict)
-        try:
-            shadowed = shadow_step(model, champion, challenger, gate_start, end, ws, paths)
-        except EmptyShadowWindow as exc:
-            return finish("too_little_data", f"shadow: {exc}", champion, challenger)
-        step("shadow", f"{shadowed.rows} predictions of version {champion} scored by {challenger} into "
-             f"{shadowed.path}", challenger)
-        try:
-            verdict = gate_step(shadowed, repository, paths, triton, grpc_url, ws.reports_dir / "gate" / model,
-                                settings.gate, (exported,))
-        except InsufficientLabelsError as exc:
-            return finish("too_little_data", f"gate: {exc}", champion, challenger)
-        record_verdict(audit, verdict)
-        if not verdict.passed:
-            return finish("refused", verdict.reason, champion, challenger, verdict)
-        event = promote_step(model, repository, audit, verdict, triton, settings.retain_versions)
-        return finish("promoted", f"version {event.to_version} is champion (was {event.from_version}); "
-                      f"{verdict.reason}", event.to_version, None, verdict)
+            return _one_pass(model, end, ws, settings, triton, grpc_url, champion, record)
+        except TreeopsError as exc:
+            last = record.steps[-1]["step"] if record.steps else "the start"
+            record.step("decision", f"failed after {last}: {exc}", champion)
+            raise
+
+
+@dataclass
+class _Record:
+    """A run's steps so far; each is appended to the audit log as it happens."""
+
+    model: str
+    audit: AuditLog
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def step(self, name: str, summary: str, to_version: int, metrics: dict[str, dict[str, float]] | None = None) -> None:
+        self.steps.append({"step": name, "summary": summary})
+        self.audit.append(RegistryEvent(f"loop_{name}", self.model, None, to_version, _actor(), _now(), summary,
+                                        metrics=metrics or {}))
+
+    def finish(self, decision: Decision, reason: str, champion: int, challenger: int | None = None,
+               verdict: GateVerdict | None = None) -> LoopOutcome:
+        self.step("decision", f"{decision}: {reason}", challenger or champion)
+        log.info("loop %s: %s: %s", self.model, decision, reason)
+        return LoopOutcome(self.model, decision, reason, list(self.steps), champion, challenger, verdict)
+
+
+def _one_pass(model: str, end: dt.datetime, ws: Workspace, settings: LoopSettings, triton: ModelControl | None,
+              grpc_url: str | None, champion: int, record: _Record) -> LoopOutcome:
+    from monitoring.monitor import InsufficientDataError
+    from retraining.errors import InsufficientLabelsError
+    from retraining.gate import record_verdict
+    from retraining.shadow import EmptyShadowWindow
+
+    paths = MonitorPaths.in_workspace(ws.root, model)
+    repository = ModelRepository(ws.model_repository)
+    start, gate_start = end - settings.window, end - settings.gate_window
+    try:
+        watched = monitor_step(model, start, end, paths)
+    except InsufficientDataError as exc:
+        return record.finish("too_little_data", f"monitor: {exc}", champion)
+    record.step("monitor", f"{start.isoformat()} .. {end.isoformat()}: exit {watched.exit_code} (per version "
+                f"{ {v.version: v.exit_code for v in watched.versions} })", champion,
+                {f"v{v.version}": {"drift_share": v.drift_share or 0.0, "labelled": v.labelled}
+                 for v in watched.versions})
+    if watched.exit_code not in (EXIT_DRIFT, EXIT_QUALITY):
+        if watched.exit_code == EXIT_NO_DATA:
+            return record.finish("too_little_data", "monitor: too little data for a verdict", champion)
+        return record.finish("nothing_to_do", "monitor: no drift, no quality drop", champion)
+    trigger = f"monitor {model} {start.isoformat()}..{end.isoformat()} exit {watched.exit_code}"
+    try:
+        retrained = retrain_step(model, start, gate_start, ws, paths, trigger)
+    except InsufficientLabelsError as exc:
+        return record.finish("too_little_data", f"retrain: {exc}", champion)
+    challenger = retrained.registered.version
+    record.step("retrain", f"version {challenger} @challenger on {retrained.lineage['rows']} labelled predictions of "
+                f"{start.isoformat()} .. {gate_start.isoformat()}", challenger, {"test": retrained.metrics})
+    exported = export_step(model, repository, challenger)
+    record.step("export", exported.why, challenger, {"parity": exported.figures})
+    if not exported.passed:
+        verdict = GateVerdict(model, champion, challenger, (exported,))
+        record_verdict(record.audit, verdict)
+        return record.finish("refused", verdict.reason, champion, challenger, verdict)
+    try:
+        shadowed = shadow_step(model, champion, challenger, gate_start, end, ws, paths)
+    except EmptyShadowWindow as exc:
+        return record.finish("too_little_data", f"shadow: {exc}", champion, challenger)
+    record.step("shadow", f"{shadowed.rows} predictions of version {champion} scored by {challenger} into "
+                f"{shadowed.path}", challenger)
+    try:
+        verdict = gate_step(shadowed, repository, paths, triton, grpc_url, ws.reports_dir / "gate" / model,
+                            settings.gate, (exported,))
+    except InsufficientLabelsError as exc:
+        return record.finish("too_little_data", f"gate: {exc}", champion, challenger)
+    record_verdict(record.audit, verdict)
+    if not verdict.passed:
+        return record.finish("refused", verdict.reason, champion, challenger, verdict)
+    event = promote_step(model, repository, record.audit, verdict, triton, settings.retain_versions)
+    return record.finish("promoted", f"version {event.to_version} is champion (was {event.from_version}); "
+                         f"{verdict.reason}", event.to_version, None, verdict)

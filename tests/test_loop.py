@@ -44,7 +44,7 @@ from triton_fixtures import serving
 MODEL = "fraud"
 END = dt.datetime(2026, 3, 1, 13, tzinfo=dt.UTC)
 SETTINGS = LoopSettings(window=dt.timedelta(hours=2), gate_window=dt.timedelta(minutes=30),
-                        gate=GateSettings(margin=1e-6, min_labels=50, slo_duration_s=3, slo_users=2, p99_ms=500.0))
+                        gate=GateSettings(min_labels=50, slo_duration_s=3, slo_users=2, p99_ms=500.0))
 PARAMS = TrainParams(num_boost_round=30, max_depth=4, learning_rate=0.2, subsample=0.9, seed=5)
 TREEOPS = str(Path(sys.executable).parent / "treeops")
 ADMIN_KEY = "test-admin-key-0123456789"
