@@ -18,6 +18,7 @@ import json
 import logging
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,31 +121,85 @@ def _read_journal(path: Path) -> pl.DataFrame | None:
         return None
     names, offset = header
     width = len(names)
-    arrivals, ids, errors, row_counts, scores, features = [], [], [], [], [], []
+    chunks: list[_Chunk] = []
+    records = 0
     while offset < len(data):
-        torn = _torn(data, offset, width)
-        if torn:
-            log.warning("prediction log: %s is torn at offset %d of %d (%s): kept the %d records before it, "
-                        "skipped the rest", path, offset, len(data), torn, len(arrivals))
+        run = _uniform_run(data, offset, width)  # the common case: many answered records of one shape
+        if run is None:
+            torn = _torn(data, offset, width)
+            if torn:
+                log.warning("prediction log: %s is torn at offset %d of %d (%s): kept the %d records before it, "
+                            "skipped the rest", path, offset, len(data), torn, records)
+                break
+            run = _one_record(data, offset, width)
+        chunk, offset = run
+        chunks.append(chunk)
+        records += len(chunk.arrivals)
+    return _journal_frame(_partition(path), chunks, names)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Consecutive records: per record arrival, request id, error (None: answered) and rows; per row score and
+    features (zeros for a failed request's one row)."""
+
+    arrivals: np.ndarray
+    ids: np.ndarray
+    errors: np.ndarray
+    counts: np.ndarray
+    scores: np.ndarray
+    features: np.ndarray
+
+
+def _one_record(data: bytes, offset: int, width: int) -> tuple[_Chunk, int]:
+    """The whole record at `offset` (checked by `_torn`) and the offset after it."""
+    length = _FRAME.unpack_from(data, offset)[0]
+    start = offset + _FRAME.size
+    arrival, count, id_len, status = _RECORD.unpack_from(data, start)
+    body = start + _RECORD.size + id_len
+    request_id = data[start + _RECORD.size:body].decode("utf-8", "replace")
+    if status:
+        error, rows = data[body:body + count].decode("utf-8", "replace"), 1
+        scores, features = np.zeros(1, np.float32), np.zeros((1, width), np.float32)
+    else:
+        error, rows = None, count
+        scores = np.frombuffer(data, "<f4", count, body)
+        features = np.frombuffer(data, "<f4", count * width, body + 4 * count).reshape(count, width)
+    chunk = _Chunk(np.array([arrival], np.int64), np.array([request_id], object), np.array([error], object),
+                   np.array([rows], np.int64), scores, features)
+    return chunk, start + length
+
+
+def _uniform_run(data: bytes, offset: int, width: int) -> tuple[_Chunk, int] | None:
+    """At least two whole answered records from `offset` with the first one's id length and rows (their CRC-32s
+    checked), read at once; None where there are not."""
+    if offset + _FRAME.size + _RECORD.size > len(data):
+        return None
+    length = _FRAME.unpack_from(data, offset)[0]
+    _, count, id_len, status = _RECORD.unpack_from(data, offset + _FRAME.size)
+    size = _FRAME.size + length
+    if status or length != _RECORD.size + id_len + 4 * count * (1 + width) or (len(data) - offset) // size < 2:
+        return None
+    layout = np.dtype([("length", "<u4"), ("crc", "<u4"), ("arrival", "<i8"), ("count", "<u4"), ("id_len", "<u2"),
+                       ("status", "u1"), ("id", f"S{id_len}"), ("score", "<f4", (count,)),
+                       ("features", "<f4", (count, width))])
+    records = np.frombuffer(data, layout, (len(data) - offset) // size, offset)
+    same = (records["length"] == length) & (records["count"] == count) & (records["id_len"] == id_len) & (
+        records["status"] == 0)
+    n = len(records) if same.all() else int(np.argmin(same))
+    view = memoryview(data)
+    for i, crc in enumerate(records["crc"][:n].tolist()):
+        at = offset + i * size + _FRAME.size
+        if zlib.crc32(view[at:at + length]) != crc:
+            n = i
             break
-        length = _FRAME.unpack_from(data, offset)[0]
-        start = offset + _FRAME.size
-        arrival, count, id_len, status = _RECORD.unpack_from(data, start)
-        body = start + _RECORD.size + id_len
-        arrivals.append(arrival)
-        ids.append(data[start + _RECORD.size:body].decode("utf-8", "replace"))
-        if status:
-            errors.append(data[body:body + count].decode("utf-8", "replace"))
-            row_counts.append(1)
-            scores.append(None)
-            features.append(None)
-        else:
-            errors.append(None)
-            row_counts.append(count)
-            scores.append(data[body:body + 4 * count])
-            features.append(data[body + 4 * count:body + 4 * count * (1 + width)])
-        offset = start + length
-    return _journal_frame(path, _partition(path), arrivals, ids, errors, row_counts, scores, features, names)
+    if n < 2:
+        return None
+    run = records[:n]
+    ids = np.array([i.decode("utf-8", "replace") for i in run["id"].tolist()], object)
+    chunk = _Chunk(run["arrival"].astype(np.int64), ids, np.full(n, None, object), np.full(n, count, np.int64),
+                   run["score"].reshape(-1), run["features"].reshape(-1, width))
+    return chunk, offset + n * size
 
 
 def _partition(path: Path) -> tuple[str, int]:
@@ -198,40 +253,37 @@ def _torn(data: bytes, offset: int, width: int) -> str | None:
     return None
 
 
-def _journal_frame(path: Path, identity: tuple[str, int], arrivals: list[int], ids: list[str],
-                   errors: list[str | None], row_counts: list[int], scores: list[bytes | None],
-                   features: list[bytes | None], names: list[str]) -> pl.DataFrame:
+def _journal_frame(identity: tuple[str, int], chunks: list[_Chunk], names: list[str]) -> pl.DataFrame:
     """The journal's records as rows, with the Parquet segments' columns and types."""
     model, version = identity
-    counts = np.asarray(row_counts, np.int64)
+    width = len(names)
+
+    def joined(field: str, dtype: object) -> np.ndarray:
+        parts = [getattr(c, field) for c in chunks]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    counts, errors = joined("counts", np.int64), joined("errors", object)
+    scores = joined("scores", np.float32)
+    matrix = np.concatenate([c.features for c in chunks]) if chunks else np.zeros((0, width), np.float32)
     total = int(counts.sum())
     failed = np.repeat(np.array([e is not None for e in errors], bool), counts)
-    width = len(names)
-    score = np.zeros(total, np.float32)
-    matrix = np.zeros((total, width), np.float32)
-    row = 0
-    for n, s, f in zip(row_counts, scores, features):
-        if s is not None:
-            score[row:row + n] = np.frombuffer(s, "<f4")
-            matrix[row:row + n] = np.frombuffer(f, "<f4").reshape(n, width)
-        row += n
     columns = {
-        "request_id": pl.Series(np.repeat(np.array(ids, object), counts), dtype=pl.Utf8),
+        "request_id": pl.Series(np.repeat(joined("ids", object), counts), dtype=pl.Utf8),
         "transaction_id": pl.Series([None] * total, dtype=pl.Utf8),
         "entity": pl.Series([None] * total, dtype=pl.Utf8),
-        "arrival": pl.Series(np.repeat(np.asarray(arrivals, np.int64), counts), dtype=pl.Int64)
+        "arrival": pl.Series(np.repeat(joined("arrivals", np.int64), counts), dtype=pl.Int64)
         .cast(pl.Datetime("us", "UTC")),
         "model": pl.Series([model] * total, dtype=pl.Utf8),
         "version": pl.Series(np.full(total, version, np.int64)),
         "degraded": pl.Series(np.zeros(total, bool)),
-        "error": pl.Series(np.repeat(np.array(errors, object), counts), dtype=pl.Utf8),
-        "score": pl.Series(score.astype(np.float64)),
+        "error": pl.Series(np.repeat(errors, counts), dtype=pl.Utf8),
+        "score": pl.Series(scores.astype(np.float64)),
     }
     frame = pl.DataFrame(columns)
-    if failed.any():
-        frame = frame.with_columns(pl.when(pl.Series(failed)).then(None).otherwise(pl.col("score")).alias("score"))
-    features_frame = pl.DataFrame({f"feature.{n}": matrix[:, j] for j, n in enumerate(names)})
-    if failed.any():
-        features_frame = features_frame.with_columns(
-            pl.when(pl.Series(failed)).then(None).otherwise(pl.col(c)).alias(c) for c in features_frame.columns)
-    return pl.concat([frame, features_frame], how="horizontal") if width else frame
+    features = pl.DataFrame({f"feature.{n}": np.ascontiguousarray(matrix[:, j]) for j, n in enumerate(names)})
+    if failed.any():  # a failed request's row has its error, no score and no features
+        mask = pl.Series(failed)
+        frame = frame.with_columns(pl.when(mask).then(None).otherwise(pl.col("score")).alias("score"))
+        features = features.with_columns(pl.when(mask).then(None).otherwise(pl.col(c)).alias(c)
+                                         for c in features.columns)
+    return pl.concat([frame, features], how="horizontal") if width else frame
