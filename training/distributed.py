@@ -364,11 +364,10 @@ class PartitionBatches(xgb.DataIter):
 
     def __init__(self, parts: Sequence[PartitionFile], code: int, fitted: FittedFeatures, objective: Objective,
                  target: str, cache_prefix: str) -> None:
-        self._read: Callable[[], Iterator[pl.DataFrame]] = lambda: _batches(parts, code,
-                                                                            [*fitted.spec.names, target])
+        self._parts, self._code, self._columns = list(parts), code, [*fitted.spec.names, target]
         self._fitted, self._objective, self._target = fitted, objective, target
         self._names = [xgb_safe(name) for name in fitted.spec.names]
-        self._it = self._read()
+        self._it = _batches(self._parts, code, self._columns)
         super().__init__(cache_prefix=cache_prefix, release_data=True)
 
     def next(self, input_data: Callable) -> bool:
@@ -380,7 +379,7 @@ class PartitionBatches(xgb.DataIter):
         return True
 
     def reset(self) -> None:
-        self._it = self._read()
+        self._it = _batches(self._parts, self._code, self._columns)
 
 
 def _start_tracker(n_workers: int, timeout_s: int, dask_scheduler: Any = None) -> dict[str, Any]:
