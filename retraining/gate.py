@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -29,6 +29,9 @@ from registry.promotion import AuditLog, RegistryEvent, _actor, _now
 from registry.rollout import _wait_ready as wait_ready
 from retraining.errors import InsufficientLabelsError
 from treeops.errors import TreeopsError
+
+if TYPE_CHECKING:
+    from loadtest.slo import SLO
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,8 @@ class GateSettings(BaseSettings):
     min_labels: int = Field(100, ge=10, description="labelled shadowed predictions below which no verdict is given")
     slo_duration_s: int = Field(5, ge=1, description="seconds of Locust traffic against the loaded challenger")
     slo_users: int = Field(4, ge=1, description="concurrent Locust users")
-    slo_file: Path | None = Field(None, description="SLO file (.toml/.json) of budgets; the fields below override it")
+    slo_file: Path | None = Field(None, description="SLO file (.toml/.json) of budgets; p99_ms and max_error_rate "
+                                  "override it only when set explicitly (argument or environment)")
     p99_ms: float | None = Field(120.0, gt=0, description="p99 latency budget (ms) of the SLO run")
     max_error_rate: float | None = Field(0.0, ge=0, le=1, description="failed/total requests budget of the SLO run")
     load_timeout_s: float = Field(60.0, gt=0, description="how long the challenger may take to load in Triton")
@@ -159,7 +163,6 @@ def slo_check(model: str, repository: ModelRepository, challenger: int, feeds: M
     from export.triton_config import ServingSettings
     from loadtest.rows import write_sample_rows
     from loadtest.runner import LoadtestSettings, run_loadtest
-    from loadtest.slo import SLO
     from server.errors import ServerError
 
     if triton is None or grpc_url is None:
@@ -172,14 +175,11 @@ def slo_check(model: str, repository: ModelRepository, challenger: int, feeds: M
     try:
         triton.load_model(name)
         wait_ready(triton, name, (challenger,), settings.load_timeout_s)
-        budgets = SLO.from_file(settings.slo_file).model_dump(exclude_none=True) if settings.slo_file else {}
-        budgets.update({k: v for k, v in (("p99_ms", settings.p99_ms), ("max_error_rate", settings.max_error_rate))
-                        if v is not None})
         out_dir.mkdir(parents=True, exist_ok=True)
         result = run_loadtest(LoadtestSettings(
             rows_path=write_sample_rows(feeds, out_dir / "rows.npz"), out_dir=out_dir, grpc_url=grpc_url, model=name,
             signature=version_signature(repository, model, challenger), users=settings.slo_users,
-            duration_s=settings.slo_duration_s, slo=SLO(**budgets)))
+            duration_s=settings.slo_duration_s, slo=slo_budgets(settings)))
     except TreeopsError as exc:  # a load that failed, Locust that broke, a bad SLO file
         return GateCheck("slo", False, f"the SLO run against {name!r} version {challenger} failed: {exc}")
     finally:
@@ -194,6 +194,17 @@ def slo_check(model: str, repository: ModelRepository, challenger: int, feeds: M
     shown = ", ".join(f"{c.name} {c.measured} ({c.op} {c.budget}) {'ok' if c.passed else 'MISSED'}" for c in result.checks)
     return GateCheck("slo", result.passed, f"{settings.slo_duration_s}s of Locust on {name} version {challenger}: "
                      f"{a.requests} requests, {a.failures} failed; {shown} (report {result.html_report})", figures)
+
+
+def slo_budgets(settings: GateSettings) -> SLO:
+    """The SLO of the gate's run: the file's budgets, with p99_ms and max_error_rate where set explicitly (or, without
+    a file, their defaults)."""
+    from loadtest.slo import SLO
+
+    budgets = SLO.from_file(settings.slo_file).model_dump(exclude_none=True) if settings.slo_file else {}
+    budgets.update({k: getattr(settings, k) for k in ("p99_ms", "max_error_rate") if getattr(settings, k) is not None
+                    and (settings.slo_file is None or k in settings.model_fields_set)})
+    return SLO(**budgets)
 
 
 def record_verdict(audit: AuditLog, verdict: GateVerdict) -> RegistryEvent:

@@ -29,7 +29,7 @@ from monitoring.labels import LABELLED_AT, ingest_labels
 from monitoring.monitor import MonitorPaths
 from registry import versions as registry
 from registry.promotion import AuditLog
-from retraining.gate import GATE_SUFFIX, GateSettings
+from retraining.gate import GATE_SUFFIX, GateSettings, slo_budgets
 from retraining.loop import LoopSettings, loop_lock, run_loop_once
 from retraining.shadow import InBandShadowNeeded, read_shadow, require_same_spec
 from server.admin import AdminClient
@@ -127,6 +127,13 @@ def test_versions_of_another_feature_spec_need_in_band_shadowing(tmp_path, track
                            artifact_root=ws.artifact_root)
     with pytest.raises(InBandShadowNeeded, match="in-band shadowing .* does not build yet"):
         require_same_spec(MODEL, 1, 2)
+
+
+def test_the_slo_run_takes_the_files_budgets_and_overrides_only_what_is_set():
+    assert slo_budgets(GateSettings()).model_dump(exclude_none=True) == {"p99_ms": 120.0, "max_error_rate": 0.0}
+    ci = slo_budgets(GateSettings(slo_file=Path("loadtest/slo-ci.toml")))
+    assert (ci.p99_ms, ci.min_rps, ci.max_error_rate) == (120, 300, 0.0)
+    assert slo_budgets(GateSettings(slo_file=Path("loadtest/slo-ci.toml"), p99_ms=40.0)).p99_ms == 40.0
 
 
 def test_a_second_loop_is_refused_while_one_holds_the_lock(tmp_path):
