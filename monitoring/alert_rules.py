@@ -118,14 +118,22 @@ def rule_groups(settings: AlertSettings) -> dict[str, Any]:
         f"More than {s.max_drift_share:.0%} of features drifted from the training reference in the last monitor "
         "window; see that window's report.")
     quality = _alert(
-        "TreeopsQualityDrop", f"{names.MONITOR_ROC_AUC.name} < {s.min_roc_auc:g}\n", timedelta(0), "ticket",
+        "TreeopsQualityDrop", f'{names.MONITOR_QUALITY.name}{{figure="roc_auc"}} < {s.min_roc_auc:g}\n', timedelta(0),
+        "ticket",
         "{{ $labels.model }} version {{ $labels.version }}: ROC AUC {{ $value | printf \"%.3f\" }}",
         f"ROC AUC on the labelled predictions of the last monitor window is below {s.min_roc_auc:g}.")
+    stale_s = int(s.monitor_stale_after.total_seconds())
+    stale = _alert(
+        "TreeopsMonitorStale",
+        f"time() - max by (model) ({names.MONITOR_WINDOW_END.name}) > {stale_s}\n", timedelta(0), "ticket",
+        "{{ $labels.model }}: no monitor window for {{ $value | humanizeDuration }}",
+        f"The last monitor window ended more than {duration(s.monitor_stale_after)} ago: the monitor job stopped "
+        "running or keeps failing; drift and quality are not being checked.")
     return {"groups": [
         {"name": "treeops-slo", "rules": [latency, errors]},
         {"name": "treeops-serving", "rules": [queue, no_traffic]},
         {"name": "treeops-prediction-log", "rules": [lag, drops]},
-        {"name": "treeops-model-monitor", "rules": [drift, quality]},
+        {"name": "treeops-model-monitor", "rules": [drift, quality, stale]},
     ]}
 
 

@@ -59,6 +59,8 @@ class AlertSettings(BaseSettings):
     max_drift_share: float = Field(0.5, gt=0, le=1, description="share of drifted features that alerts (Evidently's "
                                    "dataset-drift default)")
     min_roc_auc: float = Field(0.75, gt=0.5, lt=1, description="ROC AUC of a monitor window below this alerts")
+    monitor_stale_after: timedelta = Field(timedelta(hours=2), description="no monitor window ending within this "
+                                           "long alerts (the hourly job stopped)")
 
     @field_validator("latency_target_s")
     @classmethod

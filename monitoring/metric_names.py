@@ -76,12 +76,22 @@ PREDICTION_LOG_DROPPED = Metric(
 MONITOR_DRIFT_SHARE = Metric(
     "treeops_monitor_drift_share", "gauge", "share of features that drifted in the last monitor window",
     ("model", "version"), "treeops")
-MONITOR_ROC_AUC = Metric(
-    "treeops_monitor_roc_auc", "gauge", "ROC AUC on the labelled predictions of the last monitor window",
+MONITOR_FEATURE_DRIFT = Metric(
+    "treeops_monitor_feature_drift_score", "gauge",
+    "Evidently's drift score of each column (features and the score) in the last monitor window; `method` says "
+    "how to read it: a p-value shrinks with drift, a distance grows", ("model", "version", "feature", "method"),
+    "treeops")
+MONITOR_QUALITY = Metric(
+    "treeops_monitor_quality", "gauge",
+    "classification figures on the labelled predictions of the last monitor window (`figure`: roc_auc, pr_auc, "
+    "precision and recall at the served threshold, calibration_error)", ("model", "version", "figure"), "treeops")
+MONITOR_WINDOW_END = Metric(
+    "treeops_monitor_window_end_timestamp_seconds", "gauge", "end of the last monitor window, Unix seconds",
     ("model", "version"), "treeops")
 
 ALL: tuple[Metric, ...] = (
     TRITON_REQUEST_SUCCESS, TRITON_REQUEST_FAILURE, TRITON_INFERENCE_COUNT, TRITON_REQUEST_DURATION_US,
     TRITON_QUEUE_DURATION_US, REQUEST_DURATION, PREDICTIONS, DEGRADED_ANSWERS, PREDICTION_LOG_LAG,
-    PREDICTION_LOG_DROPPED, MONITOR_DRIFT_SHARE, MONITOR_ROC_AUC,
+    PREDICTION_LOG_DROPPED, MONITOR_DRIFT_SHARE, MONITOR_FEATURE_DRIFT, MONITOR_QUALITY,
+    MONITOR_WINDOW_END,
 )

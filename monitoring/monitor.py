@@ -490,17 +490,24 @@ def _gauges(windows: Sequence[VersionWindow]) -> CollectorRegistry:
     """A registry of the monitor's gauges (monitoring/metric_names.py); only figures that were computed are set."""
     from prometheus_client import CollectorRegistry, Gauge
 
-    from monitoring.metric_names import MONITOR_DRIFT_SHARE, MONITOR_ROC_AUC
+    from monitoring import metric_names as names
 
     registry = CollectorRegistry()
-    share = Gauge(MONITOR_DRIFT_SHARE.name, MONITOR_DRIFT_SHARE.help, MONITOR_DRIFT_SHARE.labels, registry=registry)
-    auc = Gauge(MONITOR_ROC_AUC.name, MONITOR_ROC_AUC.help, MONITOR_ROC_AUC.labels, registry=registry)
+
+    def gauge(metric: names.Metric) -> Gauge:
+        return Gauge(metric.name, metric.help, metric.labels, registry=registry)
+
+    share, per_column = gauge(names.MONITOR_DRIFT_SHARE), gauge(names.MONITOR_FEATURE_DRIFT)
+    quality, window_end = gauge(names.MONITOR_QUALITY), gauge(names.MONITOR_WINDOW_END)
     for w in windows:
         labels = {"model": w.model, "version": str(w.version)}
-        if w.drift_share is not None:
+        window_end.labels(**labels).set(w.end.timestamp())
+        if w.drift is not None:
             share.labels(**labels).set(w.drift_share)
-        if (value := w.figure("roc_auc")) is not None:
-            auc.labels(**labels).set(value)
+            for c in w.drift.columns:
+                per_column.labels(**labels, feature=c.column, method=c.method).set(c.score)
+        for check in w.quality or ():
+            quality.labels(**labels, figure=check.figure).set(check.value)
     return registry
 
 

@@ -30,7 +30,7 @@ from backends.online_history import connect
 from bench.monitor import run_monitor_benchmark
 from monitoring.alert_rules import ALERTS_DIR, RULES_FILE
 from monitoring.dashboard import DASHBOARD_FILE
-from monitoring.metric_names import MONITOR_DRIFT_SHARE, MONITOR_ROC_AUC
+from monitoring.metric_names import MONITOR_DRIFT_SHARE, MONITOR_QUALITY
 from monitoring.monitor import PUSH_JOB, GaugePushError, MonitorSettings, push_gauges
 from online_store.redis_server import free_port
 from server.manifests import (
@@ -438,7 +438,7 @@ def test_the_monitor_jobs_gauges_reach_a_real_pushgateway(tmp_path, monkeypatch)
         group = (("instance", ""), ("job", PUSH_JOB), ("model", window["model"]), ("version", str(window["version"])))
         assert gateway.samples(MONITOR_DRIFT_SHARE.name) == {group: pytest.approx(window["drift_share"])}
         (roc_auc,) = [c["value"] for c in window["quality"] if c["figure"] == "roc_auc"]
-        assert gateway.samples(MONITOR_ROC_AUC.name) == {group: pytest.approx(roc_auc)}
+        assert gateway.samples(MONITOR_QUALITY.name)[tuple(sorted((*group, ("figure", "roc_auc"))))] == pytest.approx(roc_auc)
         pushed = gateway.samples("push_time_seconds")  # what an alert on a job that stopped pushing would use
         assert list(pushed) == [(("instance", ""), ("job", PUSH_JOB), ("model", window["model"]))]
         (pushed_at,) = pushed.values()

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import polars as pl
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.monitor import log_predictions, run_monitor_benchmark
 from export.parity import reference_scores
@@ -191,7 +192,15 @@ def test_windows_reach_the_evidently_workspace_and_the_gauges(bundle, reference,
     text = metrics.read_text()
     version = f'model="{MODEL}",version="{reference.version}"'
     assert f"treeops_monitor_drift_share{{{version}}} {window.drift_share}" in text
-    assert f"treeops_monitor_roc_auc{{{version}}} {window.figure('roc_auc')}" in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    labels = (("model", MODEL), ("version", str(reference.version)))
+    assert samples[("treeops_monitor_window_end_timestamp_seconds", labels)] == window.end.timestamp()
+    for check in window.quality:
+        assert samples[("treeops_monitor_quality", tuple(sorted((*labels, ("figure", check.figure)))))] == check.value
+    for c in window.drift.columns:
+        key = tuple(sorted((*labels, ("feature", c.column), ("method", c.method))))
+        assert samples[("treeops_monitor_feature_drift_score", key)] == pytest.approx(c.score, rel=1e-12)
 
 
 @pytest.mark.parametrize("text, seconds", [("1h", 3600), ("30m", 1800), ("1h30m", 5400), ("2d", 172800)])
