@@ -276,11 +276,12 @@ class PredictionLog:
         return pa.table(columns, schema=self.schema)
 
     def _retain(self):
-        """Delete the model's oldest complete segments (every version) while they hold more than max_bytes."""
+        """Delete the model's oldest complete segments (every version, the native backend's `.tlog` journals
+        included: the names of both start with their creation time) while they hold more than max_bytes."""
         segments = []
         for folder, _, files in os.walk(self.model_dir):
             for f in files:
-                if f.endswith(".parquet"):
+                if f.endswith((".parquet", ".tlog")):
                     path = os.path.join(folder, f)
                     try:
                         segments.append((f, path, os.path.getsize(path)))
