@@ -14,7 +14,7 @@ from server.launcher import free_port
 from training.generate import GenerateSpec, generate_transactions
 
 COMMANDS = ["demo", "generate", "train", "validate", "export", "sync", "promote", "rollback", "models", "serve",
-            "score", "loadtest", "drift"]
+            "score", "loadtest", "drift", "labels", "monitor", "retrain", "loop", "features backfill", "features show"]
 
 
 def _registered_models(workspace: Path) -> list[str]:
@@ -32,7 +32,7 @@ def _registered_models(workspace: Path) -> list[str]:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command, tmp_path, treeops):
-    out = treeops(command, "--help", workspace=tmp_path)
+    out = treeops(*command.split(), "--help", workspace=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "--workspace" in out.stdout
 
