@@ -138,7 +138,7 @@ def promote(
             f"{new:.5f} vs {old:.5f} (needs an improvement of at least {margin}); use --force to override, "
             "which is recorded"
         )
-    event = RegistryEvent("promote", model_name, champion.version, challenger.version, _actor(), _now(),
+    event = RegistryEvent("promote", model_name, champion.version, challenger.version, actor(), now_iso(),
                           reason or f"{metric} {old:.5f} -> {new:.5f}", force and gain < margin, metric, metrics)
     client = MlflowClient()
     history = _history(client, model_name) + [champion.version]
@@ -160,7 +160,7 @@ def rollback(model_name: str, audit: AuditLog, *, reason: str = "",
         raise ExportError(f"model {model_name!r} has no previous champion to roll back to (no promotion recorded)")
     previous = history.pop()
     registry.resolve(model_name, version=previous)  # still registered?
-    event = RegistryEvent("rollback", model_name, champion.version, previous, _actor(), _now(),
+    event = RegistryEvent("rollback", model_name, champion.version, previous, actor(), now_iso(),
                           reason or f"rollback from version {champion.version}")
     deployed = _move_champion(client, model_name, previous, history, deploy, drop_challenger=False)
     _record(client, audit, event)
@@ -233,9 +233,11 @@ def _record(client: Any, audit: AuditLog, event: RegistryEvent) -> None:
                                      json.dumps(event.metrics))
 
 
-def _actor() -> str:
+def actor() -> str:
+    """Who acts, for the audit log: TREEOPS_ACTOR, else the login name."""
     return os.environ.get("TREEOPS_ACTOR") or getpass.getuser()
 
 
-def _now() -> str:
+def now_iso() -> str:
+    """Now, UTC, ISO 8601 to the second: the audit log's timestamps."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

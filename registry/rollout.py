@@ -44,7 +44,7 @@ def rollout(
     if triton is not None and (result.config_changed or result.exported):
         try:
             triton.load_model(model_name)
-            _wait_ready(triton, model_name, result.served, timeout_s)
+            wait_ready(triton, model_name, result.served, timeout_s)
         except ServerError as exc:
             repository.restore_config(model_name, result.previous_config)
             try:
@@ -60,7 +60,7 @@ def rollout(
     return dataclasses.replace(result, pruned=pruned)
 
 
-def _wait_ready(triton: ModelControl, model_name: str, versions: tuple[int, ...], timeout_s: float) -> None:
+def wait_ready(triton: ModelControl, model_name: str, versions: tuple[int, ...], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     pending = list(versions)
     while pending:

@@ -25,8 +25,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from export.errors import ExportError
 from export.repository import ModelRepository
-from registry.promotion import AuditLog, RegistryEvent, _actor, _now
-from registry.rollout import _wait_ready as wait_ready
+from registry.promotion import AuditLog, RegistryEvent, actor, now_iso
+from registry.rollout import wait_ready
 from retraining.errors import InsufficientLabelsError
 from treeops.errors import TreeopsError
 
@@ -210,7 +210,7 @@ def slo_budgets(settings: GateSettings) -> SLO:
 def record_verdict(audit: AuditLog, verdict: GateVerdict) -> RegistryEvent:
     """Append the verdict (`gate_passed` or `gate_refused`, every check's figures) to the audit log."""
     event = RegistryEvent("gate_passed" if verdict.passed else "gate_refused", verdict.model, verdict.champion,
-                          verdict.challenger, _actor(), _now(), verdict.reason,
+                          verdict.challenger, actor(), now_iso(), verdict.reason,
                           metrics={c.name: dict(c.figures) for c in verdict.checks})
     audit.append(event)
     return event

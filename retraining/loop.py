@@ -27,7 +27,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from export.repository import ModelRepository
 from monitoring.monitor import MonitorPaths, MonitorResult
-from registry.promotion import AuditLog, RegistryEvent, _actor, _now
+from registry.promotion import AuditLog, RegistryEvent, actor, now_iso
 from registry.rollout import ModelControl as RolloutControl
 from retraining.gate import GateCheck, GateSettings, GateVerdict, ModelControl
 from retraining.retrain import RetrainOutcome
@@ -243,7 +243,7 @@ class _Record:
 
     def step(self, name: str, summary: str, to_version: int, metrics: dict[str, dict[str, float]] | None = None) -> None:
         self.steps.append({"step": name, "summary": summary})
-        self.audit.append(RegistryEvent(f"loop_{name}", self.model, None, to_version, _actor(), _now(), summary,
+        self.audit.append(RegistryEvent(f"loop_{name}", self.model, None, to_version, actor(), now_iso(), summary,
                                         metrics=metrics or {}))
 
     def finish(self, decision: Decision, reason: str, champion: int, challenger: int | None = None,
