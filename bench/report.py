@@ -120,6 +120,66 @@ class RawPath:
 
 
 @dataclass(frozen=True)
+class LogSide:
+    """One server of the prediction-log comparison: its steps, one per round (bench.serving._measure_log_cost)."""
+
+    health: list[Step]
+    sequential: list[Step]
+    loaded: list[Step]
+
+    @property
+    def health_p50_us(self) -> float:
+        return float(np.median([s.p50_us for s in self.health]))
+
+    @property
+    def sequential_p50_us(self) -> float:
+        return float(np.median([s.p50_us for s in self.sequential]))
+
+    @property
+    def loaded_req_per_s(self) -> float:
+        return float(np.median([s.req_per_s for s in self.loaded]))
+
+
+@dataclass(frozen=True)
+class LogCost:
+    """The prediction log's cost: two Tritons serving the same model files, the log off and on, measured in
+    `rounds` alternating rounds (figures: median over rounds); `requests_sent` single-row requests went to the "on"
+    server (warm-ups and in-flight drains included) and `rows_logged` rows were read back from its log."""
+
+    rounds: int
+    concurrency: int
+    off: LogSide
+    on: LogSide
+    requests_sent: int
+    rows_logged: int
+
+    @property
+    def sequential_p50_cost_us(self) -> float:
+        return self.on.sequential_p50_us - self.off.sequential_p50_us
+
+    @property
+    def loaded_cost_pct(self) -> float:
+        """Throughput lost at `concurrency` in flight, in % of the log-off throughput (negative: the "on" run was
+        faster)."""
+        return (self.off.loaded_req_per_s - self.on.loaded_req_per_s) / self.off.loaded_req_per_s * 100
+
+    def lines(self) -> list[str]:
+        off, on = self.off, self.on
+        seq_pct = self.sequential_p50_cost_us / off.sequential_p50_us * 100
+        return [
+            f"prediction log off vs on: two Tritons, same model files, {self.rounds} alternating round(s), medians:",
+            f"  {'':<22}{'off':>10}{'on':>10}{'on - off':>11}",
+            f"  {'health p50 us':<22}{off.health_p50_us:>10.1f}{on.health_p50_us:>10.1f}"
+            f"{on.health_p50_us - off.health_p50_us:>+11.1f}",
+            f"  {'sequential p50 us':<22}{off.sequential_p50_us:>10.1f}{on.sequential_p50_us:>10.1f}"
+            f"{self.sequential_p50_cost_us:>+11.1f} ({seq_pct:+.1f} %)",
+            f"  {f'c{self.concurrency} req/s':<22}{off.loaded_req_per_s:>10,.0f}{on.loaded_req_per_s:>10,.0f}"
+            f"{on.loaded_req_per_s - off.loaded_req_per_s:>+11,.0f} ({-self.loaded_cost_pct:+.1f} %)",
+            f"  logged {self.rows_logged:,} rows of {self.requests_sent:,} single-row requests sent to the \"on\" server",
+        ]
+
+
+@dataclass(frozen=True)
 class BenchResult:
     """Everything one run measured; `lines()` is the human table, `to_dict()` the JSON."""
 
@@ -139,6 +199,8 @@ class BenchResult:
     perf_analyzer_note: str | None = None
     #: The raw-transaction path (None when the run measured the feature-tensor path alone).
     raw: RawPath | None = None
+    #: The prediction log's cost (None unless settings.prediction_log is "both").
+    log_cost: LogCost | None = None
 
     def floor(self, runtime: str, rows: int) -> Floor:
         """The floor of `runtime` ("onnxruntime" or "xgboost") on `rows` rows (1 or batch_rows)."""
@@ -200,9 +262,19 @@ class BenchResult:
             "perf_analyzer": [asdict(p) for p in self.perf_analyzer],
             "perf_analyzer_note": self.perf_analyzer_note,
             "raw": asdict(self.raw) if self.raw else None,
+            "log_cost": self._log_cost_dict(),
             "ratios": self.ratios,
             "targets": self.targets,
         }
+
+    def _log_cost_dict(self) -> dict[str, Any] | None:
+        c = self.log_cost
+        if c is None:
+            return None
+        figures = {f"{side}_{name}": getattr(getattr(c, side), name) for side in ("off", "on")
+                   for name in ("health_p50_us", "sequential_p50_us", "loaded_req_per_s")}
+        return asdict(c) | figures | {"sequential_p50_cost_us": c.sequential_p50_cost_us,
+                                      "loaded_cost_pct": c.loaded_cost_pct}
 
     def lines(self) -> list[str]:
         s, m = self.settings, self.settings.model
@@ -211,7 +283,8 @@ class BenchResult:
             f"by server and client ({s.client_processes} process(es), {s.client} client)",
             f"target: {s.target}; config: dynamic_batching={s.serving.dynamic_batching} "
             f"max_queue_delay_us={s.serving.max_queue_delay_us} preferred={list(s.serving.preferred_batch_sizes)} "
-            f"instances={s.serving.instance_count}; latency summaries {'on' if s.triton.summary_latencies else 'off'}",
+            f"instances={s.serving.instance_count}; latency summaries {'on' if s.triton.summary_latencies else 'off'}; "
+            f"prediction log {'on' if s.prediction_log == 'on' else 'off'}",
             "in-process floor (1 thread, median):",
         ]
         for f in self.floors:
@@ -227,6 +300,8 @@ class BenchResult:
         r = self.ratios
         if self.raw is not None:
             out += self._raw_lines()
+        if self.log_cost is not None:
+            out += self.log_cost.lines()
         out += [
             f"sequential p50 / bare round trip p50: {r['sequential_p50_over_health_p50']:.2f}x "
             f"(p50 {self.sequential.p50_us:.0f} us, p99 {self.sequential.p99_us:.0f} us)",
@@ -328,6 +403,9 @@ FIGURES: dict[str, Callable[[BenchResult, Target], float | None]] = {
     "raw_txn_per_s": lambda r, t: r.raw.loaded.req_per_s if r.raw and t.concurrency in (None, r.raw.loaded.concurrency)
     else None,
     "backfill_rows_per_s": lambda r, t: r.raw.backfill_rows_per_s if r.raw else None,
+    "log_cost_sequential_p50_us": lambda r, t: r.log_cost.sequential_p50_cost_us if r.log_cost else None,
+    "log_cost_loaded_throughput_pct": lambda r, t: r.log_cost.loaded_cost_pct
+    if r.log_cost and t.concurrency in (None, r.log_cost.concurrency) else None,
 }
 
 
@@ -340,7 +418,8 @@ class Target(BaseModel):
     figure: Literal[tuple(FIGURES)]  # type: ignore[valid-type]
     max: float | None = None
     min: float | None = None
-    concurrency: int | None = None  # the sweep step (figures sweep_*); raw_txn_per_s: held only at this concurrency
+    concurrency: int | None = None  # the sweep step (figures sweep_*); raw_txn_per_s, log_cost_loaded_*: held only
+    # at this concurrency
     batch_rows: int | None = None  # held only by runs whose batch step has this many rows
 
     @model_validator(mode="after")

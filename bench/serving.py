@@ -24,6 +24,10 @@ One run (`run_serving_benchmark`):
      machine's conditions): the raw-transaction path on the same Triton (bench.online), the fraud model on raw
      fields with its history in a Redis of the run: backfill rows/s (measured before Triton starts), a bare Redis
      round trip, single transactions sequential and at 32 in flight;
+   - with `settings.prediction_log == "both"`: a second tritonserver serving the same model files with the
+     prediction log on, and in `log_rounds` rounds (which server goes first alternates) the bare round trip, single
+     rows sequential and at `log_concurrency` in flight on each server; then the rows its log holds are counted
+     (monitoring.prediction_log.read_window) against the requests it was sent;
 4. reports it all in one table and checks it against bench/targets.toml (bench.report).
 
 Load generators: on a 2-core machine the client shares the CPUs with the server, so its cost
@@ -34,6 +38,7 @@ Triton's statistics are sampled at each step's ends (bench.sampling).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -41,6 +46,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +60,7 @@ from bench.loadgen import LoadGenerator
 from bench.model import BENCH_MODEL, BENCH_TARGETS, export_bench_model, synthetic_rows, train_bench_model
 from bench.online import RawModel, measure_raw_path, prepare_raw_model
 from bench.perf_analyzer import find_perf_analyzer, run_perf_analyzer, write_input_data
-from bench.report import BenchResult, PerfAnalyzerStep, Step
+from bench.report import BenchResult, LogCost, LogSide, PerfAnalyzerStep, Step
 from bench.requests import INFER_METHOD, LIVE_METHOD, PAYLOADS, decode_outputs, infer_payloads, response_size
 from bench.sampling import Observer
 from bench.settings import BenchSettings, Client
@@ -63,8 +69,10 @@ from export.compiled_forest import COMPILED_FILE
 from export.repository import ModelRepository
 from export.signature import ServedSignature
 from export.triton_config import parse
+from monitoring.prediction_log import read_window
 from server.installation import find_triton
 from server.launcher import TritonServer, free_port
+from server.settings import TritonSettings
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +96,28 @@ def serve_bench_model(settings: BenchSettings, workdir: Path,
     if settings.model_source is not None:
         shutil.copyfile(settings.model_source, root / BENCH_MODEL / "1" / "model.py")
     models = (BENCH_MODEL, raw.name) if raw else (BENCH_MODEL,)
+    log_dir = workdir / "prediction_log" if settings.prediction_log == "on" else None
+    with _triton(settings, workdir, models, "triton.log", raw.store_url if raw else None, log_dir) as server:
+        yield server, report.max_abs_diff, booster, signature
+
+
+@contextmanager
+def _triton(settings: BenchSettings, workdir: Path, models: tuple[str, ...], log_name: str, store_url: str | None,
+            prediction_log_dir: Path | None) -> Iterator[TritonServer]:
+    """A tritonserver on free loopback ports serving `models` of `workdir`/model_repository, with the prediction log
+    under `prediction_log_dir` (None: off); stopped (gracefully: the log flushed, then the group killed) on exit."""
     triton = settings.triton.model_copy(update={
-        "model_repository": root, "model_repository_uri": None, "host": "127.0.0.1", "bind_address": "127.0.0.1",
-        "grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port(),
+        "model_repository": workdir / "model_repository", "model_repository_uri": None, "host": "127.0.0.1",
+        "bind_address": "127.0.0.1", "grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port(),
         "model_control_mode": "explicit", "load_models": models, "admin_key": None,
         "insecure_admin": True,  # loopback only, one run: statistics are read without a key
         "grpc_use_ssl": False, "grpc_use_ssl_mutual": False, "backend_directory": None,
-        "online_store_url": raw.store_url if raw else None,
+        "online_store_url": store_url, "prediction_log_dir": prediction_log_dir,
     })
-    server = TritonServer(triton, find_triton(None, workdir / "triton"), workdir / "triton.log")
+    server = TritonServer(triton, find_triton(None, workdir / "triton"), workdir / log_name)
     server.start(timeout_s=120, models=models)
     try:
-        yield server, report.max_abs_diff, booster, signature
+        yield server
     finally:
         server.stop()
 
@@ -172,12 +190,69 @@ def _run(settings: BenchSettings, work: Path) -> BenchResult:
                 reference = None
                 if s.reference_client and s.client != "grpc-aio":
                     reference = closed(f"single c{top}", "grpc-aio", INFER_METHOD, "single", top, 1)
+                log_cost = None
+                if s.prediction_log == "both":
+                    off = _Side(url, generator, observe)
+                    log_cost = _measure_log_cost(s, work, server.settings, off, single, live)
             perf, perf_note = _perf_analyzer_steps(s, url, signature, rows, observe, work)
         finally:
             observe.close()
         command = [str(a) for a in server.command]
     return BenchResult(s, floors, health, seq, sweep, big, health_loaded, reference, os.cpu_count() or 1, command,
-                       parity_diff, perf, perf_note, raw_path)
+                       parity_diff, perf, perf_note, raw_path, log_cost)
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One server of the prediction-log comparison and what drives and samples it."""
+
+    url: str
+    generator: LoadGenerator
+    observe: Observer
+
+
+def _measure_log_cost(s: BenchSettings, work: Path, served: TritonSettings, off: _Side, single: list[bytes],
+                      live: list[bytes]) -> LogCost:
+    """The log's cost: a second Triton like `served` (same repository, models and store) with the prediction log on;
+    `s.log_rounds` rounds, each step run on both servers back to back, the first server alternating between rounds;
+    then the "on" server is stopped (its log flushed) and its logged rows are counted."""
+    log_dir = work / "prediction_log_on"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    start = dt.datetime.now(dt.UTC)
+    with _triton(s, work, served.load_models, "triton-log-on.log", served.online_store_url, log_dir) as on_server:
+        url = on_server.settings.grpc_url
+        payload_sets = {"single": (single, response_size(url, INFER_METHOD, single[0])),
+                        "live": (live, response_size(url, LIVE_METHOD, live[0]))}
+        observe = Observer(url, on_server.pid, BENCH_MODEL)
+        try:
+            with LoadGenerator(url, payload_sets, s.client_processes, s.connections, observe) as generator:
+                on = _Side(url, generator, observe)
+                steps: dict[str, dict[str, list[Step]]] = {"off": {}, "on": {}}
+                sent = 1  # response_size's probe of the single-row payload
+                warmup = [single[i % len(single)] for i in range(s.warmup_requests)]
+                for r in range(s.log_rounds):
+                    order = [("off", off), ("on", on)] if r % 2 == 0 else [("on", on), ("off", off)]
+                    for kind in ("health", "sequential", "loaded"):
+                        for label, side in order:
+                            name = f"log {label} {kind}"
+                            if kind == "health":
+                                step = sequential_step(name, side.url, LIVE_METHOD, live[:1] * s.warmup_requests,
+                                                       live, s.health_requests, 0, side.observe)
+                            elif kind == "sequential":
+                                step = sequential_step(name, side.url, INFER_METHOD, warmup, single,
+                                                       s.sequential_requests, 1, side.observe)
+                                sent += (len(warmup) + s.sequential_requests) * (label == "on")
+                            else:
+                                step, n = closed_step(f"log {label} c{s.log_concurrency}", side.generator, s.client,
+                                                      INFER_METHOD, "single", s.log_concurrency, 1, s.warmup_s,
+                                                      s.step_s)
+                                sent += n * (label == "on")
+                            steps[label].setdefault(kind, []).append(step)
+        finally:
+            observe.close()
+    logged = read_window(log_dir, BENCH_MODEL, start, dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1)).height
+    log.info("prediction log: %d rows logged of %d requests sent to the log-on server", logged, sent)
+    return LogCost(s.log_rounds, s.log_concurrency, LogSide(**steps["off"]), LogSide(**steps["on"]), sent, logged)
 
 
 def _raw_model(s: BenchSettings, work: Path) -> AbstractContextManager[RawModel | None]:

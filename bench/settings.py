@@ -13,6 +13,7 @@ from export.triton_config import ServingSettings
 from server.settings import TritonSettings
 
 Client = Literal["h2", "grpc-aio"]
+PredictionLog = Literal["off", "on", "both"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,11 @@ class BenchSettings:
     from `perf_analyzer_path` (None: looked up, see bench.perf_analyzer.find_perf_analyzer); when it is not
     installed the run says how to install it and reports the light client's figures alone; targets_path: the
     serving targets the run is checked against (None: bench/targets.toml); raw: also measure the raw-transaction
-    path (RawBenchSpec; needs redis-server), None: the feature-tensor path alone.
+    path (RawBenchSpec; needs redis-server), None: the feature-tensor path alone;
+    prediction_log: "off" (the default) or "on" serves the whole run without or with the prediction log; "both" also
+    starts a second Triton with the log on (same model files) and measures, in `log_rounds` rounds alternating which
+    server goes first, the bare round trip, single rows sequential and at `log_concurrency` in flight on each: the
+    log's cost, and that the "on" server logged every request it answered.
     """
 
     model: BenchModelSpec = field(default_factory=BenchModelSpec)
@@ -91,6 +96,9 @@ class BenchSettings:
     perf_analyzer_path: Path | None = None
     targets_path: Path | None = None
     raw: RawBenchSpec | None = field(default_factory=RawBenchSpec)
+    prediction_log: PredictionLog = "off"
+    log_rounds: int = 3
+    log_concurrency: int = 32
 
     def __post_init__(self) -> None:
         problems = []
@@ -121,6 +129,11 @@ class BenchSettings:
                 problems.append(str(exc))
         if self.raw is not None:
             problems += self.raw.problems()
+        if self.prediction_log not in ("off", "on", "both"):
+            problems.append(f"prediction_log must be 'off', 'on' or 'both', got {self.prediction_log!r}")
+        if min(self.log_rounds, self.log_concurrency) < 1:
+            problems.append(f"log_rounds and log_concurrency must be >= 1, got {self.log_rounds} and "
+                            f"{self.log_concurrency}")
         if problems:
             raise SettingsError("invalid benchmark settings: " + "; ".join(problems))
 

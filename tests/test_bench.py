@@ -56,7 +56,7 @@ figure = "sweep_req_per_s"
 concurrency = 4
 min = 1
 """)
-    result = run_serving_benchmark(_tiny(targets_path=targets), out_path=out)
+    result = run_serving_benchmark(_tiny(targets_path=targets, prediction_log="both", log_rounds=2), out_path=out)
     _no_tritonserver_left(before)
 
     data = json.loads(out.read_text())
@@ -66,7 +66,7 @@ min = 1
     assert data["settings"]["target"] == "native-compiled"  # the default: treeops' C backend
     # Verdicts come from the targets file: the added one is checked, the 256-row and c32 ones do not apply here.
     assert set(data["targets"]) == {"sequential_p50_le_1.75x_health_p50", "sequential_p99_le_600_us",
-                                    "c4_ge_1_req_per_s"}
+                                    "c4_ge_1_req_per_s", *LOG_TARGETS}
     assert data["targets"]["c4_ge_1_req_per_s"]["met"] is True
     assert {(f["runtime"], f["rows"]) for f in data["floors"]} == {
         (runtime, rows) for runtime in ("onnxruntime", "xgboost", "compiled") for rows in (1, 16)}
@@ -98,6 +98,22 @@ min = 1
     assert all(isinstance(v["met"], bool) for v in result.targets.values())
     text = "\n".join(result.lines())
     assert "sequential" in text and "single c4" in text and "batch 16" in text
+
+    # The prediction log's cost: the same steps on a log-off and a log-on Triton, every request of the "on" one logged.
+    cost = result.log_cost
+    assert cost is not None and cost.rounds == 2 and cost.concurrency == 32
+    for side in (cost.off, cost.on):
+        assert [len(side.health), len(side.sequential), len(side.loaded)] == [2, 2, 2]
+        assert all(st.requests > 0 and st.failures == 0 for st in side.health + side.sequential + side.loaded)
+        assert side.health_p50_us > 0 and side.sequential_p50_us > 0 and side.loaded_req_per_s > 0
+    assert [st.requests for st in cost.on.sequential] == [30, 30]
+    assert cost.requests_sent > 2 * (5 + 30) and cost.rows_logged == cost.requests_sent
+    assert data["log_cost"]["sequential_p50_cost_us"] == pytest.approx(cost.on.sequential_p50_us
+                                                                       - cost.off.sequential_p50_us)
+    assert data["log_cost"]["loaded_cost_pct"] == pytest.approx(
+        (cost.off.loaded_req_per_s - cost.on.loaded_req_per_s) / cost.off.loaded_req_per_s * 100)
+    assert all(isinstance(data["targets"][t]["met"], bool) for t in LOG_TARGETS)  # reported, never asserted
+    assert "prediction log off vs on" in text and f"logged {cost.rows_logged:,} rows" in text
 
     # perf_analyzer in the same run where it is installed; elsewhere the run says how to install it.
     pa, _ = find_perf_analyzer()
@@ -140,6 +156,7 @@ def test_benchmark_with_python_backend_targets_and_two_client_processes(target, 
 
 
 RAW_TARGETS = ["raw_sequential_p50_le_2.5x_health_p50", "raw_c32_ge_5000_txn_per_s", "backfill_ge_100k_rows_per_s"]
+LOG_TARGETS = ["log_cost_sequential_p50_le_20_us", "log_cost_c32_throughput_le_5_pct"]
 
 
 @pytest.mark.triton
@@ -220,12 +237,13 @@ def test_compiled_forest_passes_the_parity_gate(tmp_path):
 def test_invalid_settings_list_every_problem(tmp_path):
     with pytest.raises(SettingsError) as err:
         BenchSettings(concurrency=(), step_s=0, client="locust", target="onnxruntime",  # type: ignore[arg-type]
-                      perf_analyzer_path=tmp_path / "missing")
+                      perf_analyzer_path=tmp_path / "missing", prediction_log="maybe")  # type: ignore[arg-type]
     message = str(err.value)
     assert "concurrency" in message and "step_s" in message and "client" in message
     # Export target names: onnxruntime (Triton's ONNX backend) is not one the pip-installed Triton can serve.
     assert "target must be one of native-compiled, python-onnx, python-compiled, got 'onnxruntime'" in message
     assert f"perf_analyzer_path {tmp_path / 'missing'} is not a file" in message
+    assert "prediction_log must be 'off', 'on' or 'both', got 'maybe'" in message
 
 
 def test_unknown_target_on_the_command_line_is_one_line(tmp_path):
@@ -239,7 +257,7 @@ def test_targets_file_is_the_default_and_invalid_entries_name_file_and_entry(tmp
     names = [t.name for t in load_targets(DEFAULT_TARGETS)]
     assert names == ["sequential_p50_le_1.75x_health_p50", "sequential_p99_le_600_us",
                      "batch_256_rows_ge_200k_rows_per_s", "c32_ge_12000_req_per_s", "c32_p99_le_5000_us",
-                     *RAW_TARGETS]
+                     *RAW_TARGETS, *LOG_TARGETS]
     bad = tmp_path / "targets.toml"
     good = '[[target]]\nname = "a"\nfigure = "sequential_p99_us"\nmax = 1\n'
     bad.write_text(good + '[[target]]\nname = "b"\nfigure = "p42"\nmin = 1\n')

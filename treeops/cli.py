@@ -796,6 +796,9 @@ def bench_serving(
                                                          "backfilled with")] = 200_000,
     raw_max_txn_per_s: Annotated[int, typer.Option(min=1, help="rate the distinct raw transactions are serialized for "
                                                                "(none is sent twice)")] = 30_000,
+    prediction_log: Annotated[str, typer.Option(help="off, on (the whole run with the prediction log) or both (also "
+                                                    "a second Triton with the log on: the log's cost, off vs on)")] = "off",
+    log_rounds: Annotated[int, typer.Option(min=1, help="alternating off/on rounds of --prediction-log both")] = 3,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -827,6 +830,7 @@ def bench_serving(
         perf_analyzer_concurrency=levels("--perf-analyzer-concurrency", perf_analyzer_concurrency),
         perf_analyzer_path=perf_analyzer_path, targets_path=targets,
         raw=RawBenchSpec(rows=raw_rows, max_txn_per_s=raw_max_txn_per_s) if raw_transactions else None,
+        prediction_log=prediction_log, log_rounds=log_rounds,  # type: ignore[arg-type]  # checked by BenchSettings
     )
     result = run_serving_benchmark(settings, out_path=out or ws.reports_dir / "bench_serving.json")
     _emit(as_json, result.to_dict(), result.lines())
