@@ -154,27 +154,38 @@ class LogCost:
     rows_logged: int
 
     @property
+    def sequential_p50_costs_us(self) -> list[float]:
+        """Per round: the "on" server's sequential p50 minus the "off" server's, measured back to back."""
+        return [on.p50_us - off.p50_us for off, on in zip(self.off.sequential, self.on.sequential, strict=True)]
+
+    @property
+    def loaded_costs_pct(self) -> list[float]:
+        """Per round: throughput lost at `concurrency` in flight, in % of the "off" server's (negative: "on" was
+        faster)."""
+        return [(off.req_per_s - on.req_per_s) / off.req_per_s * 100
+                for off, on in zip(self.off.loaded, self.on.loaded, strict=True)]
+
+    @property
     def sequential_p50_cost_us(self) -> float:
-        return self.on.sequential_p50_us - self.off.sequential_p50_us
+        """The median of the paired per-round differences (a round's two steps share the machine's conditions)."""
+        return float(np.median(self.sequential_p50_costs_us))
 
     @property
     def loaded_cost_pct(self) -> float:
-        """Throughput lost at `concurrency` in flight, in % of the log-off throughput (negative: the "on" run was
-        faster)."""
-        return (self.off.loaded_req_per_s - self.on.loaded_req_per_s) / self.off.loaded_req_per_s * 100
+        return float(np.median(self.loaded_costs_pct))
 
     def lines(self) -> list[str]:
         off, on = self.off, self.on
-        seq_pct = self.sequential_p50_cost_us / off.sequential_p50_us * 100
+        seq, loaded = self.sequential_p50_costs_us, self.loaded_costs_pct
         return [
-            f"prediction log off vs on: two Tritons, same model files, {self.rounds} alternating round(s), medians:",
-            f"  {'':<22}{'off':>10}{'on':>10}{'on - off':>11}",
-            f"  {'health p50 us':<22}{off.health_p50_us:>10.1f}{on.health_p50_us:>10.1f}"
-            f"{on.health_p50_us - off.health_p50_us:>+11.1f}",
+            f"prediction log off vs on: two Tritons, same model files, {self.rounds} round(s) alternating which goes "
+            "first; medians over rounds, cost = median of the paired per-round differences [min..max]:",
+            f"  {'':<22}{'off':>10}{'on':>10}   cost",
+            f"  {'health p50 us':<22}{off.health_p50_us:>10.1f}{on.health_p50_us:>10.1f}",
             f"  {'sequential p50 us':<22}{off.sequential_p50_us:>10.1f}{on.sequential_p50_us:>10.1f}"
-            f"{self.sequential_p50_cost_us:>+11.1f} ({seq_pct:+.1f} %)",
+            f"   {self.sequential_p50_cost_us:+.1f} us [{min(seq):+.0f}..{max(seq):+.0f}]",
             f"  {f'c{self.concurrency} req/s':<22}{off.loaded_req_per_s:>10,.0f}{on.loaded_req_per_s:>10,.0f}"
-            f"{on.loaded_req_per_s - off.loaded_req_per_s:>+11,.0f} ({-self.loaded_cost_pct:+.1f} %)",
+            f"   {self.loaded_cost_pct:+.1f} % lost [{min(loaded):+.1f}..{max(loaded):+.1f}]",
             f"  logged {self.rows_logged:,} rows of {self.requests_sent:,} single-row requests sent to the \"on\" server",
         ]
 
@@ -273,8 +284,8 @@ class BenchResult:
             return None
         figures = {f"{side}_{name}": getattr(getattr(c, side), name) for side in ("off", "on")
                    for name in ("health_p50_us", "sequential_p50_us", "loaded_req_per_s")}
-        return asdict(c) | figures | {"sequential_p50_cost_us": c.sequential_p50_cost_us,
-                                      "loaded_cost_pct": c.loaded_cost_pct}
+        return asdict(c) | figures | {name: getattr(c, name) for name in (
+            "sequential_p50_cost_us", "loaded_cost_pct", "sequential_p50_costs_us", "loaded_costs_pct")}
 
     def lines(self) -> list[str]:
         s, m = self.settings, self.settings.model
