@@ -1,5 +1,9 @@
-"""Prefect 3 flows over the continuous-training steps: the same library functions `treeops monitor` and `treeops
-retrain` call, as Prefect tasks with retries and Prefect's run logger.
+"""Prefect 3 flows over the continuous-training steps: the same library functions `treeops monitor`, `treeops
+retrain` and `treeops loop --once` call, as Prefect tasks with Prefect's run logger.
+
+`continuous_training`: monitor, then on drift or a quality drop retrain (@challenger), tasks retried on unexpected
+failures. `loop_once`: one pass of retraining/loop.py (monitor -> retrain -> export -> shadow -> gate -> promote,
+under the workspace's lock, every step audited) as one task, not retried: a half-done pass is the next run's job.
 
 Where runs are recorded is Prefect's own setting: with `PREFECT_API_URL` unset, Prefect starts its embedded local
 server for the process (a temporary server over the SQLite database in `PREFECT_HOME`); with it set, runs go to that
@@ -24,11 +28,13 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from monitoring.monitor import MonitorPaths, MonitorResult, MonitorSettings, parse_end, parse_window, run_monitor
+from retraining.loop import LoopOutcome, LoopSettings, run_loop_once
 from retraining.retrain import RetrainOutcome, RetrainSettings, retrain_from_log
 from treeops.errors import EXIT_DRIFT, EXIT_QUALITY, TreeopsError
 from treeops.workspace import Workspace
 
 FLOW_NAME = "treeops-continuous-training"
+LOOP_FLOW_NAME = "treeops-loop"
 #: Monitor verdicts that start a retrain: a quality drop (exit 5) or drift (exit 3), as `treeops monitor` exits.
 RETRAIN_ON = (EXIT_QUALITY, EXIT_DRIFT)
 
@@ -109,6 +115,35 @@ def continuous_training(model: str = "fraud", window: str = "1h", end: str | Non
     outcome = retrain_step.with_options(**retry)(model, stop - parse_window(retrain_window), stop, root, trigger)
     decision = f"retrained: {model} version {outcome.registered.version} registered as @{outcome.registered.alias}"
     return {"monitor": verdict.to_dict(), "decision": decision, "retrain": outcome.to_dict()}
+
+
+@task(name="loop-once", cache_policy=NO_CACHE)
+def loop_step(model: str, end: dt.datetime, workspace: Path, settings: LoopSettings, triton_url: str | None
+              ) -> LoopOutcome:
+    """`treeops loop --once`: run_loop_once, with a model-control client of the Triton at `triton_url` if given."""
+    control = None
+    if triton_url:
+        from server.admin import AdminClient
+        from server.settings import TritonSettings
+
+        key = TritonSettings().admin_key
+        control = AdminClient(triton_url, admin_key=key.get_secret_value() if key else None)
+    outcome = run_loop_once(model, end, Workspace.resolve(workspace), settings, triton=control, grpc_url=triton_url)
+    logger = get_run_logger()
+    for line in outcome.lines():
+        logger.info("%s", line)
+    return outcome
+
+
+@flow(name=LOOP_FLOW_NAME, validate_parameters=True)
+def loop_once(model: str = "fraud", window: str = "7d", gate_window: str = "1d", end: str | None = None,
+              workspace: str | None = None, triton_url: str | None = None) -> dict[str, Any]:
+    """One pass of the loop over `window` ending at `end` (ISO 8601, default now), the challenger gated on its
+    newest `gate_window` (the gate's settings: TREEOPS_GATE_*); `triton_url`: the running Triton's gRPC address,
+    without which no challenger passes the gate. Returns the LoopOutcome's `to_dict()`."""
+    root = Workspace.resolve(Path(workspace) if workspace else None).root
+    settings = LoopSettings(window=parse_window(window), gate_window=parse_window(gate_window))
+    return loop_step(model, parse_end(end), root, settings, triton_url).to_dict()
 
 
 def check_server(settings: FlowSettings | None = None) -> str | None:

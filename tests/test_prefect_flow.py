@@ -20,6 +20,7 @@ import polars as pl
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from bench.monitor import log_predictions
@@ -29,6 +30,7 @@ from export.repository import ModelRepository
 from monitoring.labels import LABELLED_AT, ingest_labels
 from monitoring.monitor import MonitorPaths
 from registry import versions as registry
+from registry.promotion import AuditLog
 from retraining import flows
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
@@ -82,13 +84,16 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: home / "client"}):
             yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
         try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+            APILogHandler().flush()  # the runs' last log lines reach the server before it stops
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+            log.close()
         time.sleep(1)
         with pytest.raises(ProcessLookupError):  # no process of the server's group is left
             os.killpg(server.pid, 0)
@@ -181,6 +186,20 @@ def test_an_expected_error_fails_the_run_without_retries(prefect_api, served, mo
         [task_run] = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     assert task_run.state.is_failed() and task_run.run_count == 1  # an InsufficientDataError is not retried
+
+
+def test_one_loop_pass_without_triton_is_refused_and_audited(prefect_api, served):
+    # the drifted hour: the challenger trains on its first half and is shadowed and gated on the second
+    state = flows.loop_once(model=MODEL, window="1h", gate_window="30m", end=DRIFTED_END.isoformat(),
+                            workspace=str(served.ws.root), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["decision"] == "refused" and result["champion"] == 1, result
+    assert [s["step"] for s in result["steps"]][:4] == ["monitor", "retrain", "export", "shadow"]
+    assert registry.aliases(MODEL)["champion"] == 1
+    last = AuditLog(served.ws.audit_log).read()[-1]
+    assert last["event"] == "loop_decision" and last["reason"].startswith("refused"), last
+    assert _task_runs(state.state_details.flow_run_id) == {"loop-once": "Completed"}
 
 
 def test_an_unreachable_server_is_one_clear_error_naming_the_url(served):
