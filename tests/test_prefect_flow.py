@@ -202,6 +202,28 @@ def test_one_loop_pass_without_triton_is_refused_and_audited(prefect_api, served
     assert _task_runs(state.state_details.flow_run_id) == {"loop-once": "Completed"}
 
 
+def test_serve_registers_the_cron_schedule_on_the_server(prefect_api, served, tmp_path):
+    assert flows.check_server() == prefect_api
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path)}
+    code = f"from retraining.flows import serve; serve('0 * * * *', model={MODEL!r}, workspace={str(served.ws.root)!r})"
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        deployment = None
+        while deployment is None and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+            with get_client(sync_client=True) as client:
+                found = client.read_deployments()
+            deployment = next((d for d in found if d.name == "hourly"), None)
+        assert deployment is not None, f"no deployment; serve exited {process.poll()}"
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 * * * *"]
+        assert deployment.parameters == {"model": MODEL, "workspace": str(served.ws.root)}
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
 def test_an_unreachable_server_is_one_clear_error_naming_the_url(served):
     url = f"http://127.0.0.1:{_free_port()}/api"
     before = registry.aliases(MODEL)
