@@ -121,13 +121,9 @@ def continuous_training(model: str = "fraud", window: str = "1h", end: str | Non
 def loop_step(model: str, end: dt.datetime, workspace: Path, settings: LoopSettings, triton_url: str | None
               ) -> LoopOutcome:
     """`treeops loop --once`: run_loop_once, with a model-control client of the Triton at `triton_url` if given."""
-    control = None
-    if triton_url:
-        from server.admin import AdminClient
-        from server.settings import TritonSettings
+    from server.admin import model_control
 
-        key = TritonSettings().admin_key
-        control = AdminClient(triton_url, admin_key=key.get_secret_value() if key else None)
+    control = model_control(triton_url)
     outcome = run_loop_once(model, end, Workspace.resolve(workspace), settings, triton=control, grpc_url=triton_url)
     logger = get_run_logger()
     for line in outcome.lines():

@@ -141,3 +141,11 @@ class AdminClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def model_control(url: str | None) -> AdminClient | None:
+    """A model-control client of the Triton at `url` with the admin key from TritonSettings (None: no Triton)."""
+    if not url:
+        return None
+    key = TritonSettings().admin_key
+    return AdminClient(url, admin_key=key.get_secret_value() if key else None)

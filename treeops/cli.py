@@ -510,14 +510,10 @@ TritonUrlOpt = Annotated[
 RetainOpt = Annotated[int, typer.Option("--retain", min=0, help="exported versions without an alias kept on disk")]
 
 
-def _model_control(url: str | None):
-    if not url:
-        return None
-    from server.admin import AdminClient
-    from server.settings import TritonSettings
+def _model_control(url: str | None):  # imported when used: the CLI starts without tritonclient
+    from server.admin import model_control
 
-    key = TritonSettings().admin_key
-    return AdminClient(url, admin_key=key.get_secret_value() if key else None)
+    return model_control(url)
 
 
 def _rollout(ws: Workspace, model_name: str, triton_url: str | None, retain: int,
