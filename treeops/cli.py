@@ -510,7 +510,7 @@ TritonUrlOpt = Annotated[
 RetainOpt = Annotated[int, typer.Option("--retain", min=0, help="exported versions without an alias kept on disk")]
 
 
-def _model_control(url: str | None):  # imported when used: the CLI starts without tritonclient
+def _model_control(url: str | None):
     from server.admin import model_control
 
     return model_control(url)
