@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from retraining.loop import LoopSettings, loop_lock, run_loop_once
 from retraining.shadow import InBandShadowNeeded, read_shadow, require_same_spec
 from server.admin import AdminClient
 from server.client import ScoringClient
-from server.errors import ScoringError
+from steady_load import SteadyLoad
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
 from training.train import TrainParams
@@ -149,57 +148,23 @@ def test_a_second_loop_is_refused_while_one_holds_the_lock(tmp_path):
     assert not ws.audit_log.exists()  # it did nothing
 
 
-class SteadyLoad:
-    """Client threads scoring single rows without retries, recording failures and the versions that answered."""
-
-    def __init__(self, url: str, rows: np.ndarray, threads: int = 2) -> None:
-        self.url, self.rows = url, rows
-        self.stop = threading.Event()
-        self.failures: list[str] = []
-        self.versions: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, seed: int) -> None:
-        with ScoringClient(self.url, MODEL, retries=0, timeout_s=5.0) as client:
-            i = seed
-            while not self.stop.is_set():
-                try:
-                    version = client.score(self.rows[i % len(self.rows)][None, :]).model_version
-                    with self.lock:
-                        self.versions.append(version)
-                except ScoringError as exc:
-                    with self.lock:
-                        self.failures.append(str(exc))
-                i += 1
-
-    def __enter__(self) -> SteadyLoad:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=10)
-
-
 @pytest.mark.triton
 def test_loop_once_promotes_a_better_challenger_live_with_zero_failed_requests(tmp_path, tracking):
     ws, rows = _workspace(tmp_path / "ws")
     with (serving(ws, models=[MODEL], exit_timeout_s=5, admin_key=ADMIN_KEY) as server,
           AdminClient(server.settings.grpc_url, ADMIN_KEY) as admin):
-        with SteadyLoad(server.settings.grpc_url, rows) as load:
+        with SteadyLoad(server.settings.grpc_url, rows, threads=2, model=MODEL) as load:
             time.sleep(0.5)
             outcome = run_loop_once(MODEL, END, ws, SETTINGS, triton=admin, grpc_url=server.settings.grpc_url)
             deadline = time.monotonic() + 30
-            while load.versions[-1] != "2":
+            while load.latest_version() != "2":
                 assert time.monotonic() < deadline, "answers never came from version 2"
                 time.sleep(0.05)
             time.sleep(0.3)
         assert outcome.decision == "promoted", outcome.lines()
         assert load.failures == [], load.failures[:5]
-        assert load.versions[0] == "1" and load.versions[-1] == "2" and len(load.versions) > 100
+        seen = [v for _, v in load.versions]
+        assert seen[0] == "1" and seen[-1] == "2" and len(seen) > 100
         assert not admin.model_ready(MODEL + GATE_SUFFIX, 2)  # the gate's copy is gone
         with ScoringClient(server.settings.grpc_url, MODEL) as client:
             assert client.score(rows[:3]).model_version == "2"

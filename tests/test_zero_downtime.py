@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 
 import mlflow
-import numpy as np
 import pytest
 
 from export.pipeline import export_model
@@ -16,57 +14,17 @@ from export.repository import ModelRepository
 from registry.sync import SyncSettings
 from server.admin import AdminClient
 from server.client import ScoringClient, load_features
-from server.errors import ScoringError
 from registry.rollout import RolloutError, rollout
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
 from training.train import TrainParams
 from treeops.workspace import Workspace
+from steady_load import SteadyLoad
 from triton_fixtures import serving
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 MODEL = "fraud"
 ADMIN_KEY = "test-admin-key-0123456789"
-
-
-class SteadyLoad:
-    """Threads scoring single rows without retries, recording failures and answering versions."""
-
-    def __init__(self, url: str, rows: np.ndarray, threads: int = 3) -> None:
-        self.url, self.rows = url, rows
-        self.stop = threading.Event()
-        self.ok, self.failures = 0, []
-        self.versions: list[tuple[float, str]] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, seed: int) -> None:
-        with ScoringClient(self.url, MODEL, retries=0, timeout_s=5.0) as client:
-            i = seed
-            while not self.stop.is_set():
-                try:
-                    scores = client.score(self.rows[i % len(self.rows)][None, :])
-                    with self.lock:
-                        self.ok += 1
-                        self.versions.append((time.monotonic(), scores.model_version))
-                except ScoringError as exc:
-                    with self.lock:
-                        self.failures.append(str(exc))
-                i += 1
-
-    def __enter__(self) -> SteadyLoad:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=10)
-
-    def latest_version(self) -> str:
-        with self.lock:
-            return self.versions[-1][1]
 
 
 @pytest.fixture(scope="module")
