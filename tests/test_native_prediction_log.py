@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import struct
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -30,13 +29,12 @@ from export.targets import get_target
 from export.triton_config import ServingSettings
 from monitoring import metric_names
 from monitoring.prediction_log import FIXED_SCHEMA, JOURNAL_SUFFIX, read_window
-from server.launcher import TritonServer
 from server.settings import TritonSettings
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
 from training.train import TrainParams
 from treeops.workspace import Workspace
-from triton_fixtures import serving
+from triton_fixtures import serving, terminate, treeops_metrics
 
 MODEL = "native_logged"
 #: The same version without Triton's batching (dims [-1, n_features]): an empty batch passes Triton's checks and is
@@ -89,18 +87,6 @@ def _infer(client: grpcclient.InferenceServerClient, x: np.ndarray, request_id: 
     return client.infer(model, [inp], request_id=request_id).as_numpy("probabilities")
 
 
-def _terminate(server: TritonServer) -> None:
-    """A graceful stop as Kubernetes does it: SIGTERM to tritonserver, which unloads the model and exits."""
-    os.kill(server.pid, signal.SIGTERM)
-    server._proc.wait(timeout=30)
-
-
-def _metrics(server: TritonServer) -> dict[str, float]:
-    text = urllib.request.urlopen(server.settings.metrics_url, timeout=5).read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("treeops_")}
-
-
 @pytest.fixture(scope="module")
 def served(native_ws: Workspace, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """40 answered requests (1-3 rows, NaN among them) to MODEL, one answered and one failed request to UNBATCHED,
@@ -120,8 +106,8 @@ def served(native_ws: Workspace, tmp_path_factory: pytest.TempPathFactory) -> di
                 good = _infer(client, np.ones((2, n_features), np.float32), "good-1", UNBATCHED)
                 with pytest.raises(Exception, match="rows >= 1") as failure:
                     _infer(client, np.zeros((0, n_features), np.float32), "bad-1", UNBATCHED)
-            metrics = _metrics(server)
-            _terminate(server)
+            metrics = treeops_metrics(server)
+            terminate(server)
     return {"root": root, "sent": sent, "metrics": metrics, "good": good, "failure": str(failure.value)}
 
 
@@ -191,7 +177,7 @@ def test_sampling_keeps_the_same_requests_for_every_retry(native_ws: Workspace, 
             for _ in range(2):  # each id twice: a retry
                 for request_id in ids:
                     _infer(client, x, request_id)
-        _terminate(server)
+        terminate(server)
     logged = read_window(tmp_path / "log", MODEL, *ALL_TIME)["request_id"].value_counts()
     assert dict(zip(logged["request_id"], logged["count"])) == {i: 2 for i in ids if sampled(i, 0.3)}
     assert 0 < logged.height < len(ids)
@@ -222,7 +208,7 @@ def test_retention_keeps_the_newest_segments_within_max_bytes(native_ws: Workspa
         with grpcclient.InferenceServerClient(server.settings.grpc_url) as client:
             for i in range(100):
                 _infer(client, x, f"r-{i:03d}")
-        _terminate(server)
+        terminate(server)
     sizes = [p.stat().st_size for p in (tmp_path / "log").rglob(f"*{JOURNAL_SUFFIX}")]
     roll_bytes = max_bytes // 4  # a segment is closed past a quarter of max_bytes; retention runs then
     assert len(sizes) > 1 and sum(sizes) <= max_bytes + 2 * (roll_bytes + 3_000)  # + each instance's open one

@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -28,7 +27,6 @@ from export.repository import ModelRepository
 from monitoring import metric_names
 from monitoring.prediction_log import FIXED_SCHEMA, read_window
 from redis_fixtures import local_redis
-from server.launcher import TritonServer
 from server.settings import TritonSettings
 from test_online_serving import MODEL as RAW_MODEL
 from test_online_serving import export_online
@@ -36,7 +34,7 @@ from training.generate import GenerateSpec, generate_transactions, write_transac
 from training.pipeline import train_and_register
 from training.train import TrainParams
 from treeops.workspace import Workspace
-from triton_fixtures import serving
+from triton_fixtures import serving, terminate, treeops_metrics
 
 FEATURE_MODEL = "logged"
 ALL_TIME = (dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2200, 1, 1, tzinfo=dt.UTC))
@@ -150,18 +148,6 @@ def _log_env(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
         monkeypatch.setenv(key, value)
 
 
-def _terminate(server: TritonServer) -> None:
-    """A graceful stop as Kubernetes does it: SIGTERM to tritonserver, which unloads every model (finalize) and exits."""
-    os.kill(server.pid, signal.SIGTERM)
-    server._proc.wait(timeout=30)
-
-
-def _metrics(server: TritonServer) -> dict[str, float]:
-    text = urllib.request.urlopen(server.settings.metrics_url, timeout=5).read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("treeops_")}
-
-
 def _features(client: grpcclient.InferenceServerClient, x: np.ndarray, request_id: str) -> np.ndarray:
     inp = grpcclient.InferInput("features", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
@@ -185,9 +171,9 @@ def test_feature_model_logs_every_answered_request(feature_ws: Workspace, tmp_pa
         histogram = metric_names.REQUEST_DURATION
         count = f'{histogram.name}_count{{model="{FEATURE_MODEL}",version="1"}}'
         deadline = time.monotonic() + 5  # published every 0.5 s, off the request path
-        while (metrics := _metrics(server)).get(count) != len(sent) and time.monotonic() < deadline:
+        while (metrics := treeops_metrics(server)).get(count) != len(sent) and time.monotonic() < deadline:
             time.sleep(0.1)
-        _terminate(server)
+        terminate(server)
     decisions = {k: v for k, v in metrics.items() if k.startswith(metric_names.PREDICTIONS.name)}
     assert sum(decisions.values()) == rows
     assert set(decisions) <= {f'{metric_names.PREDICTIONS.name}{{decision="{d}",model="{FEATURE_MODEL}",version="1"}}'
@@ -249,7 +235,7 @@ def test_raw_model_logs_raw_fields_features_and_errors(tmp_path_factory: pytest.
             bad = {**rows[0], "transaction_id": 1, "amount": -5.0}
             with pytest.raises(Exception, match="amount"):
                 client.infer(RAW_MODEL, _raw_inputs(bad), request_id="bad-1")
-        _terminate(server)
+        terminate(server)
     frame = read_window(tmp_path / "log", RAW_MODEL, *ALL_TIME)
     assert frame.height == len(rows) + 1
     failed = frame.filter(pl.col("error").is_not_null())

@@ -6,8 +6,11 @@ conftest.py too); `triton_server(ws, ...)` builds one that is not started, for t
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,3 +69,16 @@ def assert_no_leftover(pid: int | None) -> None:
         return
     leftover = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.strip()
     assert not leftover, f"tritonserver pid {pid} left processes of its group behind: {leftover}"
+
+
+def terminate(server: TritonServer) -> None:
+    """A graceful stop as Kubernetes does it: SIGTERM to tritonserver, which unloads every model (finalize) and exits."""
+    os.kill(server.pid, signal.SIGTERM)
+    server._proc.wait(timeout=30)
+
+
+def treeops_metrics(server: TritonServer) -> dict[str, float]:
+    """The treeops_* samples on the server's metrics endpoint: `name{labels}` -> value."""
+    text = urllib.request.urlopen(server.settings.metrics_url, timeout=5).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("treeops_")}
