@@ -7,8 +7,10 @@ failures only. The log's flush interval is 60 s here, so every record depends on
 
 Two things a stop cannot rule out on Triton 2.51, bounded here: Triton starts unloading before it logs the line the
 launcher watches, so a request arriving in the millisecond or two until the launcher freezes it may get NOT_FOUND
-(only then: never later, never once a client saw UNAVAILABLE); and an answer Triton's gRPC frontend was still
-sending at the freeze never reaches its client (UNAVAILABLE) though the model answered and logged it.
+(Triton may already be refusing new requests with UNAVAILABLE while it waits for in-flight ones, so this brief run
+of NOT_FOUND can follow a client's first UNAVAILABLE, but only once and within that reaction time); and an answer
+Triton's gRPC frontend was still sending at the freeze never reaches its client (UNAVAILABLE) though the model
+answered and logged it.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ from triton_fixtures import assert_no_leftover, serving
 
 pytestmark = pytest.mark.triton
 CLIENTS = 4
+NOT_FOUND_WINDOW_S = 0.25  # measured within 3 ms here; a client's retry sleep is 10 ms
 
 
 class Load:
-    """`CLIENTS` threads each sending single-row requests with unique ids; every answer's status, in order."""
+    """`CLIENTS` threads each sending single-row requests with unique ids; every answer's status and time, in order."""
 
     def __init__(self, grpc_url: str, n_features: int) -> None:
-        self.answers: list[list[tuple[str, str]]] = [[] for _ in range(CLIENTS)]
+        self.answers: list[list[tuple[str, str, float]]] = [[] for _ in range(CLIENTS)]
         self.done = threading.Event()
         self.threads = [threading.Thread(target=self._loop, args=(grpc_url, n_features, k)) for k in range(CLIENTS)]
 
@@ -58,7 +61,7 @@ class Load:
                 except InferenceServerException as exc:
                     status = str(exc.status()).removeprefix("StatusCode.")
                     time.sleep(0.01)  # the server is going: do not spin
-                self.answers[k].append((request_id, status))
+                self.answers[k].append((request_id, status, time.monotonic()))
                 i += 1
 
     def __enter__(self) -> Load:
@@ -72,22 +75,32 @@ class Load:
             t.join()
 
     def answered(self) -> set[str]:
-        return {r for answers in self.answers for r, status in answers if status == "OK"}
+        return {r for answers in self.answers for r, status, _ in answers if status == "OK"}
 
     def failed(self) -> set[str]:
-        return {r for answers in self.answers for r, status in answers if status != "OK"}
+        return {r for answers in self.answers for r, status, _ in answers if status != "OK"}
 
     def check_statuses(self) -> None:
-        """Each client: successes, then failures only: a few NOT_FOUND at most first, then UNAVAILABLE."""
+        """Each client: successes, then failures only, UNAVAILABLE but for one brief run of NOT_FOUND at the unload.
+
+        The NOT_FOUND answers of all clients fall in one window of `NOT_FOUND_WINDOW_S` (the launcher's reaction
+        time, with room for a loaded machine), at most 3 per client, consecutive: never a lasting NOT_FOUND.
+        """
+        not_found_at: list[float] = []
         for k, answers in enumerate(self.answers):
-            statuses = [s for _, s in answers]
+            statuses = [s for _, s, _ in answers]
             first_failure = next((i for i, s in enumerate(statuses) if s != "OK"), len(statuses))
             assert first_failure > 0, f"client {k} got no answer before the stop"
             failures = statuses[first_failure:]
             assert set(failures) <= {"NOT_FOUND", "UNAVAILABLE"}, f"client {k} saw {set(failures)} after its last success"
             not_found = [i for i, s in enumerate(failures) if s == "NOT_FOUND"]
-            assert len(not_found) <= 3 and not_found == list(range(len(not_found))), (
-                f"client {k} saw NOT_FOUND beyond the launcher's reaction time: {failures[:20]}")
+            if not_found:
+                assert len(not_found) <= 3 and not_found == list(range(not_found[0], not_found[-1] + 1)), (
+                    f"client {k} saw NOT_FOUND beyond the launcher's reaction time: {failures}")
+            not_found_at += [t for _, s, t in answers if s == "NOT_FOUND"]
+        if not_found_at:
+            spread = max(not_found_at) - min(not_found_at)
+            assert spread <= NOT_FOUND_WINDOW_S, f"NOT_FOUND answers spread over {spread * 1000:.0f} ms"
 
     def check_log(self, logged: list[str]) -> None:
         """Every answered request logged once; any other logged request is one whose answer the stop cut off."""
