@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 #: Triton 2.51 logs this once no inference is in flight on shutdown, right before it unloads every model.
 UNLOADING_LINE = b"All models are stopped, unloading models"
+#: Triton 2.51's load failures: "failed to load 'm' version v: why", then "failed to load 'm'" once no version loaded.
+FAILED_TO_LOAD = "failed to load "
+FAILED_MODEL_LINE = re.compile(FAILED_TO_LOAD + r"'([^']+)'\"")
 #: Prefix of the shared-memory files the Python backend creates in /dev/shm (one per model instance).
 PYTHON_BACKEND_SHM = "/dev/shm/triton_python_backend_shm_region_"
 #: How long a graceful stop waits for the Python-backend models' stubs to stop calling Triton (they look every
@@ -99,6 +103,7 @@ class TritonServer:
         ensure_ports_free(s.host, ports)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_path, "ab")
+        log_offset = log_file.tell()
         env = self.environment()
         self._log_root = env.get(PREDICTION_LOG_DIR_ENV) or None
         log.info("starting %s %s (log: %s)", self.installation.binary, " ".join(s.to_args(redact=True)), self.log_path)
@@ -111,15 +116,20 @@ class TritonServer:
             log_file.close()
         ServerRecord(self._proc.pid, os.getpid(), ports, self.served_repository).write(self.record_path)
         try:
-            self.wait_ready(timeout_s, models)
+            self.wait_ready(timeout_s, models, log_offset=log_offset)
         except BaseException:
             self.stop()
             raise
         log.info("Triton ready: gRPC %s, HTTP %s, metrics %s", s.grpc_url, s.http_url, s.metrics_url)
         return self
 
-    def wait_ready(self, timeout_s: float, models: Iterable[str] = ()) -> None:
-        """Poll `/v2/health/ready` and each model's ready endpoint until all answer 200."""
+    def wait_ready(self, timeout_s: float, models: Iterable[str] = (), log_offset: int | None = None) -> None:
+        """Poll `/v2/health/ready` and each model's ready endpoint until all answer 200.
+
+        With `log_offset` (where this server's lines start in its log), a model Triton logs as failed to load
+        raises at once, with its error lines, instead of at the timeout.
+        """
+        models = list(models)
         paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]
         deadline = time.monotonic() + timeout_s
         while True:
@@ -130,11 +140,35 @@ class TritonServer:
                 )
             if all(self._http_ok(p) for p in paths):
                 return
+            failed = self._failed_to_load(models, log_offset)
+            if failed:
+                raise TritonStartError(f"Triton could not load {', '.join(map(repr, failed))}; its errors:\n"
+                                       + self._load_errors(failed, log_offset))
             if time.monotonic() > deadline:
                 raise TritonStartError(
                     f"Triton was not ready after {timeout_s:.0f}s ({', '.join(paths)}); last log lines:\n{self.log_tail()}"
                 )
             time.sleep(0.1)
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _failed_to_load(self, models: list[str], log_offset: int | None) -> list[str]:
+        """Models Triton gave up on (its model-level line, logged once no version loaded) that keep this start from
+        being ready: those in `models`, or any one with strict readiness (the server is then never ready)."""
+        if log_offset is None:
+            return []
+        failed = re.findall(FAILED_MODEL_LINE, self._log_since(log_offset))
+        return sorted({m for m in failed if m in models or self.settings.strict_readiness})
+
+    def _load_errors(self, models: list[str], log_offset: int | None) -> str:
+        lines = self._log_since(log_offset or 0).splitlines()
+        return "\n".join(line for line in lines if any(f"{FAILED_TO_LOAD}'{m}'" in line for m in models))
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

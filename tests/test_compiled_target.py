@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 
@@ -23,7 +24,7 @@ from export.targets import get_target
 from export.triton_config import ServingSettings
 from server.admin import GRPC_RESTRICTED_PREFIX, AdminClient, AdminError, RepositoryModel
 from server.client import ScoringClient, load_features
-from server.launcher import TritonServer
+from server.launcher import TritonServer, TritonStartError
 from training.generate import GenerateSpec, generate_transactions
 from triton_fixtures import serving
 
@@ -185,6 +186,21 @@ def test_a_damaged_version_file_is_refused_naming_the_file_and_the_server_keeps_
             AdminClient.from_settings(server.settings).load_model("fraud")
         np.testing.assert_allclose(score(), booster.inplace_predict(x), atol=1e-5)  # version `good` still serves
         assert client.is_server_live() and server.is_running()
+
+
+@pytest.mark.parametrize("models", [["fraud"], []], ids=["waiting-for-it", "strict-readiness"])
+def test_a_start_waiting_for_a_model_that_cannot_load_fails_at_once_naming_why(models, trained, tmp_path):
+    """A start raises as soon as Triton gives up on a model it waits for (named in `models`, or any model under
+    strict readiness, as `treeops serve` starts), with the model's error, not at the timeout."""
+    repo, result, _ = _export(trained, tmp_path / "repo", "native-compiled")
+    forest = result.version_dir / "forest.so"
+    forest.write_bytes(forest.read_bytes()[: forest.stat().st_size // 2])
+    started = time.monotonic()
+    with pytest.raises(TritonStartError, match=r"(?s)could not load 'fraud'.*fraud/1/forest.so has \d+ bytes"):
+        with serving(trained.ws, tmp_path / "triton.log", repository=repo.root, models=models, exit_timeout_s=5,
+                     start_timeout_s=120):
+            pass
+    assert time.monotonic() - started < 60, "it waited for the start timeout"
 
 
 def _mapped(pid: int, path) -> bool:
