@@ -1,7 +1,8 @@
 """Scale benchmarks of both engines: generate, compute features and train on N rows; rows/s and peak memory.
 
 The dask engine's data is generated in a child process, so the client's peak is what training on the
-cluster costs it. `python -m bench.training --help` runs either engine with the dask engine's partition
+cluster costs it; the single-process reference beside it runs in a child process of its own, so each peak
+is its own. `python -m bench.training --help` runs either engine with the dask engine's partition
 count as an option (fixed rows per partition show how a worker's peak follows its partitions, not the rows).
 """
 
@@ -168,6 +169,36 @@ def run_dask_training_benchmark(rows: int, workdir: Path, workers: int = 2, seed
     )
 
 
+@dataclass(frozen=True)
+class DaskBenchmarkWithReference:
+    """The dask engine's figures beside the single-process engine's on `single.rows` rows (None: not run)."""
+
+    dask: DaskTrainingBenchmark
+    single: TrainingBenchmark | None
+
+    def to_dict(self) -> dict:
+        return {"dask": self.dask.to_dict(), "single": self.single.to_dict() if self.single else None}
+
+    def lines(self) -> list[str]:
+        dask = ["dask engine", *(f"  {line}" for line in self.dask.lines())]
+        if self.single is None:
+            return dask
+        return [*dask, "single-process engine (reference)", *(f"  {line}" for line in self.single.lines())]
+
+
+def run_dask_benchmark_with_reference(rows: int, workdir: Path, reference_rows: int, workers: int = 2,
+                                      max_rounds: int = 100, partitions: int | None = None
+                                      ) -> DaskBenchmarkWithReference:
+    """run_training_benchmark on `reference_rows` rows (0: none) in a child process, then
+    run_dask_training_benchmark on `rows`; data generated for one is reused by the other at the same rows."""
+    single = None
+    if reference_rows:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            single = pool.submit(run_training_benchmark, reference_rows, workdir, max_rounds=max_rounds).result()
+    dask = run_dask_training_benchmark(rows, workdir, workers=workers, max_rounds=max_rounds, partitions=partitions)
+    return DaskBenchmarkWithReference(dask=dask, single=single)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: one benchmark run, its figures as JSON on stdout."""
     parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__.splitlines()[0])
@@ -176,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="dask: workers of the local cluster")
     parser.add_argument("--partitions", type=int, default=None,
                         help="dask: entity partitions (default: one per worker, more above 5M rows each)")
+    parser.add_argument("--reference-rows", type=int, default=0,
+                        help="dask: also the single-process engine on this many rows, in the same run (0: none)")
     parser.add_argument("--max-rounds", type=int, default=100, help="boosting rounds at most")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the generated data goes (kept and reused; default: a temporary folder)")
@@ -184,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         if args.engine == "dask":
-            result = run_dask_training_benchmark(args.rows, workdir, workers=args.workers, max_rounds=args.max_rounds,
-                                                 partitions=args.partitions)
+            result = run_dask_benchmark_with_reference(args.rows, workdir, args.reference_rows, workers=args.workers,
+                                                       max_rounds=args.max_rounds, partitions=args.partitions)
         else:
             result = run_training_benchmark(args.rows, workdir, max_rounds=args.max_rounds)
     print(json.dumps(result.to_dict(), indent=2))

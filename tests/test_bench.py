@@ -23,6 +23,7 @@ from bench.report import DEFAULT_TARGETS, load_targets
 from bench.requests import infer_payloads
 from bench.serving import BenchSettings, run_serving_benchmark
 from bench.settings import RawBenchSpec
+from bench.training import DaskBenchmarkWithReference, DaskTrainingBenchmark, TrainingBenchmark
 from export.compiled_forest import compile_forest, compiled_scorer
 from export.parity import check_parity, gate_rows
 from export.signature import ServedSignature, Tensor
@@ -332,3 +333,34 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.slow
+def test_bench_training_dask_prints_the_single_process_reference_beside_it(tmp_path, treeops):
+    """`treeops bench training --engine dask --reference-rows N`: both engines' figures in one JSON object (the
+    human lines are built from the same object), on data generated once into the workspace's data folder."""
+    done = treeops("bench", "training", "--engine", "dask", "--rows", "20000", "--reference-rows", "20000",
+                   "--partitions", "4", "--workers", "2", "--max-rounds", "20", "--json", workspace=tmp_path / "ws")
+    assert done.returncode == 0, done.stderr[-2000:]
+    body = json.loads(done.stdout)
+    assert set(body) == {"dask", "single"}
+    dask, single = body["dask"], body["single"]
+    assert (dask["rows"], dask["partitions"], dask["workers"], single["rows"]) == (20000, 4, 2, 20000)
+    assert len(dask["worker_peak_rss_gib"]) == 2 and all(g > 0 for g in dask["worker_peak_rss_gib"])
+    assert dask["client_peak_rss_gib"] > 0 and single["peak_rss_gib"] > 0
+    assert all(dask[k] > 0 for k in ("read_rows_per_s", "features_rows_per_s", "train_rows_per_s"))
+    assert all(single[k] > 0 for k in ("generate_rows_per_s", "features_rows_per_s", "train_rows_per_s"))
+    assert [p.name for p in (tmp_path / "ws" / "data").iterdir()] == ["bench_20000.parquet"]
+    lines = DaskBenchmarkWithReference(DaskTrainingBenchmark(**dask), TrainingBenchmark(**single)).lines()
+    assert lines[0] == "dask engine" and "single-process engine (reference)" in lines
+    assert "  rows                      20,000 (4 partitions, 2 workers)" in lines
+
+
+def test_bench_training_without_reference_prints_the_dask_figures_only():
+    """`--reference-rows 0`: no single-process figures, `single` is null in the JSON."""
+    dask = DaskTrainingBenchmark(rows=1000, workers=2, partitions=2, read_rows_per_s=1.0, features_rows_per_s=1.0,
+                                 train_rows_per_s=1.0, train_s=1.0, trees=3, worker_peak_rss_gib=[0.1, 0.1],
+                                 client_peak_rss_gib=0.1)
+    result = DaskBenchmarkWithReference(dask, None)
+    assert result.to_dict() == {"dask": dask.to_dict(), "single": None}
+    assert result.lines() == ["dask engine", *(f"  {line}" for line in dask.lines())]

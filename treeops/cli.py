@@ -638,10 +638,13 @@ def loop_cmd(
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Monitor the window; on drift or a quality drop retrain a challenger, export it (parity), shadow it on the
-    newest traffic, gate it (ROC AUC margin, Locust SLO against it loaded in Triton) and promote it with a live
-    switch. Prints what it decided and why; every step goes to the audit log. Exit 0 nothing to do or promoted,
-    6 too little data, 1 refused or another loop holds <workspace>/loop.lock."""
+    """First, a champion this loop promoted is judged on the labelled traffic it served since: if the champion it
+    replaced, shadowed on that traffic, beats it by TREEOPS_LOOP_ROLLBACK_MARGIN (ROC AUC, default 0.005), roll
+    back with a live switch and stop. Else monitor the window; on drift or a quality drop retrain a challenger,
+    export it (parity), shadow it on the newest traffic, gate it (ROC AUC margin, Locust SLO against it loaded in
+    Triton) and promote it with a live switch. Prints what it decided and why; every step goes to the audit log.
+    Exit 0 nothing to do, promoted or rolled back, 6 too little data, 1 refused or another loop holds
+    <workspace>/loop.lock."""
     from monitoring.monitor import parse_end, parse_window
     from retraining.gate import GateSettings
     from retraining.loop import LoopRefused, LoopSettings, run_loop_once
@@ -705,7 +708,8 @@ def demo(
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate, train, register, export, serve, score, load-test and check drift, end to end."""
+    """Generate, train, register, export, serve, score, load-test, then serve drifted traffic and run the loop once
+    (retrain, shadow, gate, promote: version 2 serves at the end) and check drift, end to end."""
     from online_store.redis_server import workspace_store
     from online_store.settings import OnlineStoreSettings
     from treeops.demo import DemoSettings, run_demo, serve_until_stopped
@@ -730,17 +734,23 @@ def bench_training(
     max_rounds: Annotated[int, typer.Option(help="boosting rounds at most")] = 100,
     engine: Annotated[str, typer.Option(help="single (one process) or dask (a local cluster of --workers)")] = "single",
     workers: Annotated[int, typer.Option(help="dask: workers of the local cluster", min=1)] = 2,
+    partitions: Annotated[int | None, typer.Option(help="dask: entity partitions (default: one per worker, more "
+                                                        "above 5M rows each)", min=1)] = None,
+    reference_rows: Annotated[int, typer.Option(help="dask: also the single-process engine on this many rows, "
+                                                     "in the same run (0: none)", min=0)] = 10_000_000,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate N rows, compute features and train; rows/s for each step and the peak memory."""
-    from bench.training import run_dask_training_benchmark, run_training_benchmark
+    """Generate N rows, compute features and train; rows/s for each step and the peak memory
+    (generated data in the workspace's data folder is reused by the dask engine)."""
+    from bench.training import run_dask_benchmark_with_reference, run_training_benchmark
     from training.engines import check_engine
 
     check_engine(engine)
     ws = Workspace.resolve(workspace)
     if engine == "dask":
-        result = run_dask_training_benchmark(rows, ws.data_dir, workers=workers, max_rounds=max_rounds)
+        result = run_dask_benchmark_with_reference(rows, ws.data_dir, reference_rows, workers=workers,
+                                                   max_rounds=max_rounds, partitions=partitions)
     else:
         result = run_training_benchmark(rows, ws.data_dir, max_rounds=max_rounds)
     _emit(as_json, result.to_dict(), result.lines())
