@@ -1,5 +1,6 @@
 """Kubernetes manifests for Triton (container args from `TritonSettings.to_args()`), the online store's Redis and
-the monitoring around them (the `treeops monitor` CronJob, a Pushgateway, scrape and alert-rule objects).
+the monitoring around them (the `treeops monitor` CronJob, a Pushgateway, scrape and alert-rule objects), and the
+`treeops loop --once` CronJob with the one Triton it switches (`triton-claim.yaml`: its repository is on the claim).
 
 `python -m server.manifests` rewrites the committed files in `server/k8s/` (a test checks they match).
 Triton pods read TREEOPS_ONLINE_STORE_URL from the optional Secret `treeops-online-store` (key `url`):
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from monitoring.alert_rules import ALERTS_DIR, RULES_FILE
 from monitoring.dashboard import DASHBOARD_FILE
@@ -48,6 +49,8 @@ STORE_SECRET_FILE = "online-store-secret.yaml"
 MONITORING_FILE = "monitoring.yaml"
 MONITORING_CONFIG_FILE = "monitoring-config.yaml"
 OPERATOR_FILE = "prometheus-operator.yaml"
+LOOP_FILE = "loop.yaml"
+CLAIM_TRITON_FILE = "triton-claim.yaml"
 #: The monitoring claim's mount: the monitor's workspace (prediction_log/ written by the Triton pods, labels/,
 #: model_repository/ with each version's reference, reports/, evidently/, metrics/).
 MONITOR_ROOT = Path("/var/lib/treeops")
@@ -71,9 +74,10 @@ class K8sSpec(BaseModel):
     name: str = Field("treeops-triton", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="name of every object")
     model_name: str = Field("fraud", description="registered model that the init container syncs")
     gpu: bool = Field(False, description="one NVIDIA GPU per pod (nvidia.com/gpu) and GPU model instances")
-    repository: Literal["sync", "s3"] = Field(
-        "sync", description="sync: an init container runs `treeops sync` into an emptyDir; s3: Triton reads s3_uri"
-    )
+    repository: Literal["sync", "s3", "claim"] = Field(
+        "sync", description="sync: an init container runs `treeops sync` into an emptyDir; s3: Triton reads s3_uri; "
+        "claim: one pod (no autoscaler, no disruption budget) serving the model_repository/ of prediction_log_claim, "
+        "which the init container syncs and `treeops loop` promotes into (its --triton-url reaches that one pod)")
     s3_uri: str = Field("s3://treeops-models/model_repository", description="model repository for repository=s3")
     triton_image: str = Field(TRITON_IMAGE, description="tritonserver image")
     sync_image: str = Field(SYNC_IMAGE, description="image of the init container that runs `treeops sync`")
@@ -97,6 +101,18 @@ class K8sSpec(BaseModel):
     memory_limit: str = "2Gi"
     shm_size: str = Field("256Mi", description="/dev/shm for the Python backend's tensors")
 
+    @model_validator(mode="after")
+    def _claim_repository_needs_the_claim(self) -> K8sSpec:
+        if self.repository == "claim" and self.prediction_log_claim is None:
+            raise ValueError("repository='claim' serves the model_repository/ of prediction_log_claim, which is None: "
+                             f"set prediction_log_claim (e.g. {MONITORING_CLAIM!r}) or choose repository='sync'")
+        return self
+
+    @property
+    def grpc_url(self) -> str:
+        """Triton's gRPC address (host:port) for pods in the same namespace: the Service."""
+        return f"{self.name}:{TritonSettings.model_fields['grpc_port'].default}"
+
 
 def container_settings(spec: K8sSpec, base: TritonSettings) -> TritonSettings:
     """`base` with what the container fixes: paths, all interfaces, GPU metrics, TLS files, admin key reference.
@@ -107,7 +123,7 @@ def container_settings(spec: K8sSpec, base: TritonSettings) -> TritonSettings:
     """
     tls = spec.tls_secret is not None
     overrides: dict[str, Any] = {
-        "model_repository": WORKSPACE / "model_repository",
+        "model_repository": (MONITOR_ROOT if spec.repository == "claim" else WORKSPACE) / "model_repository",
         "model_repository_uri": spec.s3_uri if spec.repository == "s3" else None,
         "bind_address": "0.0.0.0",
         "backend_directory": None,
@@ -122,7 +138,8 @@ def container_settings(spec: K8sSpec, base: TritonSettings) -> TritonSettings:
 
 
 def render(spec: K8sSpec, base: TritonSettings | None = None) -> list[dict[str, Any]]:
-    """Deployment, Service, PodDisruptionBudget and HorizontalPodAutoscaler for `spec`.
+    """Deployment, Service, PodDisruptionBudget and HorizontalPodAutoscaler for `spec` (repository='claim': one
+    replica, Deployment and Service only).
 
     `base` defaults to TritonSettings' field defaults (not the environment).
     """
@@ -132,16 +149,22 @@ def render(spec: K8sSpec, base: TritonSettings | None = None) -> list[dict[str, 
     selector = {"app.kubernetes.io/name": spec.name}
     ports = {"http": settings.http_port, "grpc": settings.grpc_port, "metrics": settings.metrics_port}
     meta = {"name": spec.name, "labels": labels}
-    return [
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {
-            "selector": {"matchLabels": selector},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": _pod(spec, settings, labels, ports),
-        }},
+    deployment: dict[str, Any] = {
+        "selector": {"matchLabels": selector},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "template": _pod(spec, settings, labels, ports),
+    }
+    served = [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": deployment},
         {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {
             "selector": selector,
             "ports": [{"name": n, "port": p, "targetPort": n, "protocol": "TCP"} for n, p in ports.items()],
         }},
+    ]
+    if spec.repository == "claim":  # the loop's live switch loads one server: one pod behind the Service
+        return [{**served[0], "spec": {"replicas": 1, **deployment}}, served[1]]
+    return [
+        *served,
         {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta, "spec": {
             "minAvailable": 1, "selector": {"matchLabels": selector},
         }},
@@ -202,7 +225,11 @@ def _pod(spec: K8sSpec, settings: TritonSettings, labels: dict[str, str], ports:
         "volumes": volumes,
     }
     if spec.repository == "sync":
-        pod["initContainers"] = [_sync_container(spec, storage_env)]
+        pod["initContainers"] = [_sync_container(spec.sync_image, spec.model_name, spec.mlflow_tracking_uri, storage_env,
+                                                 {"name": "workspace", "mountPath": str(WORKSPACE)}, gpu=spec.gpu)]
+    if spec.repository == "claim":
+        pod["initContainers"] = [_sync_container(spec.sync_image, spec.model_name, spec.mlflow_tracking_uri, storage_env,
+                                                 {"name": "monitoring", "mountPath": str(MONITOR_ROOT)}, gpu=spec.gpu)]
     if spec.prediction_log_claim is not None:  # no recursive chown of the whole log at every pod start
         pod["securityContext"]["fsGroupChangePolicy"] = "OnRootMismatch"
     if spec.gpu:
@@ -211,19 +238,21 @@ def _pod(spec: K8sSpec, settings: TritonSettings, labels: dict[str, str], ports:
     return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod}
 
 
-def _sync_container(spec: K8sSpec, storage_env: list[dict[str, Any]]) -> dict[str, Any]:
-    args = ["sync", "--model-name", spec.model_name, "--workspace", str(WORKSPACE)]
-    if spec.gpu:  # the FIL backend runs the forest on the GPU
+def _sync_container(image: str, model_name: str, tracking_uri: str, storage_env: list[dict[str, Any]],
+                    mount: dict[str, str], *, gpu: bool = False) -> dict[str, Any]:
+    """The init container that runs `treeops sync` into the workspace at `mount`."""
+    args = ["sync", "--model-name", model_name, "--workspace", mount["mountPath"]]
+    if gpu:  # the FIL backend runs the forest on the GPU
         args += ["--target", "fil", "--instance-kind", "gpu"]
     return {
         "name": "sync-model-repository",
-        "image": spec.sync_image,
+        "image": image,
         "command": ["treeops"],
         "args": args,
-        "env": [{"name": "MLFLOW_TRACKING_URI", "value": spec.mlflow_tracking_uri}],
+        "env": [{"name": "MLFLOW_TRACKING_URI", "value": tracking_uri}],
         "envFrom": storage_env,
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
-        "volumeMounts": [{"name": "workspace", "mountPath": str(WORKSPACE)}],
+        "volumeMounts": [mount],
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
 
@@ -373,6 +402,9 @@ class MonitorSpec(BaseModel):
 
 _PART_OF = {"app.kubernetes.io/part-of": "treeops"}
 _RESTRICTED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+#: Pods of the CronJobs on the claim: the owner (uid/gid 1000) of the Triton pods' log files.
+_JOB_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                 "fsGroupChangePolicy": "OnRootMismatch"}
 
 
 def render_monitoring(spec: MonitorSpec) -> list[dict[str, Any]]:
@@ -383,13 +415,7 @@ def render_monitoring(spec: MonitorSpec) -> list[dict[str, Any]]:
         claim["storageClassName"] = spec.storage_class
     storage_env = [{"secretRef": {"name": spec.storage_secret, "optional": True}}]
     mount = {"name": "monitoring", "mountPath": str(MONITOR_ROOT)}
-    sync = {
-        "name": "sync-model-repository", "image": spec.image, "command": ["treeops"],
-        "args": ["sync", "--model-name", spec.model_name, "--workspace", str(MONITOR_ROOT)],
-        "env": [{"name": "MLFLOW_TRACKING_URI", "value": spec.mlflow_tracking_uri}], "envFrom": storage_env,
-        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
-        "volumeMounts": [mount], "securityContext": _RESTRICTED,
-    }
+    sync = _sync_container(spec.image, spec.model_name, spec.mlflow_tracking_uri, storage_env, mount)
     monitor = {
         "name": "monitor", "image": spec.image, "command": spec.command(),
         "env": [{"name": PUSHGATEWAY_URL_ENV, "value": spec.pushgateway_url}], "envFrom": storage_env,
@@ -404,8 +430,7 @@ def render_monitoring(spec: MonitorSpec) -> list[dict[str, Any]]:
         "activeDeadlineSeconds": 3000,
         "template": {"metadata": {"labels": labels}, "spec": {
             "restartPolicy": "Never",
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                                "fsGroupChangePolicy": "OnRootMismatch"},
+            "securityContext": _JOB_SECURITY,
             "initContainers": [sync], "containers": [monitor],
             "volumes": [{"name": "monitoring", "persistentVolumeClaim": {"claimName": spec.claim}}],
         }},
@@ -445,6 +470,87 @@ def render_monitoring(spec: MonitorSpec) -> list[dict[str, Any]]:
             "ports": [{"name": "http", "port": PUSHGATEWAY_PORT, "targetPort": "http", "protocol": "TCP"}],
         }},
     ]
+
+
+class LoopSpec(BaseModel):
+    """`treeops loop --once` as a CronJob whose workspace is the monitoring claim (prediction log, labels, model
+    repository, audit log, loop.lock), registering in the MLflow server and switching the claim Triton live.
+
+    Its `--triton-url` is one address: it must reach the one Triton that serves the claim's model_repository/ (the
+    gate loads the challenger there as `<model>-gate` and runs Locust against it; the promotion switches it).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("treeops-loop", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="CronJob name")
+    model_name: str = Field("fraud", description="served model the loop watches and retrains")
+    schedule: str = Field("30 2 * * *", description="cron schedule (UTC): daily, at minute 30, away from the monitor "
+                          "job's start at minute 5 (both sync the claim's model_repository/)")
+    window: str = Field("7d", pattern=r"^([0-9]+[smhd])+$", description="`--window`: traffic monitored and trained on")
+    gate_window: str = Field("1d", pattern=r"^([0-9]+[smhd])+$", description="`--gate-window`: newest traffic the "
+                             "challenger is shadowed and judged on")
+    image: str = Field(SYNC_IMAGE, description="image with `treeops` (the Triton init container's)")
+    mlflow_tracking_uri: str = Field("http://mlflow:5000", description="MLflow server: SQLite is not safe on a "
+                                     "network file system")
+    storage_secret: str = Field("treeops-storage", description="Secret with AWS_* variables for S3 (optional)")
+    claim: str = Field(MONITORING_CLAIM, description="the monitoring claim (MonitorSpec.claim)")
+    starting_deadline_s: int = Field(3600, ge=10, description="a run missed by more than this is skipped")
+    active_deadline_s: int = Field(7200, ge=60, description="a run still going after this is stopped (SIGTERM, "
+                                   "exit 130: the pass's work in progress is cleaned up)")
+    cpu_request: str = "1"
+    cpu_limit: str = "4"
+    memory_request: str = "4Gi"
+    memory_limit: str = "8Gi"
+
+    def args(self, triton: K8sSpec) -> list[str]:
+        """`treeops loop --once` arguments against `triton` (its Service's gRPC address)."""
+        return ["loop", "--once", "--window", self.window, "--gate-window", self.gate_window,
+                "--model-name", self.model_name, "--triton-url", triton.grpc_url, "--workspace", str(MONITOR_ROOT)]
+
+
+def render_loop(spec: LoopSpec, triton: K8sSpec) -> list[dict[str, Any]]:
+    """The loop CronJob against `triton`, which must serve `spec.claim`'s model_repository/ over plaintext gRPC.
+
+    Raises ValueError naming the field to change when `triton` cannot be the loop's Triton.
+    """
+    if triton.repository != "claim" or triton.prediction_log_claim != spec.claim:
+        raise ValueError(f"the loop promotes into {spec.claim}'s model_repository/, which Triton {triton.name!r} does "
+                         f"not serve (repository={triton.repository!r}, claim {triton.prediction_log_claim!r}): give "
+                         f"it repository='claim' and prediction_log_claim={spec.claim!r}")
+    if triton.tls_secret is not None:
+        raise ValueError(f"`treeops loop --triton-url` speaks plaintext gRPC, Triton {triton.name!r} serves TLS "
+                         f"(tls_secret={triton.tls_secret!r}): set tls_secret=None")
+    labels = {"app.kubernetes.io/name": spec.name, **_PART_OF, "app.kubernetes.io/component": "loop"}
+    storage_env = [{"secretRef": {"name": spec.storage_secret, "optional": True}}]
+    mount = {"name": "monitoring", "mountPath": str(MONITOR_ROOT)}
+    loop = {
+        "name": "loop", "image": spec.image, "command": ["treeops"], "args": spec.args(triton),
+        "env": [{"name": "MLFLOW_TRACKING_URI", "value": spec.mlflow_tracking_uri},
+                {"name": ADMIN_KEY_ENV,
+                 "valueFrom": {"secretKeyRef": {"name": triton.admin_secret, "key": ADMIN_SECRET_KEY}}}],
+        "envFrom": storage_env,
+        "resources": {"requests": {"cpu": spec.cpu_request, "memory": spec.memory_request},
+                      "limits": {"cpu": spec.cpu_limit, "memory": spec.memory_limit}},
+        "volumeMounts": [mount], "securityContext": _RESTRICTED,
+    }
+    job = {
+        "backoffLimit": 0,  # exit 1 is a refusal, a held lock or an error alike: a retry would retrain again
+        "activeDeadlineSeconds": spec.active_deadline_s,
+        "template": {"metadata": {"labels": labels}, "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 60,  # SIGTERM: the loop cleans up and exits 130
+            "securityContext": _JOB_SECURITY,
+            "containers": [loop],  # no sync of its own: the claim Triton's init container exported what it serves
+            "volumes": [{"name": "monitoring", "persistentVolumeClaim": {"claimName": spec.claim}}],
+        }},
+    }
+    return [{"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": spec.name, "labels": labels}, "spec": {
+        "schedule": spec.schedule, "timeZone": "Etc/UTC",
+        "concurrencyPolicy": "Forbid",  # and the loop's own flock on <workspace>/loop.lock
+        "startingDeadlineSeconds": spec.starting_deadline_s, "successfulJobsHistoryLimit": 3,
+        "failedJobsHistoryLimit": 5,
+        "jobTemplate": {"metadata": {"labels": labels}, "spec": job},
+    }}]
 
 
 def monitoring_files() -> dict[str, dict[str, str]]:
@@ -506,6 +612,7 @@ VARIANTS: dict[str, K8sSpec] = {
     "triton-cpu.yaml": K8sSpec(),
     "triton-gpu.yaml": K8sSpec(name="treeops-triton-gpu", gpu=True),
     "triton-s3.yaml": K8sSpec(name="treeops-triton-s3", repository="s3"),
+    CLAIM_TRITON_FILE: K8sSpec(name="treeops-triton-claim", repository="claim", tls_secret=None),
 }
 
 
@@ -513,17 +620,20 @@ VARIANTS: dict[str, K8sSpec] = {
 REDIS = RedisSpec()
 #: The monitor CronJob of the committed bundles.
 MONITOR = MonitorSpec()
+#: The loop CronJob of the committed bundles, and the Triton it switches.
+LOOP = LoopSpec()
 
 
 def render_variants() -> dict[str, str]:
     """File name -> YAML text of every committed bundle: the Triton variants, the Redis and its URL's Secret, the
-    monitoring objects."""
+    monitoring objects, the loop CronJob."""
     documents = {name: render(spec) for name, spec in VARIANTS.items()}
     documents[REDIS_FILE] = render_redis(REDIS)
     documents[STORE_SECRET_FILE] = render_store_secret(REDIS)
     documents[MONITORING_FILE] = render_monitoring(MONITOR)
     documents[MONITORING_CONFIG_FILE] = render_monitoring_config()
     documents[OPERATOR_FILE] = render_operator(VARIANTS["triton-cpu.yaml"], MONITOR)
+    documents[LOOP_FILE] = render_loop(LOOP, VARIANTS[CLAIM_TRITON_FILE])
     return {name: to_yaml(docs) for name, docs in documents.items()}
 
 

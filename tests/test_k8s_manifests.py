@@ -1,7 +1,8 @@
 """The committed Kubernetes manifests are the rendered ones, valid for Kubernetes, keep the admin key out, and
 wire Triton to the online store's Redis (a persistent StatefulSet) through an optional Secret, and to the monitoring:
 the prediction log on the claim the `treeops monitor` CronJob reads, gauges pushed to a (real) Pushgateway, scrape
-objects, and the alert rules and dashboard as ConfigMaps equal to the committed files."""
+objects, and the alert rules and dashboard as ConfigMaps equal to the committed files; and the `treeops loop --once`
+CronJob: a command line the real CLI accepts, on the claim whose model repository its one Triton serves."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ import kubernetes_validate
 import pytest
 import redis
 import tritonclient.grpc as grpcclient
+import typer
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from typer._click.exceptions import NoSuchOption  # typer vendors click; its errors live here (as in treeops.cli)
 
 from backends.online_history import connect
 from bench.monitor import run_monitor_benchmark
@@ -33,8 +36,12 @@ from monitoring.dashboard import DASHBOARD_FILE
 from monitoring.metric_names import MONITOR_DRIFT_SHARE, MONITOR_QUALITY
 from monitoring.monitor import PUSH_JOB, GaugePushError, MonitorSettings, push_gauges
 from online_store.redis_server import free_port
+from retraining.loop import LOCK_FILE
 from server.manifests import (
     ADMIN_SECRET_KEY,
+    CLAIM_TRITON_FILE,
+    LOOP,
+    LOOP_FILE,
     MANIFEST_DIR,
     MONITOR,
     MONITOR_ROOT,
@@ -50,15 +57,20 @@ from server.manifests import (
     VERDICT_EXIT_CODES,
     WORKSPACE,
     K8sSpec,
+    LoopSpec,
     container_settings,
+    render_loop,
     render_variants,
 )
 from server.settings import ADMIN_KEY_ENV, ONLINE_STORE_URL_ENV, PREDICTION_LOG_DIR_ENV, TritonSettings
+from treeops.cli import app
 from treeops.errors import EXIT_NO_DATA
+from treeops.workspace import Workspace
 
 #: Kubernetes version the manifests are validated for (schemas ship inside kubernetes-validate).
 K8S_VERSION = "1.31"
 KINDS = {**{name: ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"] for name in VARIANTS},
+         CLAIM_TRITON_FILE: ["Deployment", "Service"], LOOP_FILE: ["CronJob"],
          REDIS_FILE: ["StatefulSet", "Service", "NetworkPolicy"], STORE_SECRET_FILE: ["Secret"],
          MONITORING_FILE: ["PersistentVolumeClaim", "CronJob", "Deployment", "Service"],
          MONITORING_CONFIG_FILE: ["ConfigMap", "ConfigMap"],
@@ -111,7 +123,8 @@ def test_container_args_come_from_triton_settings(name):
     triton = _triton(_docs(name)["Deployment"])
     assert triton["image"] == TRITON_IMAGE and triton["command"] == ["tritonserver"]
     assert triton["args"] == container_settings(spec, TritonSettings.model_construct()).to_args()
-    repository = spec.s3_uri if spec.repository == "s3" else WORKSPACE / "model_repository"
+    repository = {"s3": spec.s3_uri, "claim": MONITOR_ROOT / "model_repository"}.get(spec.repository,
+                                                                                      WORKSPACE / "model_repository")
     assert f"--model-repository={repository}" in triton["args"]
 
 
@@ -135,9 +148,12 @@ def test_probes_ports_and_disruption_budget(name):
     assert {p["port"] for p in docs["Service"]["spec"]["ports"]} == {8000, 8001, 8002}
     selector = docs["Deployment"]["spec"]["selector"]["matchLabels"]
     assert docs["Service"]["spec"]["selector"] == selector
+    assert {"cpu", "memory"} <= triton["resources"]["requests"].keys() <= triton["resources"]["limits"].keys()
+    if VARIANTS[name].repository == "claim":  # one pod: a budget of one available would block every node drain
+        assert docs["Deployment"]["spec"]["replicas"] == 1 and docs.keys() == {"Deployment", "Service"}
+        return
     assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == selector
     assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
-    assert {"cpu", "memory"} <= triton["resources"]["requests"].keys() <= triton["resources"]["limits"].keys()
 
 
 def test_gpu_variant_requests_a_gpu_and_gpu_instances():
@@ -447,3 +463,104 @@ def test_the_monitor_jobs_gauges_reach_a_real_pushgateway(tmp_path, monkeypatch)
         gateway.stop()
     with pytest.raises(GaugePushError, match=rf"Pushgateway {gateway.url} failed .*TREEOPS_MONITOR_PUSHGATEWAY_URL"):
         push_gauges(gateway.url, "fraud", [])  # the gateway is gone: the error names it and the variable
+
+
+def _loop() -> tuple[dict, dict, dict]:
+    """The loop CronJob's spec, its pod spec and its `loop` container."""
+    cronjob = _docs(LOOP_FILE)["CronJob"]["spec"]
+    pod = cronjob["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return cronjob, pod, container
+
+
+def _loop_params(container: dict) -> dict:
+    """The container's command line parsed by the real `treeops` CLI (typer), without running it."""
+    assert container["command"] == ["treeops"]
+    name, *args = container["args"]
+    command = typer.main.get_command(app).commands[name]
+    with command.make_context(name, args) as ctx:
+        return ctx.params
+
+
+def test_the_loop_cronjobs_command_line_is_one_treeops_loop_once_accepts():
+    _, _, loop = _loop()
+    params = _loop_params(loop)
+    assert params["once"] is True and params["model_name"] == LOOP.model_name
+    assert (params["window"], params["gate_window"]) == (LOOP.window, LOOP.gate_window)
+    assert params["end"] is None  # each run ends its windows at the moment it starts
+    assert params["workspace"] == MONITOR_ROOT and params["triton_url"] == VARIANTS[CLAIM_TRITON_FILE].grpc_url
+    with pytest.raises(NoSuchOption, match="--onc"):
+        _loop_params({**loop, "args": ["loop", "--onc"]})  # the parser is strict: a misspelt flag fails
+
+
+def test_the_loop_switches_the_one_triton_serving_the_claims_model_repository():
+    _, pod, loop = _loop()
+    params = _loop_params(loop)
+    docs = _docs(CLAIM_TRITON_FILE)
+    triton_pod, triton = docs["Deployment"]["spec"]["template"]["spec"], _triton(docs["Deployment"])
+    host, port = params["triton_url"].split(":")
+    assert host == docs["Service"]["metadata"]["name"] and int(port) in [p["port"] for p in docs["Service"]["spec"][
+        "ports"] if p["name"] == "grpc"]
+    assert docs["Deployment"]["spec"]["replicas"] == 1  # the gate's load, its Locust run and the switch reach one pod
+    # the loop's workspace is the claim Triton serves from: the gate's `<model>-gate` copy and the promotion land there
+    (claim,) = _mounted_claims(pod, loop)
+    workspace = Workspace(params["workspace"])
+    assert _mounted_claims(triton_pod, triton)[claim] == _mounted_claims(pod, loop)[claim] == str(workspace.root)
+    assert f"--model-repository={workspace.model_repository}" in triton["args"]
+    assert "--model-control-mode=explicit" in triton["args"] and "--grpc-use-ssl=true" not in triton["args"]
+    for path in (workspace.audit_log, workspace.root / LOCK_FILE, workspace.root / "prediction_log"):
+        assert path.is_relative_to(workspace.root)  # on the claim, shared with every pod that mounts it
+    env = {e["name"]: e for e in loop["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http")  # a server: no SQLite on a network file system
+    (triton_key,) = [e for e in triton["env"] if e["name"] == ADMIN_KEY_ENV]
+    assert env[ADMIN_KEY_ENV]["valueFrom"] == triton_key["valueFrom"]  # the key the claim Triton restricts with
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["fsGroup"]) == (
+        triton_pod["securityContext"]["runAsUser"], triton_pod["securityContext"]["fsGroup"])
+
+
+def test_the_loop_reads_the_admin_key_from_the_variable_its_cli_uses(monkeypatch):
+    from server.admin import model_control
+
+    _, _, loop = _loop()
+    (env,) = [e for e in loop["env"] if "valueFrom" in e]
+    monkeypatch.setenv(env["name"], "key-from-the-secret")
+    assert TritonSettings().admin_key.get_secret_value() == "key-from-the-secret"
+    client = model_control(_loop_params(loop)["triton_url"])  # what `treeops loop --triton-url` builds
+    assert client is not None and client.ssl is False
+
+
+def test_the_loop_cronjob_runs_once_at_a_time_and_never_retries():
+    cronjob, pod, loop = _loop()
+    assert cronjob["concurrencyPolicy"] == "Forbid" and cronjob["timeZone"] == "Etc/UTC"
+    assert cronjob["startingDeadlineSeconds"] == LOOP.starting_deadline_s
+    job = cronjob["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0 and pod["restartPolicy"] == "Never" and "podFailurePolicy" not in job
+    assert job["activeDeadlineSeconds"] + cronjob["startingDeadlineSeconds"] < 24 * 3600  # done before the next day
+    minute, *_ = cronjob["schedule"].split()
+    assert minute != _docs(MONITORING_FILE)["CronJob"]["spec"]["schedule"].split()[0]
+    assert {"cpu", "memory"} <= loop["resources"]["requests"].keys() <= loop["resources"]["limits"].keys()
+
+
+def test_the_loop_refuses_a_triton_that_does_not_serve_its_claim():
+    with pytest.raises(ValueError, match="repository='claim' and prediction_log_claim='treeops-monitoring'"):
+        render_loop(LoopSpec(), VARIANTS["triton-cpu.yaml"])
+    with pytest.raises(ValueError, match="plaintext gRPC.*tls_secret=None"):
+        render_loop(LoopSpec(), K8sSpec(repository="claim"))
+    with pytest.raises(ValueError, match="set prediction_log_claim"):
+        K8sSpec(repository="claim", prediction_log_claim=None)
+
+
+@pytest.mark.slow
+def test_the_loop_cronjobs_command_exits_1_at_once_while_another_loop_holds_the_lock(tmp_path):
+    """The container's command run with the venv's real `treeops` (workspace moved to `tmp_path`): with the
+    workspace's lock held, as by a run that outlived its schedule, it does nothing and exits 1 (no retry)."""
+    from retraining.loop import loop_lock
+
+    _, _, loop = _loop()
+    args = [*loop["args"]]
+    args[args.index("--workspace") + 1] = str(tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://mlflow.invalid:5000"}
+    with loop_lock(tmp_path):
+        done = subprocess.run([str(Path(sys.executable).parent / "treeops"), *args], capture_output=True, text=True,
+                              timeout=120, env=env)
+    assert done.returncode == 1 and "another `treeops loop` is running" in done.stderr, done.stderr
