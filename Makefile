@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-packages demo test bench clean perf-analyzer
+.PHONY: install system-packages demo test test-all bench clean perf-analyzer
 
 # Debian programs the tests and the demo start for real: redis-server (the online feature store),
 # prometheus + promtool (the alert rules, checked and fired on a real Prometheus), chromium (the
@@ -27,9 +27,14 @@ install: system-packages $(STAMP)
 demo: install
 	$(BIN)/treeops demo
 
+# CI's command (.ci/run): every test but the long scenarios (marker `long`), with the slowest listed.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not long" --durations=25
+
+test-all: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest --durations=25
 
 # NVIDIA perf_analyzer, the second load generator of `treeops bench serving`: tritonclient 2.41.0's wheel
 # ships the binary, with libcudart.so.12 from nvidia-cuda-runtime-cu12 (no GPU is used) and Debian's

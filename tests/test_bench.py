@@ -133,6 +133,7 @@ min = 1
 
 @pytest.mark.triton
 @pytest.mark.slow
+@pytest.mark.long  # CI runs the bench on the default native target and on the raw path
 @pytest.mark.parametrize("target", ["python-compiled", "python-onnx"])
 def test_benchmark_with_python_backend_targets_and_two_client_processes(target, tmp_path):
     # python-onnx: a perf_analyzer that fails (/bin/false) must leave a note and the light client's figures.

@@ -61,6 +61,7 @@ def test_a_signature_change_is_refused_unless_allowed(trained, tmp_path_factory,
     assert 'name: "features"' not in (ws.model_repository / MODEL / "config.pbtxt").read_text()  # no such input now
 
 
+@pytest.mark.long  # CI keeps the refused-rollout and sync tests (test_promotion_rollout, test_promotion)
 def test_drift_after_a_promote_killed_before_its_rollout_is_shown_and_synced(trained, tmp_path_factory, treeops,
                                                                              caplog):
     ws = _with_challenger(trained, tmp_path_factory, "drift")

@@ -40,6 +40,7 @@ def _train(ws: Workspace, path, target: str, **kw):
                               tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
 
 
+@pytest.mark.long  # the generated-transactions test covers every objective in CI
 def test_breast_cancer_binary_with_spaces_in_column_names(tmp_path):
     frame = _frame(datasets.load_breast_cancer)
     assert "mean radius" in frame.columns
@@ -49,6 +50,7 @@ def test_breast_cancer_binary_with_spaces_in_column_names(tmp_path):
     assert out.registered.alias == "champion"
 
 
+@pytest.mark.long  # the generated-transactions test covers every objective in CI
 def test_iris_multiclass_with_string_labels(tmp_path):
     _frame(datasets.load_iris, label_names=True).write_parquet(tmp_path / "iris.parquet")
     ws = Workspace(tmp_path)
@@ -58,6 +60,7 @@ def test_iris_multiclass_with_string_labels(tmp_path):
     assert doc["objective"] == {"kind": "multiclass", "classes": ["setosa", "versicolor", "virginica"], "threshold": 0.5}
 
 
+@pytest.mark.long  # the generated-transactions test covers every objective in CI
 def test_diabetes_regression(tmp_path):
     _frame(datasets.load_diabetes).write_parquet(tmp_path / "diabetes.parquet")
     out = _train(Workspace(tmp_path), tmp_path / "diabetes.parquet", "target")
