@@ -142,8 +142,9 @@ def test_drifted_raw_traffic_is_retrained_shadowed_gated_and_promoted_live(tmp_p
     monitor = next(e for e in AuditLog(ws.audit_log).read() if e["event"] == "loop_monitor")
     assert f"exit {EXIT_DRIFT}" in monitor["reason"] or f"exit {EXIT_QUALITY}" in monitor["reason"], monitor
     assert registry.aliases(MODEL) == {"champion": 2}
-    lineage = registry.resolve(MODEL, version=2)
-    assert mlflow.get_run(lineage.run_id).data.tags["lineage.source"] == "prediction_log"
+    lineage = mlflow.get_run(registry.resolve(MODEL, version=2).run_id).data.tags
+    assert lineage["lineage.source"] == "prediction_log"
+    assert lineage["lineage.rows"] == str(DRIFT_ROWS - GATE_ROWS) and lineage["lineage.rows_degraded"] == "0"
     # the shadow scored exactly the gate window's served rows
     gate_start = served.end - served.settings(gate).gate_window
     shadowed = pl.read_parquet(shadow_path(ws.root / SHADOW_DIR, MODEL, 2, gate_start, served.end))
