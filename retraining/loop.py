@@ -1,8 +1,12 @@
-"""`treeops loop --once`: monitor -> (on drift or quality drop: retrain -> export -> shadow -> gate -> promote), once.
+"""`treeops loop --once`: (rollback check) -> monitor -> (on drift or quality drop: retrain -> export -> shadow ->
+gate -> promote), once.
 
-One plain function per step (`monitor_step`, `retrain_step`, `export_step`, `shadow_step`, `gate_step`,
-`promote_step`) and `run_loop_once`, which runs them in order under a lock (`loop_lock`: flock on
+One plain function per step (`rollback_step`, `monitor_step`, `retrain_step`, `export_step`, `shadow_step`,
+`gate_step`, `promote_step`) and `run_loop_once`, which runs them in order under a lock (`loop_lock`: flock on
 `<workspace>/loop.lock`) and returns a `LoopOutcome`. Every step is appended to the audit log.
+
+A champion the loop promoted is judged first, on the labelled traffic it served since its promotion: when the
+champion it replaced, shadowed on that traffic, scores better by `rollback_margin`, the loop rolls back and stops.
 
 Windows, all ending at `end`: the monitor reads [end - window, end); the challenger is trained on the labelled
 predictions of [end - window, end - gate_window) and shadowed and judged on the newest [end - gate_window, end),
@@ -16,7 +20,7 @@ import datetime as dt
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +33,7 @@ from export.repository import ModelRepository
 from monitoring.monitor import MonitorPaths, MonitorResult
 from registry.promotion import AuditLog, RegistryEvent, actor, now_iso
 from registry.rollout import ModelControl as RolloutControl
+from registry.sync import SyncResult
 from retraining.gate import GateCheck, GateSettings, GateVerdict, ModelControl
 from retraining.retrain import RetrainOutcome
 from retraining.shadow import ShadowResult
@@ -40,7 +45,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "loop.lock"
 SHADOW_DIR = "shadow"
 SLO_ROWS = 5_000
-Decision = Literal["nothing_to_do", "too_little_data", "refused", "promoted"]
+Decision = Literal["nothing_to_do", "too_little_data", "refused", "promoted", "rolled_back"]
 
 
 class LoopBusyError(TreeopsError):
@@ -61,6 +66,9 @@ class LoopSettings(BaseSettings):
     gate_window: dt.timedelta = Field(dt.timedelta(days=1), description="newest traffic the challenger is shadowed "
                                       "and judged on (not trained on)")
     retain_versions: int = Field(2, ge=0, description="exported versions without an alias kept after a promotion")
+    rollback_margin: float = Field(0.005, gt=0, description="ROC AUC by which the previous champion, shadowed on the "
+                                   "labelled traffic a loop-promoted champion served since its promotion, must beat "
+                                   "it for the loop to roll back (positive: a tie keeps the new champion)")
     gate: GateSettings = Field(default_factory=GateSettings)
 
 
@@ -78,7 +86,8 @@ class LoopOutcome:
 
     @property
     def exit_code(self) -> int:
-        """0 nothing to do or promoted, 6 too little data for a verdict, 1 refused."""
+        """0 nothing to do, promoted or rolled back (the loop did its job), 6 too little data for a verdict,
+        1 refused."""
         return {"too_little_data": EXIT_NO_DATA, "refused": EXIT_ERROR}.get(self.decision, 0)
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,15 +198,83 @@ def promote_step(model: str, repository: ModelRepository, audit: AuditLog, verdi
                  triton: RolloutControl | None, retain_versions: int) -> RegistryEvent:
     """Move @champion to the challenger the gate passed and roll it out (a running Triton switches with no failed
     request). `promote`'s own holdout comparison is recorded but does not decide: the gate did."""
-    from export.pipeline import ExportSettings
     from registry.promotion import promote
+
+    event, _ = promote(model, repository, audit, margin=float("-inf"), reason=f"gate passed: {verdict.reason}",
+                       deploy=_deploy(model, repository, triton, retain_versions))
+    return event
+
+
+def rollback_step(model: str, champion: int, end: dt.datetime, ws: Workspace, paths: MonitorPaths,
+                  repository: ModelRepository, settings: LoopSettings, triton: RolloutControl | None,
+                  record: _Record) -> LoopOutcome | None:
+    """Judge a champion the loop promoted on the labelled traffic it served since its promotion (inside the
+    window ending at `end`): the champion it replaced scores that traffic out of band (`shadow_window`, versions
+    swapped) and, if `quality_check` finds it better by `rollback_margin`, @champion moves back to it with the
+    promotion's live rollout. Returns the run's outcome after a rollback; None (the run goes on) when the champion
+    was not promoted by the loop, or no verdict is possible (too few labels or predictions since its promotion, the
+    previous champion no longer registered; recorded as a `loop_rollback` step)."""
+    from export.errors import ModelNotFoundError
+    from monitoring.labels import read_labels
+    from registry import versions as registry
+    from registry.promotion import rollback
+    from retraining.errors import InsufficientLabelsError
+    from retraining.gate import quality_check
+    from retraining.shadow import EmptyShadowWindow, read_shadow, shadow_window
+
+    promotion = loop_promotion(record.audit.read(), model, champion)
+    if promotion is None:
+        return None
+    previous, promoted_at = promotion["from_version"], dt.datetime.fromisoformat(promotion["at"])
+    start = max(end - settings.window, promoted_at)
+    judged = f"version {champion} (promoted over {previous} at {promotion['at']}) on {start.isoformat()} .. " \
+             f"{end.isoformat()}"
+    try:
+        registry.resolve(model, version=previous)  # still registered?
+        shadowed = shadow_window(model, champion, previous, start, end, paths, ws.root / SHADOW_DIR)
+        check = quality_check(read_shadow(shadowed), read_labels(paths.labels_dir),
+                              settings.gate.model_copy(update={"margin": settings.rollback_margin}))
+    except (ModelNotFoundError, EmptyShadowWindow, InsufficientLabelsError) as exc:
+        record.step("rollback", f"no verdict on {judged}: {exc}", champion)
+        return None
+    f = check.figures
+    seen = (f"ROC AUC on {f['labelled']:.0f} labelled predictions of {judged}: previous champion {previous} "
+            f"{f['challenger_roc_auc']:.5f} vs {champion} {f['champion_roc_auc']:.5f} (rollback margin "
+            f"{settings.rollback_margin})")
+    figures = {"previous_roc_auc": f["challenger_roc_auc"], "champion_roc_auc": f["champion_roc_auc"],
+               "labelled": f["labelled"], "rollback_margin": settings.rollback_margin, "previous": float(previous),
+               "champion": float(champion)}
+    if not check.passed:
+        record.step("rollback", f"kept version {champion}: {seen}", champion, {"rollback": figures})
+        return None
+    record.step("rollback", f"rolling back to version {previous}: {seen}", previous, {"rollback": figures})
+    event, _ = rollback(model, record.audit, reason=f"loop: {seen}",
+                        deploy=_deploy(model, repository, triton, settings.retain_versions))
+    return record.finish("rolled_back", f"version {event.to_version} is champion again (was {event.from_version}); "
+                         f"{seen}", event.to_version)
+
+
+def loop_promotion(events: list[dict[str, Any]], model: str, champion: int) -> dict[str, Any] | None:
+    """The audit log's `promote` event of `champion` when the loop made it (a `gate_passed` to it came first) and
+    nothing moved @champion since; else None."""
+    moves = [e for e in events if e["model_name"] == model and e["event"] in ("promote", "rollback")]
+    if not moves or moves[-1]["event"] != "promote" or moves[-1]["to_version"] != champion:
+        return None
+    last = moves[-1]
+    gated = any(e["model_name"] == model and e["event"] == "gate_passed" and e["to_version"] == champion
+                for e in events[:events.index(last)])
+    return last if gated and last["from_version"] is not None else None
+
+
+def _deploy(model: str, repository: ModelRepository, triton: RolloutControl | None,
+            retain_versions: int) -> Callable[[], SyncResult]:
+    """The live rollout a promotion or rollback runs once @champion moved (the served export target kept)."""
+    from export.pipeline import ExportSettings
     from registry.rollout import rollout
     from registry.sync import SyncSettings, served_export
 
     sync = SyncSettings(retain_versions=retain_versions, export=ExportSettings(**served_export(repository, model)))
-    event, _ = promote(model, repository, audit, margin=float("-inf"), reason=f"gate passed: {verdict.reason}",
-                       deploy=lambda: rollout(model, repository, triton, sync))
-    return event
+    return lambda: rollout(model, repository, triton, sync)
 
 
 def run_loop_once(model: str, end: dt.datetime, ws: Workspace, settings: LoopSettings | None = None, *,
@@ -263,6 +340,9 @@ def _one_pass(model: str, end: dt.datetime, ws: Workspace, settings: LoopSetting
     paths = MonitorPaths.in_workspace(ws.root, model)
     repository = ModelRepository(ws.model_repository)
     start, gate_start = end - settings.window, end - settings.gate_window
+    rolled_back = rollback_step(model, champion, end, ws, paths, repository, settings, triton, record)
+    if rolled_back is not None:
+        return rolled_back
     try:
         watched = monitor_step(model, start, end, paths)
     except InsufficientDataError as exc:

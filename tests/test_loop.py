@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,8 +29,8 @@ from monitoring.labels import LABELLED_AT, ingest_labels
 from monitoring.monitor import MonitorPaths
 from registry import versions as registry
 from registry.promotion import AuditLog
-from retraining.gate import GATE_SUFFIX, GateSettings, slo_budgets
-from retraining.loop import LoopSettings, loop_lock, run_loop_once
+from retraining.gate import GATE_SUFFIX, GateCheck, GateSettings, GateVerdict, record_verdict, slo_budgets
+from retraining.loop import LoopSettings, loop_lock, promote_step, retrain_step, run_loop_once
 from retraining.shadow import InBandShadowNeeded, read_shadow, require_same_spec
 from server.admin import AdminClient
 from server.client import ScoringClient
@@ -177,3 +178,87 @@ def test_loop_once_promotes_a_better_challenger_live_with_zero_failed_requests(t
     assert events == ["loop_monitor", "loop_retrain", "loop_export", "loop_shadow", "gate_passed", "promote",
                       "loop_decision"]
     assert not (ws.model_repository / (MODEL + GATE_SUFFIX)).exists()
+
+
+def _promoted_by_the_loop(root: Path) -> tuple[Workspace, dt.datetime]:
+    """The workspace of `_workspace` after a loop promotion: version 2 retrained from the log, a passed gate and
+    `promote_step` recorded as the loop records them (no Triton). Returns it and the end of the window after the
+    promotion (promotions are stamped with the wall clock)."""
+    ws, _ = _workspace(root)
+    paths = MonitorPaths.in_workspace(ws.root, MODEL)
+    audit = AuditLog(ws.audit_log)
+    assert retrain_step(MODEL, END - SETTINGS.window, END, ws, paths, "test").registered.version == 2
+    verdict = GateVerdict(MODEL, 1, 2, (GateCheck("quality", True, "passed in this test"),))
+    record_verdict(audit, verdict)
+    promote_step(MODEL, ModelRepository(ws.model_repository), audit, verdict, None, 2)
+    assert registry.aliases(MODEL) == {"champion": 2}
+    return ws, dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(hours=1)
+
+
+def _serve_next_window(ws: Workspace, end: dt.datetime, ranked_by: int, labelled: int = 1_000) -> None:
+    """Version 2 logs 1,000 predictions in the 30 minutes before `end`; the first `labelled` of them get labels
+    that version `ranked_by`'s scores order perfectly (its top 8 % are the frauds)."""
+    paths = MonitorPaths.in_workspace(ws.root, MODEL)
+    boosters = {v: registry.load_bundle(registry.resolve(MODEL, version=v), ws.root / f"bundle-{v}") for v in (1, 2)}
+    raw = generate_transactions(GenerateSpec(rows=1_000, seed=21, drift=1.0), first_id=5_000_000)
+    x = boosters[2].fitted.matrix_raw(raw)
+    scores = {v: reference_scores(b.booster, x)[:, -1] for v, b in boosters.items()}
+    ids = raw["transaction_id"].cast(pl.String).to_list()
+    log_predictions(paths.log_root, boosters[2].fitted.spec.names, x, scores[2], ids, version=2, end=end,
+                    window=dt.timedelta(minutes=30))
+    fraud = scores[ranked_by] >= np.quantile(scores[ranked_by], 0.92)
+    pl.DataFrame({"transaction_id": ids[:labelled], "label": fraud[:labelled].astype(np.int8),
+                  LABELLED_AT: [end.isoformat()] * labelled}).write_csv(ws.root / "labels-next.csv")
+    ingest_labels(ws.root / "labels-next.csv", paths.labels_dir, pl.Series(ids))
+
+
+def test_a_promoted_champion_worse_on_its_next_window_is_rolled_back_and_nothing_retrained(tmp_path, tracking):
+    ws, end = _promoted_by_the_loop(tmp_path / "ws")
+    _serve_next_window(ws, end, ranked_by=1)  # labels only the previous champion ranks right
+    before = len(_events(ws))
+    outcome = run_loop_once(MODEL, end, ws, SETTINGS)
+
+    assert outcome.decision == "rolled_back" and outcome.exit_code == 0 and outcome.champion == 1, outcome.lines()
+    assert registry.aliases(MODEL) == {"champion": 1}
+    assert [s["step"] for s in outcome.steps] == ["rollback", "decision"]  # no monitor, no retrain
+    events = _events(ws)[before:]
+    assert [e["event"] for e in events] == ["loop_rollback", "rollback", "loop_decision"]
+    figures = events[0]["metrics"]["rollback"]
+    assert figures["labelled"] == 1_000 and figures["previous_roc_auc"] == 1.0
+    assert figures["champion_roc_auc"] < 1.0 - SETTINGS.rollback_margin
+    assert (events[1]["from_version"], events[1]["to_version"]) == (2, 1)
+    assert f"previous champion 1 {figures['previous_roc_auc']:.5f} vs 2 {figures['champion_roc_auc']:.5f}" \
+        in events[1]["reason"]
+    assert (ws.model_repository / MODEL / "1").is_dir()
+    assert re.search(r"specific \{\s*versions: 1\s*\}", (ws.model_repository / MODEL / "config.pbtxt").read_text())
+
+    again = run_loop_once(MODEL, end, ws, SETTINGS)  # version 1 was not promoted by the loop: no second rollback
+    assert again.steps[0]["step"] == "monitor" and registry.aliases(MODEL)["champion"] == 1, again.lines()
+
+
+def test_a_promoted_champion_as_good_on_its_next_window_is_kept(tmp_path, tracking):
+    ws, end = _promoted_by_the_loop(tmp_path / "ws")
+    _serve_next_window(ws, end, ranked_by=2)
+    outcome = run_loop_once(MODEL, end, ws, SETTINGS)
+
+    assert outcome.decision != "rolled_back" and registry.aliases(MODEL)["champion"] == 2, outcome.lines()
+    assert outcome.steps[0]["step"] == "rollback" and outcome.steps[0]["summary"].startswith("kept version 2")
+    assert outcome.steps[1]["step"] == "monitor"  # the run went on as today
+    kept = next(e for e in _events(ws) if e["event"] == "loop_rollback")["metrics"]["rollback"]
+    assert kept["champion_roc_auc"] == 1.0 and kept["previous_roc_auc"] < 1.0
+    assert not any(e["event"] == "rollback" for e in _events(ws))
+
+
+def test_too_few_labels_since_the_promotion_give_no_rollback_verdict(tmp_path, tracking):
+    ws, end = _promoted_by_the_loop(tmp_path / "ws")
+    _serve_next_window(ws, end, ranked_by=1, labelled=20)  # min_labels is 50
+    env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "TREEOPS_WORKSPACE")}}
+    proc = subprocess.run([TREEOPS, "loop", "--once", "--workspace", str(ws.root), "--window", "2h",
+                           "--gate-window", "30m", "--end", end.isoformat(), "--json"],
+                          capture_output=True, text=True, timeout=300, env={**env, "TREEOPS_GATE_MIN_LABELS": "50"})
+    printed = json.loads(proc.stdout)
+    steps = printed.get("steps") or []
+    assert steps and steps[0]["step"] == "rollback", (proc.returncode, proc.stdout, proc.stderr)
+    assert "no verdict on version 2" in steps[0]["summary"] and "20 labelled" in steps[0]["summary"]
+    assert printed["decision"] != "rolled_back" and registry.aliases(MODEL)["champion"] == 2
+    assert not any(e["event"] == "rollback" for e in _events(ws))
