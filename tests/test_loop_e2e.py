@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import polars as pl
 import pytest
 
@@ -137,6 +138,13 @@ def test_drifted_raw_traffic_is_retrained_shadowed_gated_and_promoted_live(tmp_p
             answers = client.score_inputs(transaction_feeds(signature, checks.drop("is_fraud")))
         assert not admin.model_ready(MODEL + GATE_SUFFIX, 2)  # the gate's copy is gone
 
+    # v1 served the drifted traffic on each card's backfilled history: its logged scores are offline xgboost's
+    logged = read_window(MonitorPaths.in_workspace(ws.root, MODEL).log_root, MODEL, served.started, served.end)
+    by_id = dict(zip(logged["transaction_id"].to_list(), logged["score"].to_list(), strict=True))
+    v1_scores = np.array([by_id[str(i)] for i in drifted["transaction_id"].to_list()])
+    v1 = replay_parity(mlflow.xgboost.load_model(f"models:/{MODEL}/1"), load_features(exported.version_dir), train,
+                       drifted, v1_scores)
+    assert v1.passed, v1
     # the monitor saw the drift (or the quality drop), the challenger trained on the older slice
     assert outcome.decision == "promoted", outcome.lines()
     monitor = next(e for e in AuditLog(ws.audit_log).read() if e["event"] == "loop_monitor")
