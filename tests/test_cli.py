@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import socket
@@ -272,5 +273,15 @@ def test_demo_runs_end_to_end_and_stops_triton(tmp_path, treeops):
     assert window["version"] == 1 and window["labelled"] > 0, window
     assert summary["loadtest"]["passed"] and summary["loadtest"]["failures"] == 0
     assert summary["drift_current"] is False and summary["drift_shifted"] is True
+    # the drifted traffic: the loop retrained, gated and promoted version 2, which answers at the end
+    loop = summary["loop"]
+    assert loop["decision"] == "promoted" and loop["champion"] == 2, loop["reason"]
+    assert [s["step"] for s in loop["steps"]] == ["monitor", "retrain", "export", "shadow", "decision"]
+    assert [c["name"] for c in loop["gate"]["checks"]] == ["parity", "quality", "slo"]
+    assert summary["served_version_end"] == 2
+    # the monitor window over the demo's own traffic ends where the drifted traffic starts: version 1 only
+    window = {k: dt.datetime.fromisoformat(t) for k, t in summary["drift_window"].items()}
+    assert dt.datetime.fromisoformat(summary["monitor"]["end"]) <= window["start"] < window["gate_from"]
+    assert [w["version"] for w in summary["monitor"]["versions"]] == [1]
     running = subprocess.run(["pgrep", "-f", f"tritonserver.*--grpc-port={ports[0]}"], capture_output=True, text=True)
     assert running.stdout.strip() == "", "demo left Triton running"

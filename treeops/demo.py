@@ -24,13 +24,18 @@ from monitoring.labels import ingest_labels
 from monitoring.monitor import MonitorPaths, run_monitor
 from monitoring.prediction_log import read_window
 from online_store.backfill import backfill
-from server.client import load_features
+from retraining.gate import GateSettings
+from retraining.loop import LoopSettings, run_loop_once
+from server.admin import AdminClient
+from server.client import ScoringClient, load_features, transaction_feeds
+from server.errors import ServerError
 from server.launcher import TritonServer
 from server.replay import replay, replay_parity
 from training.features import FRAUD_FEATURES, FittedFeatures
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.ingest import load_raw
 from training.pipeline import train_and_register
+from treeops.errors import EXIT_DRIFT, EXIT_QUALITY
 from treeops.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,13 @@ class DemoSettings:
     loadtest_p99_ms: float = 250.0  # generous: the demo runs on whatever machine it is given
     latency_requests: int = 1000
     replay_clients: int = 8
+    drift_rows: int = 6_000  # drifted transactions served after the load test, labelled, then the loop runs
+    drift_gate_rows: int = 1_500  # its newest part: the loop's gate window (the older part trains the challenger)
+    drift_fraud_rate: float = 0.06  # enough positives in each part for a retrain and a gate verdict
+    # a new fraud pattern in the drifted batch (the generator's drift moves the inputs only, so a champion trained on
+    # far more data would stay ahead): this share of point-of-sale grocery and fuel payments, which it scores as safe
+    new_pattern_fraud: float = 0.5
+    gate_slo_s: int = 3  # seconds of the gate's SLO run against the loaded challenger
     keep_serving: bool = False
 
 
@@ -94,6 +106,18 @@ class DemoSummary:
             f"  drift, current batch {'DRIFT' if v['drift_current'] else 'no drift'} ({v['drift_current_report']})",
             f"  drift, shifted batch {'DRIFT' if v['drift_shifted'] else 'no drift'} ({v['drift_shifted_report']})",
         ]
+        if "loop" in v:
+            lp = v["loop"]
+            lines.append(f"  drifted traffic      {v['drift_rows']:,} raw transactions served and labelled: the older "
+                         f"{v['drift_rows'] - v['drift_gate_rows']:,} to retrain on, the newest "
+                         f"{v['drift_gate_rows']:,} to judge on")
+            lines.append(f"  loop --once          {lp['decision'].replace('_', ' ')} (exit {lp['exit_code']}): "
+                         f"{lp['reason']}")
+            lines += [f"    {s['step']:<9}{s['summary']}" for s in lp["steps"] if s["step"] != "decision"]
+            if lp["steps"] and lp["steps"][0]["step"] == "monitor":
+                lines.append(f"    {'':<9}(monitor exits: {EXIT_DRIFT} drift, {EXIT_QUALITY} quality drop)")
+            lines.append(f"  served at the end    {MODEL} answers with version {v['served_version_end']} "
+                         "(one raw transaction over gRPC)")
         if "monitor" in v:
             lines.append(f"  prediction log       {v['logged_rows']:,} rows logged by Triton; monitor window "
                          f"(exit {v['monitor']['exit_code']}):")
@@ -108,12 +132,13 @@ def _auc(value: float | None) -> str:
 
 
 def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer, store_url: str) -> DemoSummary:
-    """Generate -> train -> register -> export -> backfill -> serve -> replay -> load test -> drift.
+    """Generate -> train -> register -> export -> backfill -> serve -> replay -> load test -> drifted traffic ->
+    loop once (monitor -> retrain -> shadow -> gate -> promote) -> drift reports -> monitor the demo's own traffic.
 
     The current batch is the period after the training data (same cards); the served `fraud` takes raw
     transactions and reads each card's history from the online store at `store_url`, which is backfilled
     with the training period first. Triton stops at the end unless `settings.keep_serving` (then the caller
-    prints the summary and calls `serve_until_stopped`).
+    prints the summary and calls `serve_until_stopped`; it serves the version the loop left as champion).
     """
     start = time.perf_counter()
     v: dict[str, Any] = {"workspace": str(ws.root), "model_repository": str(ws.model_repository), "store_url": redacted(store_url)}
@@ -146,6 +171,7 @@ def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer, store_
     v.update(backfill_rows=loaded.rows, backfill_rows_per_s=loaded.rows_per_s)
 
     served_from = dt.datetime.now(dt.UTC)
+    drifted = _drifted_batch(history, settings)
     try:
         server.start(timeout_s=120, models=[MODEL])
         v.update(_replay_current(server, exported.version, features, train, current, settings))
@@ -158,6 +184,8 @@ def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer, store_
         a = lt.aggregate
         v["loadtest"] = {"duration_s": settings.loadtest_s, "rps": a.rps, "p50_ms": a.p50_ms, "p99_ms": a.p99_ms,
                          "failures": a.failures, "passed": lt.passed, "report": str(lt.html_report)}
+        drifted_from = dt.datetime.now(dt.UTC)  # the demo's own traffic ends here, the drifted traffic starts
+        v.update(_serve_drift_and_loop(ws, server, drifted, settings))
     finally:
         if not settings.keep_serving:
             server.stop()
@@ -170,7 +198,7 @@ def run_demo(ws: Workspace, settings: DemoSettings, server: TritonServer, store_
         v[f"drift_{key}"] = report.drift_detected
         v[f"drift_{key}_report"] = str(report.html_path)
     if not settings.keep_serving:  # the log is complete once Triton has stopped
-        v.update(_monitor_served_traffic(ws, current, served_from))
+        v.update(_monitor_served_traffic(ws, current, served_from, drifted_from))
     v["wall_s"] = time.perf_counter() - start
     return DemoSummary(v)
 
@@ -202,16 +230,79 @@ def _replay_current(server: TritonServer, version: int, features: FittedFeatures
     }
 
 
-def _monitor_served_traffic(ws: Workspace, current: pl.DataFrame, served_from: dt.datetime) -> dict[str, Any]:
-    """The labels of the current period arrive (`treeops labels`), then one monitor window (`treeops monitor`) over
-    everything the demo's Triton logged: drift against the version's training reference and quality on the labels."""
+def _drifted_batch(history: pl.DataFrame, settings: DemoSettings) -> pl.DataFrame:
+    """`drift_rows` strongly drifted transactions of new cards and ids, in the days after `history`, with a new fraud
+    pattern: `new_pattern_fraud` of the point-of-sale grocery and fuel payments are fraud."""
+    spec = GenerateSpec(rows=settings.drift_rows, seed=settings.seed + 3, drift=1.0, fraud_rate=settings.drift_fraud_rate,
+                        start=history["timestamp"].max() + dt.timedelta(days=1))
+    batch = generate_transactions(spec, first_id=int(history["transaction_id"].max()) + 1,
+                                  first_card=int(history["card_id"].max()) + 1)
+    pattern = (pl.col("channel") == "pos") & pl.col("merchant_category").is_in(["grocery", "fuel"])
+    drawn = np.random.default_rng(settings.seed + 4).random(batch.height) < settings.new_pattern_fraud
+    batch = batch.with_columns(is_fraud=pl.when(pattern & pl.Series(drawn)).then(True).otherwise(pl.col("is_fraud"))
+                               .cast(batch.schema["is_fraud"]))
+    return batch.sort("timestamp", "transaction_id")
+
+
+def _serve_drift_and_loop(ws: Workspace, server: TritonServer, batch: pl.DataFrame,
+                          settings: DemoSettings) -> dict[str, Any]:
+    """Serve `batch` through Triton in two slices, label it, then `treeops loop --once` with the running Triton.
+
+    The log's arrival times are wall clock, so the loop's windows come from the measured slice times: the older
+    slice is what the challenger trains on, the newest (`drift_gate_rows`) what it is shadowed and judged on.
+    """
+    url, paths = server.settings.grpc_url, MonitorPaths.in_workspace(ws.root, MODEL)
+    older, newest = batch.head(batch.height - settings.drift_gate_rows), batch.tail(settings.drift_gate_rows)
+    started = dt.datetime.now(dt.UTC)
+    replay(url, MODEL, older.drop("is_fraud"), "card_id", clients=settings.replay_clients)
+    gate_from = dt.datetime.now(dt.UTC)
+    replay(url, MODEL, newest.drop("is_fraud"), "card_id", clients=settings.replay_clients)
     end = dt.datetime.now(dt.UTC)
-    paths = MonitorPaths.in_workspace(ws.root, MODEL)
+    logged = _wait_for_log(paths, started, end, batch.height)
+    _ingest_labels(ws, paths, batch, end, logged)
+    loop_settings = LoopSettings(window=end - started, gate_window=end - gate_from,
+                                 gate=GateSettings(slo_duration_s=settings.gate_slo_s, slo_users=2,
+                                                   p99_ms=settings.loadtest_p99_ms))
+    with AdminClient.from_settings(server.settings) as admin:
+        outcome = run_loop_once(MODEL, end, ws, loop_settings, triton=admin, grpc_url=url)
+    with ScoringClient(url, MODEL) as client:
+        answered = client.score_inputs(transaction_feeds(client.served_signature(), newest.drop("is_fraud").tail(1)))
+    log.info("loop %s; %s answers with version %s", outcome.decision, MODEL, answered.model_version)
+    return {"drift_rows": batch.height, "drift_gate_rows": newest.height, "loop": outcome.to_dict(),
+            "drift_window": {"start": started.isoformat(), "gate_from": gate_from.isoformat(), "end": end.isoformat()},
+            "served_version_end": int(answered.model_version)}
+
+
+def _wait_for_log(paths: MonitorPaths, start: dt.datetime, end: dt.datetime, rows: int,
+                  timeout_s: float = 30.0) -> pl.DataFrame:
+    """The rows logged in [start, end) once there are `rows` of them (Triton's log flushes about every second)."""
+    deadline = time.monotonic() + timeout_s
+    while (logged := read_window(paths.log_root, MODEL, start, end)).height < rows:
+        if time.monotonic() > deadline:
+            raise ServerError(f"Triton logged {logged.height} of the {rows} transactions served between "
+                              f"{start.isoformat()} and {end.isoformat()} in {paths.log_root} within {timeout_s:.0f} s; "
+                              "its log (the workspace's reports/triton.log) says why")
+        time.sleep(0.5)
+    return logged
+
+
+def _ingest_labels(ws: Workspace, paths: MonitorPaths, batch: pl.DataFrame, labelled_at: dt.datetime,
+                   logged: pl.DataFrame) -> None:
+    """`batch`'s labels arrive at `labelled_at` (`treeops labels`), checked against the `logged` predictions."""
     labels_path = ws.data_dir / "labels.parquet"
-    current.select(transaction_id=pl.col("transaction_id"), label=pl.col("is_fraud").cast(pl.Int8),
-                   labelled_at=pl.lit(end)).write_parquet(labels_path)
-    logged = read_window(paths.log_root, MODEL, served_from, end)
+    batch.select(transaction_id=pl.col("transaction_id"), label=pl.col("is_fraud").cast(pl.Int8),
+                 labelled_at=pl.lit(labelled_at)).write_parquet(labels_path)
     ingest_labels(labels_path, paths.labels_dir, logged["transaction_id"].drop_nulls())
+
+
+def _monitor_served_traffic(ws: Workspace, current: pl.DataFrame, served_from: dt.datetime,
+                            end: dt.datetime) -> dict[str, Any]:
+    """The labels of the current period arrive (`treeops labels`), then one monitor window (`treeops monitor`) over
+    what the demo's Triton logged in [served_from, end) (the replay and the load test; the drifted traffic the loop
+    acted on comes after): drift against the version's training reference and quality on the labels."""
+    paths = MonitorPaths.in_workspace(ws.root, MODEL)
+    logged = read_window(paths.log_root, MODEL, served_from, end)
+    _ingest_labels(ws, paths, current, dt.datetime.now(dt.UTC), logged)
     result = run_monitor(MODEL, served_from, end, paths)
     return {"logged_rows": logged.height, "monitor": result.to_dict(), "monitor_lines": result.lines(),
             "alert_rules": str(RULES_FILE)}
