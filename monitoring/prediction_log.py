@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import logging
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 JOURNAL_MAGIC = b"TREEOPSJ"
 JOURNAL_FORMAT = 1
 JOURNAL_SUFFIX = ".tlog"
+#: A segment not yet renamed that was written to this recently belongs to a live writer (which flushes every few
+#: seconds at most), not a stopped one: skipped without a warning.
+IN_PROGRESS_S = 60.0
 _HEADER = struct.Struct("<8sIII")  # magic, format, JSON length, CRC-32 of the JSON
 _FRAME = struct.Struct("<II")  # payload length, CRC-32 of the payload
 _RECORD = struct.Struct("<qIHB")  # arrival us, rows (or error length), request id length, status (1 = failed)
@@ -68,8 +72,16 @@ def read_window(root: Path | str, model: str, start: dt.datetime, end: dt.dateti
             .sort("arrival", "request_id", maintain_order=True))
 
 
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:  # renamed meanwhile
+        return 0.0
+
+
 def _segments(model_dir: Path, start: dt.datetime, end: dt.datetime, version: int | None) -> list[Path]:
-    """The segment files of the hour partitions overlapping [start, end); `.tmp` files are warned about."""
+    """The segment files of the hour partitions overlapping [start, end); other files are skipped, with a warning
+    unless a writer touched them in the last `IN_PROGRESS_S` (a live server's segment being written)."""
     if not model_dir.is_dir():
         return []
     versions = [model_dir / f"version={version}"] if version is not None else sorted(model_dir.glob("version=*"))
@@ -88,6 +100,8 @@ def _segments(model_dir: Path, start: dt.datetime, end: dt.datetime, version: in
             for path in sorted(hour_dir.iterdir()):
                 if path.suffix in (".parquet", JOURNAL_SUFFIX) and not path.name.startswith("."):
                     out.append(path)
+                elif _age_s(path) < IN_PROGRESS_S:
+                    log.debug("prediction log: skipping %s, a segment a writer is still writing", path)
                 else:
                     log.warning("prediction log: skipping %s, an incomplete segment (a writer stopped before it "
                                 "was renamed)", path)

@@ -25,7 +25,7 @@ from backends.prediction_log import PredictionLog, Settings, sampled
 from export.pipeline import ExportSettings, export_model
 from export.repository import ModelRepository
 from monitoring import metric_names
-from monitoring.prediction_log import FIXED_SCHEMA, read_window
+from monitoring.prediction_log import FIXED_SCHEMA, IN_PROGRESS_S, read_window
 from redis_fixtures import local_redis
 from server.settings import TritonSettings
 from test_online_serving import MODEL as RAW_MODEL
@@ -106,14 +106,18 @@ def test_torn_and_foreign_segments_are_skipped_with_a_warning(tmp_path: Path, ca
     torn, foreign = sorted(tmp_path.rglob("*.parquet"))[:2]
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
     pq.write_table(pa.table({"request_id": ["x"], "other": [1]}), foreign)
-    (torn.parent / ".partial.parquet.tmp").write_bytes(b"PAR1")
+    stopped, live = torn.parent / ".partial.parquet.tmp", torn.parent / ".live.parquet.tmp"
+    stopped.write_bytes(b"PAR1")
+    old = time.time() - IN_PROGRESS_S - 1
+    os.utime(stopped, (old, old))  # its writer stopped before renaming it
+    live.write_bytes(b"PAR1")  # a live writer's: skipped quietly
     with caplog.at_level(logging.WARNING, logger="monitoring.prediction_log"):
         frame = read_window(tmp_path, "m", *ALL_TIME)
     assert frame["request_id"].to_list() == ["r2"]
     warnings = "\n".join(r.getMessage() for r in caplog.records)
     assert str(torn) in warnings and "torn" in warnings
     assert str(foreign) in warnings and "another schema" in warnings
-    assert ".partial.parquet.tmp" in warnings
+    assert ".partial.parquet.tmp" in warnings and ".live.parquet.tmp" not in warnings
 
 
 def test_empty_window_has_the_fixed_columns(tmp_path: Path):
