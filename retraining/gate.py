@@ -5,7 +5,8 @@ Checks, each a function returning a `GateCheck`:
 - `quality_check`: on the labelled shadowed window (`retraining/shadow.py`), the challenger's ROC AUC beats the
   champion's by `margin`, judged by `mlflow.validate_evaluation_results` (MetricThreshold min_absolute_change).
 - `slo_check`: a short Locust run against the challenger loaded in Triton beside the champion, as its own model
-  `<model>-gate` (so no client request reaches it), with the SLO of `GateSettings`; unloaded and removed after.
+  `<model>-gate` (so no client request reaches it), with the SLO of `GateSettings`; unloaded and removed after
+  (`remove_gate_copy`, which the loop also runs at the start of each pass for a copy a killed loop left).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from export.repository import ModelRepository
 from registry.promotion import AuditLog, RegistryEvent, actor, now_iso
 from registry.rollout import wait_ready
 from retraining.errors import InsufficientLabelsError
+from server.errors import ServerError
 from treeops.errors import TreeopsError
 
 if TYPE_CHECKING:
@@ -163,7 +165,6 @@ def slo_check(model: str, repository: ModelRepository, challenger: int, feeds: M
     from export.triton_config import ServingSettings
     from loadtest.rows import write_sample_rows
     from loadtest.runner import LoadtestSettings, run_loadtest
-    from server.errors import ServerError
 
     if triton is None or grpc_url is None:
         return GateCheck("slo", False, "no running Triton was given (--triton-url): the challenger's latency cannot be "
@@ -183,17 +184,33 @@ def slo_check(model: str, repository: ModelRepository, challenger: int, feeds: M
     except TreeopsError as exc:  # a load that failed, Locust that broke, a bad SLO file
         return GateCheck("slo", False, f"the SLO run against {name!r} version {challenger} failed: {exc}")
     finally:
-        try:
-            triton.unload_model(name)
-        except ServerError as exc:
-            log.warning("unloading %s failed: %s", name, exc)
-        shutil.rmtree(repository.model_dir(name), ignore_errors=True)
+        remove_gate_copy(model, repository, triton)
     a = result.aggregate
     figures = {"requests": float(a.requests), "failures": float(a.failures), "rps": a.rps,
                **{k: v for k, v in (("p50_ms", a.p50_ms), ("p99_ms", a.p99_ms)) if v is not None}}
     shown = ", ".join(f"{c.name} {c.measured} ({c.op} {c.budget}) {'ok' if c.passed else 'MISSED'}" for c in result.checks)
     return GateCheck("slo", result.passed, f"{settings.slo_duration_s}s of Locust on {name} version {challenger}: "
                      f"{a.requests} requests, {a.failures} failed; {shown} (report {result.html_report})", figures)
+
+
+def remove_gate_copy(model: str, repository: ModelRepository, triton: ModelControl | None) -> Path:
+    """Unload `<model>-gate` from Triton (when a client is given) and remove its folder; returns the folder.
+
+    A failed unload does not stop the removal: NOT_FOUND (not loaded, e.g. after a Triton restart) is fine, other
+    failures are logged as warnings.
+    """
+    name = model + GATE_SUFFIX
+    if triton is not None:
+        try:
+            triton.unload_model(name)
+        except ServerError as exc:
+            if "NOT_FOUND" in str(exc):  # AdminError carries the gRPC status in its message
+                log.info("%s was not loaded in Triton: %s", name, exc)
+            else:
+                log.warning("unloading %s failed: %s; removing its folder anyway", name, exc)
+    folder = repository.model_dir(name)
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
 
 
 def slo_budgets(settings: GateSettings) -> SLO:

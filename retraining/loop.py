@@ -1,9 +1,11 @@
-"""`treeops loop --once`: (rollback check) -> monitor -> (on drift or quality drop: retrain -> export -> shadow ->
-gate -> promote), once.
+"""`treeops loop --once`: (cleanup, rollback check) -> monitor -> (on drift or quality drop: retrain -> export ->
+shadow -> gate -> promote), once.
 
-One plain function per step (`rollback_step`, `monitor_step`, `retrain_step`, `export_step`, `shadow_step`,
-`gate_step`, `promote_step`) and `run_loop_once`, which runs them in order under a lock (`loop_lock`: flock on
-`<workspace>/loop.lock`) and returns a `LoopOutcome`. Every step is appended to the audit log.
+One plain function per step (`cleanup_step`, `rollback_step`, `monitor_step`, `retrain_step`, `export_step`,
+`shadow_step`, `gate_step`, `promote_step`) and `run_loop_once`, which runs them in order under a lock (`loop_lock`:
+flock on `<workspace>/loop.lock`) and returns a `LoopOutcome`. Every step is appended to the audit log.
+
+Under the lock no gate runs, so a pass first removes a `<model>-gate` copy that a loop killed during its gate left.
 
 A champion the loop promoted is judged first, on the labelled traffic it served since its promotion: when the
 champion it replaced, shadowed on that traffic, scores better by `rollback_margin`, the loop rolls back and stops.
@@ -83,6 +85,7 @@ class LoopOutcome:
     champion: int | None = None  # after the run
     challenger: int | None = None
     verdict: GateVerdict | None = None
+    monitor_exit_code: int | None = None  # `treeops monitor`'s exit code for the window; None: it did not run
 
     @property
     def exit_code(self) -> int:
@@ -92,7 +95,8 @@ class LoopOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "decision": self.decision, "reason": self.reason, "exit_code": self.exit_code,
-                "champion": self.champion, "challenger": self.challenger, "steps": self.steps,
+                "monitor_exit_code": self.monitor_exit_code, "champion": self.champion, "challenger": self.challenger,
+                "steps": self.steps,
                 "gate": self.verdict.to_dict() if self.verdict else None}
 
     def lines(self) -> list[str]:
@@ -123,6 +127,16 @@ def loop_lock(workspace: Path) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def cleanup_step(model: str, repository: ModelRepository, triton: ModelControl | None) -> Path | None:
+    """Remove the `<model>-gate` copy a loop stopped during its gate left (unloaded from Triton first when a client
+    is given); returns its folder, or None when there was none. Run under the lock only: no gate is running then."""
+    from retraining.gate import GATE_SUFFIX, remove_gate_copy
+
+    if not repository.model_dir(model + GATE_SUFFIX).exists():
+        return None
+    return remove_gate_copy(model, repository, triton)
 
 
 def monitor_step(model: str, start: dt.datetime, end: dt.datetime, paths: MonitorPaths) -> MonitorResult:
@@ -317,6 +331,7 @@ class _Record:
     model: str
     audit: AuditLog
     steps: list[dict[str, Any]] = field(default_factory=list)
+    monitor_exit_code: int | None = None
 
     def step(self, name: str, summary: str, to_version: int, metrics: dict[str, dict[str, float]] | None = None) -> None:
         self.steps.append({"step": name, "summary": summary})
@@ -327,7 +342,8 @@ class _Record:
                verdict: GateVerdict | None = None) -> LoopOutcome:
         self.step("decision", f"{decision}: {reason}", challenger or champion)
         log.info("loop %s: %s: %s", self.model, decision, reason)
-        return LoopOutcome(self.model, decision, reason, list(self.steps), champion, challenger, verdict)
+        return LoopOutcome(self.model, decision, reason, list(self.steps), champion, challenger, verdict,
+                           self.monitor_exit_code)
 
 
 def _one_pass(model: str, end: dt.datetime, ws: Workspace, settings: LoopSettings, triton: ModelControl | None,
@@ -340,13 +356,19 @@ def _one_pass(model: str, end: dt.datetime, ws: Workspace, settings: LoopSetting
     paths = MonitorPaths.in_workspace(ws.root, model)
     repository = ModelRepository(ws.model_repository)
     start, gate_start = end - settings.window, end - settings.gate_window
+    removed = cleanup_step(model, repository, triton)
+    if removed is not None:
+        unloaded = "; unloaded from Triton first" if triton is not None else ""
+        record.step("cleanup", f"removed {removed} (left by a loop stopped during its gate{unloaded})", champion)
     rolled_back = rollback_step(model, champion, end, ws, paths, repository, settings, triton, record)
     if rolled_back is not None:
         return rolled_back
     try:
         watched = monitor_step(model, start, end, paths)
     except InsufficientDataError as exc:
+        record.monitor_exit_code = exc.exit_code
         return record.finish("too_little_data", f"monitor: {exc}", champion)
+    record.monitor_exit_code = watched.exit_code
     record.step("monitor", f"{start.isoformat()} .. {end.isoformat()}: exit {watched.exit_code} (per version "
                 f"{ {v.version: v.exit_code for v in watched.versions} })", champion,
                 {f"v{v.version}": {"drift_share": v.drift_share or 0.0, "labelled": v.labelled}
