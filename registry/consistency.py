@@ -11,6 +11,7 @@ from export.pipeline import served_versions
 from export.repository import CONFIG_FILE, ModelRepository
 from registry import versions as registry
 from registry.aliases import CHAMPION
+from retraining.gate import GATE_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,20 @@ def check(model_name: str, repository: ModelRepository) -> RepositoryDrift:
                  "or use the workspace whose registry it came from" for v in on_disk if v not in registered]
     problems += [f"{p} was left by an export that died: `treeops sync` or `treeops export` removes it"
                  for p in repository.stale_work_folders(model_name)]
+    gate = repository.model_dir(model_name + GATE_SUFFIX)
+    if gate.is_dir():
+        problems.append(f"{gate} was left by a loop stopped during its gate: the next `treeops loop --once` removes it")
     return RepositoryDrift(model_name, aliases, served, on_disk, tuple(problems))
 
 
 def warn_on_drift(repository: ModelRepository) -> list[str]:
-    """Log a warning for each drift problem of every model folder in `repository`; returns the lines."""
+    """Log a warning for each drift problem of every model folder in `repository` (a `<model>-gate` folder next to
+    `<model>` is one of `<model>`'s problems); returns the lines."""
     lines = []
-    models = sorted(p.name for p in repository.root.iterdir() if p.is_dir()) if repository.root.is_dir() else []
-    for name in models:
+    folders = {p.name for p in repository.root.iterdir() if p.is_dir()} if repository.root.is_dir() else set()
+    for name in sorted(folders):
+        if name.endswith(GATE_SUFFIX) and name.removesuffix(GATE_SUFFIX) in folders:
+            continue
         try:
             lines += list(check(name, repository).problems)
         except ExportError as exc:
