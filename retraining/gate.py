@@ -193,24 +193,24 @@ def slo_check(model: str, repository: ModelRepository, challenger: int, feeds: M
                      f"{a.requests} requests, {a.failures} failed; {shown} (report {result.html_report})", figures)
 
 
-def remove_gate_copy(model: str, repository: ModelRepository, triton: ModelControl | None) -> Path:
-    """Unload `<model>-gate` from Triton (when a client is given) and remove its folder; returns the folder.
+def remove_gate_copy(model: str, repository: ModelRepository, triton: ModelControl | None) -> str:
+    """Unload `<model>-gate` from Triton (when a client is given) and remove its folder; returns what was done.
 
-    A failed unload does not stop the removal: NOT_FOUND (not loaded, e.g. after a Triton restart) is fine, other
-    failures are logged as warnings.
+    Triton (2.51) answers the unload of a model it has not loaded, e.g. after a restart, with success; a failed
+    unload is logged as a warning and does not stop the removal.
     """
     name = model + GATE_SUFFIX
+    folder = repository.model_dir(name)
+    done = f"removed {folder}"
     if triton is not None:
         try:
             triton.unload_model(name)
+            done = f"unloaded {name} from Triton and {done}"
         except ServerError as exc:
-            if "NOT_FOUND" in str(exc):  # AdminError carries the gRPC status in its message
-                log.info("%s was not loaded in Triton: %s", name, exc)
-            else:
-                log.warning("unloading %s failed: %s; removing its folder anyway", name, exc)
-    folder = repository.model_dir(name)
+            log.warning("unloading %s failed: %s; removing its folder anyway", name, exc)
+            done += f"; unloading it from Triton failed: {exc}"
     shutil.rmtree(folder, ignore_errors=True)
-    return folder
+    return done
 
 
 def slo_budgets(settings: GateSettings) -> SLO:

@@ -129,9 +129,9 @@ def loop_lock(workspace: Path) -> Iterator[Path]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def cleanup_step(model: str, repository: ModelRepository, triton: ModelControl | None) -> Path | None:
+def cleanup_step(model: str, repository: ModelRepository, triton: ModelControl | None) -> str | None:
     """Remove the `<model>-gate` copy a loop stopped during its gate left (unloaded from Triton first when a client
-    is given); returns its folder, or None when there was none. Run under the lock only: no gate is running then."""
+    is given); returns what was done, or None when there was none. Run under the lock only: no gate runs then."""
     from retraining.gate import GATE_SUFFIX, remove_gate_copy
 
     if not repository.model_dir(model + GATE_SUFFIX).exists():
@@ -356,10 +356,9 @@ def _one_pass(model: str, end: dt.datetime, ws: Workspace, settings: LoopSetting
     paths = MonitorPaths.in_workspace(ws.root, model)
     repository = ModelRepository(ws.model_repository)
     start, gate_start = end - settings.window, end - settings.gate_window
-    removed = cleanup_step(model, repository, triton)
-    if removed is not None:
-        unloaded = "; unloaded from Triton first" if triton is not None else ""
-        record.step("cleanup", f"removed {removed} (left by a loop stopped during its gate{unloaded})", champion)
+    cleaned = cleanup_step(model, repository, triton)
+    if cleaned is not None:
+        record.step("cleanup", f"{cleaned} (left by a loop stopped during its gate)", champion)
     rolled_back = rollback_step(model, champion, end, ws, paths, repository, settings, triton, record)
     if rolled_back is not None:
         return rolled_back
