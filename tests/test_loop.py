@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +31,7 @@ from export.repository import ModelRepository
 from monitoring.labels import LABELLED_AT, ingest_labels
 from monitoring.monitor import MonitorPaths
 from registry import versions as registry
+from registry.consistency import check, warn_on_drift
 from registry.promotion import AuditLog
 from retraining.gate import GATE_SUFFIX, GateCheck, GateSettings, GateVerdict, record_verdict, slo_budgets
 from retraining.loop import LoopSettings, loop_lock, promote_step, retrain_step, run_loop_once
@@ -38,6 +42,7 @@ from steady_load import SteadyLoad
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
 from training.train import TrainParams
+from treeops.errors import EXIT_DRIFT, EXIT_NO_DATA, EXIT_QUALITY
 from treeops.workspace import Workspace
 from triton_fixtures import serving
 
@@ -100,6 +105,8 @@ def test_the_gate_refuses_a_challenger_short_of_the_margin_and_promotes_nothing(
     assert f"{quality['challenger_roc_auc']:.5f}" in refused[0]["reason"]
     assert "minimum absolute change check failed" in refused[0]["reason"]  # mlflow.validate_evaluation_results
     assert [c.name for c in outcome.verdict.checks] == ["parity", "quality"]  # no SLO run after a refusal
+    monitored = outcome.to_dict()["monitor_exit_code"]
+    assert monitored in (EXIT_DRIFT, EXIT_QUALITY) and f": exit {monitored} " in outcome.steps[0]["summary"]
     assert not any(e["event"] == "promote" for e in _events(ws))
     assert {e["event"] for e in _events(ws)} >= {"loop_monitor", "loop_retrain", "loop_export", "loop_shadow",
                                                  "loop_decision"}
@@ -221,6 +228,7 @@ def test_a_promoted_champion_worse_on_its_next_window_is_rolled_back_and_nothing
     assert outcome.decision == "rolled_back" and outcome.exit_code == 0 and outcome.champion == 1, outcome.lines()
     assert registry.aliases(MODEL) == {"champion": 1}
     assert [s["step"] for s in outcome.steps] == ["rollback", "decision"]  # no monitor, no retrain
+    assert outcome.to_dict()["monitor_exit_code"] is None
     events = _events(ws)[before:]
     assert [e["event"] for e in events] == ["loop_rollback", "rollback", "loop_decision"]
     figures = events[0]["metrics"]["rollback"]
@@ -262,3 +270,92 @@ def test_too_few_labels_since_the_promotion_give_no_rollback_verdict(tmp_path, t
     assert "no verdict on version 2" in steps[0]["summary"] and "20 labelled" in steps[0]["summary"]
     assert printed["decision"] != "rolled_back" and registry.aliases(MODEL)["champion"] == 2
     assert not any(e["event"] == "rollback" for e in _events(ws))
+
+
+@pytest.fixture(scope="module")
+def exported_v1(tmp_path_factory) -> Workspace:
+    """A small champion v1, registered and exported; nothing logged. Tests use copies (`_copy`)."""
+    ws = Workspace(tmp_path_factory.mktemp("exported-v1"))
+    data = write_transactions(generate_transactions(GenerateSpec(rows=1_000, seed=3)), ws.data_dir / "t.parquet")
+    before = mlflow.get_tracking_uri()
+    train_and_register(data, "is_fraud", MODEL, params=TrainParams(num_boost_round=5, max_depth=3),
+                       tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
+    export_model(MODEL, ModelRepository(ws.model_repository))
+    mlflow.set_tracking_uri(before)
+    return ws
+
+
+def _copy(ws: Workspace, root: Path) -> Workspace:
+    """A copy of `ws` with the gate's copy of version 1 left in its repository, as a loop killed in its SLO run
+    leaves it."""
+    shutil.copytree(ws.root, root)
+    copy = Workspace(root)
+    shutil.copytree(copy.model_repository / MODEL, copy.model_repository / (MODEL + GATE_SUFFIX))
+    return copy
+
+
+class _Unloads:
+    """Triton's model control (the network boundary) as Triton 2.51 answers an unload of a model it has not loaded
+    (restarted since the loop died): success. Records each unload and whether the gate copy's folder was there."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.unloads = folder, []
+
+    def unload_model(self, name: str) -> None:
+        self.unloads.append((name, self.folder.is_dir()))
+
+    def load_model(self, name: str) -> None:
+        raise AssertionError("the cleanup loads nothing")
+
+    def model_ready(self, name: str, version: int) -> bool:
+        raise AssertionError("the cleanup checks nothing")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("control", ["none", "not_loaded", "unreachable"])
+def test_a_pass_removes_the_gate_copy_a_killed_loop_left(exported_v1, tmp_path, tracking, caplog, control):
+    ws = _copy(exported_v1, tmp_path / "ws")
+    gate = ws.model_repository / (MODEL + GATE_SUFFIX)
+    triton = {"none": None, "not_loaded": _Unloads(gate),
+              "unreachable": AdminClient(f"127.0.0.1:{_closed_port()}", None, timeout_s=5)}[control]
+    with caplog.at_level(logging.WARNING, logger="retraining.gate"):
+        outcome = run_loop_once(MODEL, END, ws, SETTINGS, triton=triton)
+
+    assert outcome.decision == "too_little_data", outcome.lines()  # nothing was logged
+    assert not gate.exists() and ws.model_repository.joinpath(MODEL, "1").is_dir()
+    assert [s["step"] for s in outcome.steps] == ["cleanup", "decision"]
+    summary = outcome.steps[0]["summary"]
+    done = {"none": f"removed {gate}", "not_loaded": f"unloaded {gate.name} from Triton and removed {gate}",
+            "unreachable": f"removed {gate}; unloading it from Triton failed: cannot unload model"}[control]
+    assert summary.startswith(done) and summary.endswith(" (left by a loop stopped during its gate)"), summary
+    cleanup = [e for e in _events(ws) if e["event"] == "loop_cleanup"]
+    assert [e["reason"] for e in cleanup] == [summary] and cleanup[0]["to_version"] == 1
+    printed = json.loads(json.dumps(outcome.to_dict()))
+    assert printed["monitor_exit_code"] == EXIT_NO_DATA and printed["steps"][0]["step"] == "cleanup"
+    warned = [r for r in caplog.records if r.name == "retraining.gate"]
+    if control == "not_loaded":
+        assert triton.unloads == [(MODEL + GATE_SUFFIX, True)] and not warned  # unloaded before the folder went
+    if control == "unreachable":
+        assert len(warned) == 1 and "removing its folder anyway" in warned[0].getMessage()
+
+    again = run_loop_once(MODEL, END, ws, SETTINGS, triton=triton)
+    assert [s["step"] for s in again.steps] == ["decision"], again.lines()  # no copy: no cleanup step
+
+
+def test_the_drift_report_names_a_gate_copy_as_left_by_a_stopped_loop(exported_v1, tmp_path, tracking):
+    ws = _copy(exported_v1, tmp_path / "ws")
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    repo = ModelRepository(ws.model_repository)
+    line = (f"{repo.model_dir(MODEL + GATE_SUFFIX)} was left by a loop stopped during its gate: the next "
+            "`treeops loop --once` removes it")
+    assert check(MODEL, repo).problems == (line,)  # what `treeops models` shows
+    assert warn_on_drift(repo) == [line]  # what `treeops serve` logs: no second line about `fraud-gate` itself
+
+    shutil.rmtree(repo.model_dir(MODEL))  # a `<name>-gate` folder with no `<name>` beside it is a model of its own
+    alone = warn_on_drift(repo)
+    assert len(alone) == 1 and alone[0].startswith(f"{repo.model_dir(MODEL + GATE_SUFFIX)}: no registered model")
