@@ -38,9 +38,15 @@ FAILED_MODEL_LINE = re.compile(FAILED_TO_LOAD + r"'([^']+)'\"")
 #: Prefix of the shared-memory files the Python backend creates in /dev/shm (one per model instance).
 PYTHON_BACKEND_SHM = "/dev/shm/triton_python_backend_shm_region_"
 #: How long a graceful stop waits for the Python-backend models' stubs to stop calling Triton (they look every
-#: 0.5 s; clients are still answered meanwhile), then for their prediction logs to write what they queued.
+#: 0.5 s; clients are still answered meanwhile), then for their prediction logs to write what they queued: at most
+#: LOG_FLUSH_FROZEN_S with tritonserver frozen (they answer in milliseconds), then, for a stub whose main thread the
+#: freeze caught inside a call to Triton (it holds the GIL, so its writer cannot run), LOG_FLUSH_TIMEOUT_S thawed.
 LOG_QUIET_TIMEOUT_S = 3.0
+LOG_FLUSH_FROZEN_S = 2.0
 LOG_FLUSH_TIMEOUT_S = 5.0
+#: What the launcher logs when it thaws tritonserver to let a caught stub's writer finish (clients may then see
+#: NOT_FOUND until the group is killed, a few milliseconds).
+THAWED_FOR_LOG = "thawing tritonserver so they can write"
 
 
 class TritonServer:
@@ -222,7 +228,8 @@ class TritonServer:
         unloads every model but keeps its ports open for up to a second more, answering NOT_FOUND "no available
         versions". At its log line saying so the launcher freezes tritonserver (SIGSTOP: a request arriving now waits
         and then gets UNAVAILABLE), has every prediction-log writer write what it queued (the stubs are not frozen;
-        bounded by LOG_FLUSH_TIMEOUT_S), then kills the group: no answered request is missing from the log. Triton
+        bounded by LOG_FLUSH_FROZEN_S, then thawed: see `_flush_prediction_logs`), then kills the group: no answered
+        request is missing from the log. Triton
         logs that line just after it began unloading, so a request arriving in the launcher's reaction time (about
         1-2 ms here) can still get NOT_FOUND. With a prediction log, the stubs first stop their metrics calls
         (`LOG_QUIET_TIMEOUT_S`, about 0.5 s; clients are still answered). Not graceful (a wedged server): SIGKILL
@@ -263,12 +270,23 @@ class TritonServer:
                         len(unanswered), LOG_QUIET_TIMEOUT_S, ", ".join(unanswered))
 
     def _flush_prediction_logs(self, proc: subprocess.Popen[bytes]) -> None:
-        """Freeze tritonserver and wait until every prediction-log writer of its models wrote what it queued."""
+        """Freeze tritonserver and wait until every prediction-log writer of its models wrote what it queued.
+
+        A stub caught by the freeze inside a call to Triton holds its GIL, so its writer cannot run: after
+        LOG_FLUSH_FROZEN_S tritonserver is thawed (it goes on unloading; a request arriving now may get NOT_FOUND)
+        until those writers answered, since a lost record is worse than a NOT_FOUND.
+        """
         if self._log_root is None:
             return
         proc.send_signal(signal.SIGSTOP)
         started = time.monotonic()
-        unanswered = prediction_log.flush_all(self._log_root, proc.pid, LOG_FLUSH_TIMEOUT_S)
+        unanswered = prediction_log.flush_all(self._log_root, proc.pid, LOG_FLUSH_FROZEN_S)
+        if unanswered:
+            log.warning("%d prediction-log writer(s) did not answer within %.0fs of freezing tritonserver (%s); %s "
+                        "(clients may see NOT_FOUND until it is killed)", len(unanswered), LOG_FLUSH_FROZEN_S,
+                        ", ".join(unanswered), THAWED_FOR_LOG)
+            proc.send_signal(signal.SIGCONT)
+            unanswered = prediction_log.flush_all(self._log_root, proc.pid, LOG_FLUSH_TIMEOUT_S)
         if unanswered:
             log.error("%d prediction-log writer(s) did not write their queued records within %.0fs, so the last "
                       "records of those models may be missing from %s: %s (see %s for the writers' errors)",

@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from export.repository import ModelRepository
 from monitoring.prediction_log import read_window
+from server.launcher import THAWED_FOR_LOG
 from test_prediction_log import ALL_TIME, FEATURE_MODEL, feature_ws  # noqa: F401 (feature_ws is a fixture)
 from test_supervision import _serve, _supervising
 from treeops.workspace import Workspace
@@ -80,11 +81,13 @@ class Load:
     def failed(self) -> set[str]:
         return {r for answers in self.answers for r, status, _ in answers if status != "OK"}
 
-    def check_statuses(self) -> None:
+    def check_statuses(self, thawed: bool) -> None:
         """Each client: successes, then failures only, UNAVAILABLE but for one brief run of NOT_FOUND at the unload.
 
         The NOT_FOUND answers of all clients fall in one window of `NOT_FOUND_WINDOW_S` (the launcher's reaction
         time, with room for a loaded machine), at most 3 per client, consecutive: never a lasting NOT_FOUND.
+        `thawed`: the launcher logged that it thawed tritonserver for a writer the freeze caught (THAWED_FOR_LOG);
+        then a second brief run of NOT_FOUND may come at the thaw, and only successes-then-failures is checked.
         """
         not_found_at: list[float] = []
         for k, answers in enumerate(self.answers):
@@ -93,6 +96,8 @@ class Load:
             assert first_failure > 0, f"client {k} got no answer before the stop"
             failures = statuses[first_failure:]
             assert set(failures) <= {"NOT_FOUND", "UNAVAILABLE"}, f"client {k} saw {set(failures)} after its last success"
+            if thawed:
+                continue
             not_found = [i for i, s in enumerate(failures) if s == "NOT_FOUND"]
             if not_found:
                 assert len(not_found) <= 3 and not_found == list(range(not_found[0], not_found[-1] + 1)), (
@@ -132,7 +137,7 @@ def test_launcher_stop_under_load_logs_every_answered_request(feature_ws: Worksp
             server.stop()
             stop_s = time.monotonic() - stopping
             time.sleep(0.3)
-    load.check_statuses()
+    load.check_statuses(thawed=THAWED_FOR_LOG in caplog.text)
     load.check_log(_logged_ids(root))
     assert "prediction logs written in" in caplog.text and "did not stop their metrics calls" not in caplog.text
     assert stop_s < 8, f"the stop took {stop_s:.2f}s"  # measured 1.6-3.4 s here, most of it waiting for init to reap
@@ -155,7 +160,7 @@ def test_serve_stopped_by_sigterm_under_load_logs_every_answered_request(feature
     finally:
         if serve.poll() is None:
             serve.kill()
-        serve.communicate()
+        stderr = serve.communicate()[1]
     assert_no_leftover(record.pid)
-    load.check_statuses()
+    load.check_statuses(thawed=THAWED_FOR_LOG in stderr)
     load.check_log(_logged_ids(workspace / "prediction_log"))
