@@ -26,6 +26,9 @@ METADATA_FILE = "treeops.json"
 FEATURES_FILE = "feature_spec.json"
 PARITY_FILE = "parity.json"
 CONFIG_FILE = "config.pbtxt"
+#: `<model>` + this: the folder and Triton model name of the challenger copy the loop's gate loads beside `<model>`
+#: for its SLO run (retraining/gate.py); a loop killed meanwhile leaves it (registry/consistency.py reports it).
+GATE_SUFFIX = "-gate"
 #: Hidden folders a writer owns while it works: `.staging-<version>-<pid>-<hex>` (a version being
 #: written, or after a replace the old one being deleted) and `.trash-<version>-<pid>-<hex>` (a pruned one).
 #: Triton ignores them.

@@ -8,10 +8,9 @@ from typing import Any
 
 from export.errors import ExportError
 from export.pipeline import served_versions
-from export.repository import CONFIG_FILE, ModelRepository
+from export.repository import CONFIG_FILE, GATE_SUFFIX, ModelRepository
 from registry import versions as registry
 from registry.aliases import CHAMPION
-from retraining.gate import GATE_SUFFIX
 
 log = logging.getLogger(__name__)
 

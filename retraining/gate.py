@@ -25,7 +25,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from export.errors import ExportError
-from export.repository import ModelRepository
+from export.repository import GATE_SUFFIX, ModelRepository
 from registry.promotion import AuditLog, RegistryEvent, actor, now_iso
 from registry.rollout import wait_ready
 from retraining.errors import InsufficientLabelsError
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GATE_SUFFIX = "-gate"  # the challenger's own model name in Triton during its SLO run
 METRIC = "roc_auc"
 
 

@@ -132,7 +132,8 @@ def loop_lock(workspace: Path) -> Iterator[Path]:
 def cleanup_step(model: str, repository: ModelRepository, triton: ModelControl | None) -> str | None:
     """Remove the `<model>-gate` copy a loop stopped during its gate left (unloaded from Triton first when a client
     is given); returns what was done, or None when there was none. Run under the lock only: no gate runs then."""
-    from retraining.gate import GATE_SUFFIX, remove_gate_copy
+    from export.repository import GATE_SUFFIX
+    from retraining.gate import remove_gate_copy
 
     if not repository.model_dir(model + GATE_SUFFIX).exists():
         return None

@@ -176,15 +176,15 @@ def test_feature_model_logs_every_answered_request(feature_ws: Workspace, tmp_pa
         count = f'{histogram.name}_count{{model="{FEATURE_MODEL}",version="1"}}'
         deadline = time.monotonic() + 5  # published every 0.5 s, off the request path
 
-        def decisions(metrics: dict[str, float]) -> dict[str, float]:
+        def counted(metrics: dict[str, float]) -> dict[str, float]:
             return {k: v for k, v in metrics.items() if k.startswith(metric_names.PREDICTIONS.name)}
 
         # a scrape can fall between a publish's histogram and its counters: wait for both
         while ((metrics := treeops_metrics(server)).get(count) != len(sent)
-               or sum(decisions(metrics).values()) != rows) and time.monotonic() < deadline:
+               or sum(counted(metrics).values()) != rows) and time.monotonic() < deadline:
             time.sleep(0.1)
         terminate(server)
-    decisions = decisions(metrics)
+    decisions = counted(metrics)
     assert sum(decisions.values()) == rows
     assert set(decisions) <= {f'{metric_names.PREDICTIONS.name}{{decision="{d}",model="{FEATURE_MODEL}",version="1"}}'
                               for d in ("positive", "negative")}
