@@ -181,6 +181,12 @@ def decode_member(raw: bytes) -> tuple[int, list[float], int]:
     return int(head[0]), head[1:-1].tolist(), int(head[-1])
 
 
+def value_columns(features: Sequence[Mapping]) -> list[str]:
+    """The value columns a member stores, in member order (first use first), of `features` as OnlineHistory
+    takes them; treeops' C backend reads this order from the version's online.json (export/native_online.py)."""
+    return list(dict.fromkeys(f["history"]["value"] for f in features if f.get("history") and f["history"].get("value")))
+
+
 class OnlineHistory:
     """The history features of one entity, read and updated in Redis (see the module docstring).
 
@@ -213,7 +219,7 @@ class OnlineHistory:
         self.entity, self.time = entities[0], times[0]
         self.names: list[str] = [name for name, _ in history]
         #: The value columns stored with every transaction, in member order.
-        self.value_columns: list[str] = list(dict.fromkeys(h["value"] for _, h in history if h.get("value")))
+        self.value_columns: list[str] = value_columns(features)
         self.max_window_us = max(int(h["window_us"]) for _, h in history)
         self.late_us = late_us
         self.retention_us = self.max_window_us + late_us

@@ -64,7 +64,8 @@ def _raw_dtype(name: str, dtype: pl.DataType) -> RawDtype:
                                 "Int64, Float64 and Datetime fields")
 
 
-def _entity(fitted: FittedFeatures) -> str:
+def entity_field(fitted: FittedFeatures) -> str:
+    """The one raw field keying the spec's history features (the online store's entity)."""
     entities = sorted({f.history.entity for f in history_features(fitted)})
     if len(entities) != 1:
         raise UnsupportedModelError(f"spec {fitted.spec.name!r} keys its history features by {entities}; the "
@@ -78,7 +79,7 @@ def online_inputs(fitted: FittedFeatures) -> list[RawInput]:
     if TRANSACTION_ID not in schema:
         raise UnsupportedModelError(f"spec {fitted.spec.name!r} has history features but no {TRANSACTION_ID!r} raw "
                                     "field: the online store needs it to count a retried transaction once")
-    needed = {r.name for r in raw_inputs(fitted) if not r.stateful} | {TRANSACTION_ID, _entity(fitted)}
+    needed = {r.name for r in raw_inputs(fitted) if not r.stateful} | {TRANSACTION_ID, entity_field(fitted)}
     for f in history_features(fitted):
         needed |= {f.history.time} | ({f.history.value} if f.history.value else set())
     missing = sorted(needed - set(schema))
@@ -94,16 +95,20 @@ def served_inputs(fitted: FittedFeatures) -> list[RawInput]:
     return online_inputs(fitted) if is_online(fitted) else raw_inputs(fitted)
 
 
+def non_negative_fields(fitted: FittedFeatures) -> list[str]:
+    """The history value fields (sorted): the served model refuses a negative or non-finite one."""
+    return sorted({f.history.value for f in history_features(fitted) if f.history.value})
+
+
 def online_parameters(fitted: FittedFeatures, on_store_unavailable: StorePolicy) -> Mapping[str, str]:
     """The config parameters of the raw-transaction model (empty for a stateless spec); all but the
     `treeops_degraded` output's description are read by backends/online_model.py."""
     if not is_online(fitted):
         return {}
-    values = sorted({f.history.value for f in history_features(fitted) if f.history.value})
     return {
         POLICY_PARAMETER: on_store_unavailable,
-        NAMESPACE_PARAMETER: namespace_for(fitted.spec.name, _entity(fitted)),
+        NAMESPACE_PARAMETER: namespace_for(fitted.spec.name, entity_field(fitted)),
         TRANSACTION_ID_PARAMETER: TRANSACTION_ID,
-        NON_NEGATIVE_PARAMETER: ",".join(values),
+        NON_NEGATIVE_PARAMETER: ",".join(non_negative_fields(fitted)),
         DEGRADED_DOC_PARAMETER: DEGRADED_DOC,
     }

@@ -134,35 +134,38 @@ def _is_weekend(g: _Graph) -> str:
 
 @dataclass(frozen=True)
 class Builder:
-    """Compiles one stateless feature; `expr` is the Polars expression it reproduces exactly."""
+    """Compiles one stateless feature; `expr` is the Polars expression it reproduces exactly.
+
+    `native`: (op, raw field) of the same arithmetic in treeops' C backend (export/native_online.py names the
+    ops it implements); None where the C backend has no such op, and the native target refuses the feature."""
 
     expr: pl.Expr
     build: Callable[[_Graph], str]
+    native: tuple[str, str] | None = None
 
 
 #: Stateless numeric features the graph can compute, by feature name.
 BUILDERS: dict[str, Builder] = {
-    "log_amount": Builder(pl.col("amount").clip(lower_bound=0).log1p(), _log_amount),
-    "hour_of_day": Builder(pl.col("timestamp").dt.hour(), _hour_of_day),
-    "day_of_week": Builder(pl.col("timestamp").dt.weekday(), _day_of_week),
-    "is_weekend": Builder((pl.col("timestamp").dt.weekday() >= 6).cast(pl.Int8), _is_weekend),
+    "log_amount": Builder(pl.col("amount").clip(lower_bound=0).log1p(), _log_amount, native=("log1p_clip0", "amount")),
+    "hour_of_day": Builder(pl.col("timestamp").dt.hour(), _hour_of_day, native=("hour_of_day", TIMESTAMP_INPUT)),
+    "day_of_week": Builder(pl.col("timestamp").dt.weekday(), _day_of_week, native=("iso_weekday", TIMESTAMP_INPUT)),
+    "is_weekend": Builder((pl.col("timestamp").dt.weekday() >= 6).cast(pl.Int8), _is_weekend,
+                          native=("is_weekend", TIMESTAMP_INPUT)),
 }
 
 
-def _compile_feature(g: _Graph, feature: Feature, fitted: FittedFeatures) -> str:
-    if feature.stateful:
-        return g.input(RawInput(feature.name, "float", f"history: {feature.description}", stateful=True))
-    if feature.categorical:
-        if not feature.expr.meta.is_column():
-            raise FeatureCompileError(
-                f"categorical feature {feature.name!r} is {feature.expr}, not a plain column; "
-                "add a builder for it in export/raw_graph.py"
-            )
-        column = feature.expr.meta.output_name()
-        vocab = [str(v) for v in fitted.vocabularies[feature.name]]
-        text = g.input(RawInput(column, "string", f"{feature.description} (unknown values score as missing)"))
-        return g.op("LabelEncoder", [text], domain="ai.onnx.ml", keys_strings=vocab,
-                    values_floats=[float(i) for i in range(len(vocab))], default_float=float("nan"))
+def categorical_column(feature: Feature) -> str:
+    """The raw string column a categorical feature encodes; refuses a feature that is not a plain column."""
+    if not feature.expr.meta.is_column():
+        raise FeatureCompileError(
+            f"categorical feature {feature.name!r} is {feature.expr}, not a plain column; "
+            "add a builder for it in export/raw_graph.py"
+        )
+    return feature.expr.meta.output_name()
+
+
+def builder_for(feature: Feature, fitted: FittedFeatures) -> Builder:
+    """The builder of a stateless numeric feature; refuses a feature without one or defined differently."""
     builder = BUILDERS.get(feature.name)
     if builder is None:
         raise FeatureCompileError(
@@ -174,7 +177,19 @@ def _compile_feature(g: _Graph, feature: Feature, fitted: FittedFeatures) -> str
             f"feature {feature.name!r} is defined as {feature.expr} in spec {fitted.spec.name!r}, but the ONNX "
             f"builder implements {builder.expr}; update export/raw_graph.py BUILDERS to the new definition"
         )
-    return builder.build(g)
+    return builder
+
+
+def _compile_feature(g: _Graph, feature: Feature, fitted: FittedFeatures) -> str:
+    if feature.stateful:
+        return g.input(RawInput(feature.name, "float", f"history: {feature.description}", stateful=True))
+    if feature.categorical:
+        column = categorical_column(feature)
+        vocab = [str(v) for v in fitted.vocabularies[feature.name]]
+        text = g.input(RawInput(column, "string", f"{feature.description} (unknown values score as missing)"))
+        return g.op("LabelEncoder", [text], domain="ai.onnx.ml", keys_strings=vocab,
+                    values_floats=[float(i) for i in range(len(vocab))], default_float=float("nan"))
+    return builder_for(feature, fitted).build(g)
 
 
 def raw_inputs(fitted: FittedFeatures) -> list[RawInput]:
