@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 
 # Debian programs the tests and the demo start for real: redis-server (the online feature store),
 # prometheus + promtool (the alert rules, checked and fired on a real Prometheus), chromium (the
-# Evidently UI rendered headless), prometheus-pushgateway (the monitor job's gauges pushed).
-SYSTEM_PACKAGES := redis-server prometheus chromium prometheus-pushgateway
+# Evidently UI rendered headless), prometheus-pushgateway (the monitor job's gauges pushed), libhiredis-dev
+# (treeops' C backend reads the online store with hiredis).
+SYSTEM_PACKAGES := redis-server prometheus chromium prometheus-pushgateway libhiredis-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Checked on every run, not only when the venv is built: a package added later reaches existing checkouts.

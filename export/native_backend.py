@@ -14,12 +14,15 @@ from pathlib import Path
 import backends
 from backends import prediction_log
 from export.compiled_forest import require_compiler, run_compiler
+from export.errors import ExportError
 from export.serving_metrics import METRICS_PARAMETER
 from monitoring.prediction_log import JOURNAL_FORMAT, JOURNAL_MAGIC
 
 BACKEND_NAME = "treeops_forest"
 BACKEND_LIBRARY = f"libtriton_{BACKEND_NAME}.so"
 BACKEND_SOURCE = Path(backends.__file__).resolve().with_name("treeops_forest.c")
+#: The backend talks to the online store (raw-transaction versions) with hiredis.
+HIREDIS_HEADER = Path("/usr/include/hiredis/hiredis.h")
 
 
 #: Warnings are errors; only the TRITONBACKEND_* entry points are exported.
@@ -57,7 +60,15 @@ def build_backend(out_dir: Path, *, cc: str = "gcc", defines: Mapping[str, str] 
     TRITONBACKEND API minor it requires).
     """
     require_compiler(cc)
+    require_hiredis()
     out = Path(out_dir) / BACKEND_LIBRARY
     macros = [f"-D{name}={value}" for name, value in {**contract_defines(), **(defines or {})}.items()]
-    run_compiler([cc, *COMPILE_FLAGS, *macros, "-o", str(out), str(BACKEND_SOURCE), "-ldl"])
+    run_compiler([cc, *COMPILE_FLAGS, *macros, "-o", str(out), str(BACKEND_SOURCE), "-lhiredis", "-ldl"])
     return out
+
+
+def require_hiredis(header: Path = HIREDIS_HEADER) -> None:
+    """Fail early, with the fix, where hiredis (the backend's Redis client) is not installed."""
+    if not header.is_file():
+        raise ExportError(f"the native-compiled target's backend links hiredis: {header} is missing "
+                          "(apt-get install libhiredis-dev)")
