@@ -43,14 +43,18 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <hiredis/hiredis.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -65,9 +69,9 @@ typedef struct TRITONBACKEND_Response TRITONBACKEND_Response;
 typedef struct TRITONBACKEND_Input TRITONBACKEND_Input;
 typedef struct TRITONBACKEND_Output TRITONBACKEND_Output;
 
-enum { TYPE_FP32 = 11 };                        /* TRITONSERVER_TYPE_FP32 */
+enum { TYPE_BOOL = 1, TYPE_INT64 = 9, TYPE_FP32 = 11, TYPE_FP64 = 12, TYPE_BYTES = 13 }; /* TRITONSERVER_TYPE_* */
 enum { MEMORY_CPU = 0, MEMORY_CPU_PINNED = 1 }; /* TRITONSERVER_MEMORY_* */
-enum { ERROR_INTERNAL = 1, ERROR_NOT_FOUND = 2, ERROR_INVALID_ARG = 3, ERROR_UNSUPPORTED = 5 };
+enum { ERROR_INTERNAL = 1, ERROR_NOT_FOUND = 2, ERROR_INVALID_ARG = 3, ERROR_UNAVAILABLE = 4, ERROR_UNSUPPORTED = 5 };
 enum { ARTIFACT_FILESYSTEM = 0 };               /* TRITONBACKEND_ARTIFACT_FILESYSTEM */
 enum { RESPONSE_COMPLETE_FINAL = 1, REQUEST_RELEASE_ALL = 1 };
 enum { LOG_ERROR = 2 };
@@ -82,6 +86,7 @@ enum { LOG_ERROR = 2 };
 
 extern TRITONSERVER_Error* TRITONSERVER_ErrorNew(int code, const char* msg);
 extern const char* TRITONSERVER_ErrorMessage(TRITONSERVER_Error* error);
+extern int TRITONSERVER_ErrorCode(TRITONSERVER_Error* error);
 extern void TRITONSERVER_ErrorDelete(TRITONSERVER_Error* error);
 extern TRITONSERVER_Error* TRITONSERVER_LogMessage(int level, const char* filename, const int line, const char* msg);
 extern TRITONSERVER_Error* TRITONSERVER_MessageSerializeToJson(TRITONSERVER_Message* message, const char** base,
@@ -108,6 +113,11 @@ extern TRITONSERVER_Error* TRITONBACKEND_ModelInstanceReportBatchStatistics(
 extern TRITONSERVER_Error* TRITONBACKEND_RequestInputCount(TRITONBACKEND_Request* request, uint32_t* count);
 extern TRITONSERVER_Error* TRITONBACKEND_RequestInputByIndex(TRITONBACKEND_Request* request, const uint32_t index,
                                                             TRITONBACKEND_Input** input);
+extern TRITONSERVER_Error* TRITONBACKEND_RequestInput(TRITONBACKEND_Request* request, const char* name,
+                                                      TRITONBACKEND_Input** input);
+extern TRITONSERVER_Error* TRITONBACKEND_RequestParameterCount(TRITONBACKEND_Request* request, uint32_t* count);
+extern TRITONSERVER_Error* TRITONBACKEND_RequestParameter(TRITONBACKEND_Request* request, const uint32_t index,
+                                                          const char** key, int* type, const void** vvalue);
 extern TRITONSERVER_Error* TRITONBACKEND_RequestOutputCount(TRITONBACKEND_Request* request, uint32_t* count);
 extern TRITONSERVER_Error* TRITONBACKEND_RequestOutputName(TRITONBACKEND_Request* request, const uint32_t index,
                                                           const char** output_name);
@@ -141,7 +151,7 @@ typedef struct TRITONSERVER_MetricFamily TRITONSERVER_MetricFamily;
 typedef struct TRITONSERVER_Metric TRITONSERVER_Metric;
 typedef struct TRITONSERVER_MetricArgs TRITONSERVER_MetricArgs;
 enum { METRIC_COUNTER = 0, METRIC_GAUGE = 1, METRIC_HISTOGRAM = 2 }; /* TRITONSERVER_METRIC_KIND_* */
-enum { PARAMETER_STRING = 0 };                                    /* TRITONSERVER_PARAMETER_STRING */
+enum { PARAMETER_STRING = 0, PARAMETER_BOOL = 2 };                /* TRITONSERVER_PARAMETER_* */
 extern TRITONSERVER_Parameter* TRITONSERVER_ParameterNew(const char* name, const int type, const void* value);
 extern void TRITONSERVER_ParameterDelete(TRITONSERVER_Parameter* parameter);
 extern TRITONSERVER_Error* TRITONSERVER_MetricFamilyNew(TRITONSERVER_MetricFamily** family, const int kind,
@@ -668,12 +678,440 @@ static TRITONSERVER_Error* check_config(const Version* v, Json config, Json meta
   return err;
 }
 
+/* ---- raw transactions: history features from the online store (online.json) ----
+ * A version folder holding online.json (written by export/native_online.py) is the raw-transaction model: its
+ * inputs are the raw fields (BYTES, INT64, FP64; [rows, 1] each), not the feature tensor. Per execute call, as
+ * backends/online_model.py does in the Python backend:
+ * 1. each request's fields are read and checked; a request with a field that is not UTF-8 text, a negative or
+ *    non-finite value of a non_negative field, or a time outside 1990-01-01..2200-01-01 UTC is refused alone
+ *    (INVALID_ARG naming the field and its row) and nothing of it reaches the store;
+ * 2. one Redis round trip (hiredis): the script of backends/online_history.py (EVALSHA; SCRIPT LOAD on NOSCRIPT and
+ *    once more), one call per SCRIPT_ROWS rows, pipelined, with the keys and arguments OnlineHistory sends, so the
+ *    state is shared with the Python-backend model and answers are the same; rows of a request with the parameter
+ *    treeops_read_only true only read;
+ * 3. every row's aggregates from the script's reply in float64 as OnlineHistory._row computes them (sums left to
+ *    right in (time, value) order), the stateless features (online.json "op"s: the Polars expressions of
+ *    export/raw_graph.py BUILDERS) and the vocabularies (unknown -> NaN), each cast to float32;
+ * 4. the forest, then `probabilities` and `treeops_degraded` (BOOL [rows, 1]).
+ * The store unreachable: config parameter on_store_unavailable "error" answers UNAVAILABLE naming the store URL (its
+ * password hidden; a retry is safe: a transaction_id already stored changes nothing); "score_without_history" scores
+ * with the history features NaN, flags the rows degraded and counts the requests (degraded_answers metric).
+ * Environment: TREEOPS_ONLINE_STORE_URL (redis://[user:password@]host[:port][/db] or unix:///path),
+ * TREEOPS_ONLINE_STORE_TIMEOUT_S (connect and per reply, default 1), TREEOPS_ONLINE_STORE_RETRIES (immediate
+ * reconnects on a dropped connection, default 1; none after a timeout). */
+#define ONLINE_FILE "online.json"
+#define URL_ENV "TREEOPS_ONLINE_STORE_URL"
+#define TIMEOUT_ENV "TREEOPS_ONLINE_STORE_TIMEOUT_S"
+#define RETRIES_ENV "TREEOPS_ONLINE_STORE_RETRIES"
+#define READ_ONLY_PARAMETER "treeops_read_only"
+#define DEGRADED_OUTPUT "treeops_degraded"
+enum { SCRIPT_ROWS = 512 };
+enum { FIELD_INT64, FIELD_DOUBLE, FIELD_STRING, N_FIELD_KINDS };
+enum { OP_LOG1P_CLIP0, OP_HOUR_OF_DAY, OP_ISO_WEEKDAY, OP_IS_WEEKEND, OP_CATEGORY, OP_HISTORY, N_OPS };
+enum { AGG_COUNT, AGG_SUM, AGG_MEAN, AGG_SINCE_PREV, AGG_RATIO, N_AGGREGATES };
+static const char* const FIELD_KINDS[] = {"int64", "double", "string"};
+static const char* const FIELD_CONFIG_TYPES[] = {"TYPE_INT64", "TYPE_FP64", "TYPE_STRING"};
+static const int FIELD_DATATYPES[] = {TYPE_INT64, TYPE_FP64, TYPE_BYTES};
+static const char* const OPS[] = {"log1p_clip0", "hour_of_day", "iso_weekday", "is_weekend", "category", "history"};
+static const char* const AGGREGATES[] = {"count", "sum", "mean", "seconds_since_prev", "ratio_to_mean"};
+static const int64_t MIN_TIME_US = 631152000000000ll;  /* 1990-01-01T00:00:00Z */
+static const int64_t MAX_TIME_US = 7258118400000000ll; /* 2200-01-01T00:00:00Z */
+static const int64_t US_PER_DAY = 86400000000ll, US_PER_HOUR = 3600000000ll;
+
+typedef struct {
+  const char* p;
+  uint32_t n;
+} Str;
+
+typedef struct {
+  char name[256];
+  int kind;
+  bool non_negative;
+} Field;
+
+typedef struct {
+  int op, field, aggregate, column; /* column: 0 time, 1 + value column */
+  int64_t window_us;
+  Str* vocabulary; /* op category: sorted by bytes */
+  int n_vocabulary;
+} Plan;
+
+typedef struct {
+  Field* fields;
+  int n_fields, entity, time, txn;
+  int* values; /* the field of each value column, in member order */
+  int n_values;
+  Plan* plan; /* one per forest feature, in forest column order */
+  int n_plan;
+  char prefix[600]; /* "<namespace>:{" */
+  char max_window[32], retention[32];
+  char* script;
+  char sha[48];
+  bool degrade; /* on_store_unavailable = score_without_history */
+  char shown[8300]; /* the URL with its password as *** */
+  char host[2048], socket[2048], user[2048], password[2048];
+  int port, db, retries;
+  struct timeval timeout;
+  TRITONSERVER_MetricFamily* degraded_family;
+  TRITONSERVER_Metric* degraded;
+} Online;
+
+/* The raw fields of one batch. */
+typedef struct {
+  void** col;      /* per field: int64_t*, double* or Str* over the batch's rows */
+  char** copies;   /* BYTES inputs copied out of several buffers */
+  uint32_t n_copies;
+  bool* update;    /* per row: false for a read-only request's rows */
+  char* tokens;    /* per row: its int64 entity / transaction id as text (24 bytes each) */
+} Raw;
+
+static void raw_free(Raw* raw, int n_fields) {
+  for (int i = 0; raw->col != NULL && i < n_fields; ++i) free(raw->col[i]);
+  for (uint32_t k = 0; k < raw->n_copies; ++k) free(raw->copies[k]);
+  free(raw->col);
+  free(raw->copies);
+  free(raw->update);
+  free(raw->tokens);
+}
+
+static void online_free(Online* o) {
+  if (o == NULL) return;
+  if (o->degraded != NULL) log_error(TRITONSERVER_MetricDelete(o->degraded), "deleting a metric");
+  if (o->degraded_family != NULL)
+    log_error(TRITONSERVER_MetricFamilyDelete(o->degraded_family), "deleting a metric family");
+  for (int i = 0; o->plan != NULL && i < o->n_plan; ++i) {
+    for (int k = 0; k < o->plan[i].n_vocabulary; ++k) free((char*)o->plan[i].vocabulary[k].p);
+    free(o->plan[i].vocabulary);
+  }
+  free(o->plan);
+  free(o->fields);
+  free(o->values);
+  free(o->script);
+  free(o);
+}
+
+static int field_index(const Online* o, const char* name) {
+  for (int i = 0; i < o->n_fields; ++i)
+    if (strcmp(o->fields[i].name, name) == 0) return i;
+  return -1;
+}
+
+static int name_index(const char* const* names, int n, const char* name) {
+  for (int i = 0; i < n; ++i)
+    if (strcmp(names[i], name) == 0) return i;
+  return -1;
+}
+
+static int str_cmp(const Str* a, const Str* b) {
+  const int c = memcmp(a->p, b->p, a->n < b->n ? a->n : b->n);
+  return c != 0 ? c : (a->n > b->n) - (a->n < b->n);
+}
+
+static int str_cmp_void(const void* a, const void* b) { return str_cmp(a, b); }
+
+/* A JSON string member of `o` into a fresh buffer (caller frees), or NULL. */
+static char* json_member_alloc(Json o, const char* key) {
+  Json v;
+  if (!json_member(o, key, &v)) return NULL;
+  const size_t cap = strlen(v.p) + 1;
+  char* out = malloc(cap);
+  if (out != NULL && !json_string(&v, out, cap)) {
+    free(out);
+    out = NULL;
+  }
+  return out;
+}
+
+/* Split TREEOPS_ONLINE_STORE_URL into where to connect; `shown` hides the password. */
+static TRITONSERVER_Error* store_url(Online* o, const char* where) {
+  const char* url = getenv(URL_ENV);
+  if (url == NULL || url[0] == '\0')
+    return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: " URL_ENV " is not set in tritonserver's environment: "
+                  "this raw-transaction model reads its history features from Redis; `treeops serve` sets it (or "
+                  "starts a local redis-server), else export the URL before starting tritonserver", where);
+  char rest[2048];
+  o->port = 6379;
+  if (strncmp(url, "unix://", 7) == 0) {
+    snprintf(o->socket, sizeof o->socket, "%s", url + 7);
+    char* q = strchr(o->socket, '?');
+    if (q != NULL) {
+      const char* db = strstr(q, "db=");
+      if (db != NULL) o->db = atoi(db + 3);
+      *q = '\0';
+    }
+    snprintf(o->shown, sizeof o->shown, "%s", url);
+    return NULL;
+  }
+  if (strncmp(url, "redis://", 8) != 0 || snprintf(rest, sizeof rest, "%s", url + 8) >= (int)sizeof rest)
+    return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: " URL_ENV "='%.200s' is not a redis:// or unix:// URL "
+                  "(rediss:// is not supported by the native backend: serve with --target python-onnx)", where, url);
+  char* host = rest;
+  char* at = strrchr(rest, '@');
+  if (at != NULL) {
+    *at = '\0';
+    char* colon = strchr(rest, ':');
+    if (colon != NULL) {
+      *colon = '\0';
+      snprintf(o->password, sizeof o->password, "%s", colon + 1);
+    }
+    snprintf(o->user, sizeof o->user, "%s", rest);
+    host = at + 1;
+  }
+  char* slash = strchr(host, '/');
+  if (slash != NULL) {
+    *slash = '\0';
+    if (slash[1] != '\0') o->db = atoi(slash + 1);
+  }
+  char* colon = strrchr(host, ':');
+  if (colon != NULL) {
+    *colon = '\0';
+    o->port = atoi(colon + 1);
+  }
+  snprintf(o->host, sizeof o->host, "%s", host[0] ? host : "127.0.0.1");
+  if (o->password[0] != '\0')
+    snprintf(o->shown, sizeof o->shown, "redis://%s:***@%s:%d/%d", o->user, o->host, o->port, o->db);
+  else
+    snprintf(o->shown, sizeof o->shown, "%s", url);
+  return NULL;
+}
+
+static TRITONSERVER_Error* store_settings(Online* o, const char* where) {
+  TRITONSERVER_Error* err = store_url(o, where);
+  if (err != NULL) return err;
+  const char* timeout = getenv(TIMEOUT_ENV);
+  const char* retries = getenv(RETRIES_ENV);
+  char* stop = NULL;
+  double seconds = 1.0;
+  if (timeout != NULL && timeout[0] != '\0') {
+    seconds = strtod(timeout, &stop);
+    if (stop == timeout || *stop != '\0' || !(seconds > 0))
+      return bad_setting(TIMEOUT_ENV, timeout, "a number of seconds > 0");
+  }
+  o->timeout.tv_sec = (time_t)seconds;
+  o->timeout.tv_usec = (suseconds_t)((seconds - (double)o->timeout.tv_sec) * 1e6);
+  o->retries = 1;
+  if (retries != NULL && retries[0] != '\0') {
+    o->retries = (int)strtol(retries, &stop, 10);
+    if (stop == retries || *stop != '\0' || o->retries < 0) return bad_setting(RETRIES_ENV, retries, "an int >= 0");
+  }
+  return NULL;
+}
+
+/* A config parameter's string_value into `out` ("" when absent). */
+static void config_parameter(Json config, const char* key, char* out, size_t cap) {
+  Json parameters, entry;
+  out[0] = '\0';
+  if (json_member(config, "parameters", &parameters) && json_member(parameters, key, &entry))
+    json_member_string(entry, "string_value", out, cap);
+}
+
+static TRITONSERVER_Error* bad_plan(const Version* v, const char* what) {
+  return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: %s/" ONLINE_FILE " %s; re-export the version with "
+                "treeops export --raw-inputs --target native-compiled", v->where, v->dir, what);
+}
+
+static TRITONSERVER_Error* load_fields(Online* o, const Version* v, Json plan, Json config) {
+  Json fields, f, inputs, in;
+  const int n = json_member(plan, "fields", &fields) ? json_array(fields, &f) : -1;
+  if (n < 1 || (o->fields = calloc((size_t)n, sizeof *o->fields)) == NULL) return bad_plan(v, "lists no fields");
+  o->n_fields = n;
+  const int n_inputs = json_member(config, "input", &inputs) ? json_array(inputs, &in) : -1;
+  if (n_inputs != n)
+    return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: the model config declares %d inputs but " ONLINE_FILE
+                  " %d raw fields; rewrite config.pbtxt with `treeops sync`", v->where, n_inputs, n);
+  for (int i = 0; i < n; ++i, json_next(&f), json_next(&in)) {
+    char kind[32] = "", name[256] = "", dtype[64] = "";
+    if (!json_member_string(f, "name", o->fields[i].name, sizeof o->fields[i].name) ||
+        !json_member_string(f, "kind", kind, sizeof kind) ||
+        (o->fields[i].kind = name_index(FIELD_KINDS, N_FIELD_KINDS, kind)) < 0)
+      return bad_plan(v, "has a field without a name or with a kind other than int64, double, string");
+    json_member_string(in, "name", name, sizeof name);
+    json_member_string(in, "data_type", dtype, sizeof dtype);
+    if (strcmp(name, o->fields[i].name) != 0 || strcmp(dtype, FIELD_CONFIG_TYPES[o->fields[i].kind]) != 0)
+      return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: config input %d is '%s' %s but " ONLINE_FILE " has '%s' "
+                    "%s; rewrite config.pbtxt with `treeops sync`", v->where, i, name, dtype, o->fields[i].name,
+                    FIELD_CONFIG_TYPES[o->fields[i].kind]);
+  }
+  char name[256];
+  const char* roles[3] = {"entity", "time", "transaction_id"};
+  int* slots[3] = {&o->entity, &o->time, &o->txn};
+  for (int r = 0; r < 3; ++r) {
+    if (!json_member_string(plan, roles[r], name, sizeof name) || (*slots[r] = field_index(o, name)) < 0)
+      return bad_plan(v, "names an entity, time or transaction_id that is not one of its fields");
+  }
+  if (o->fields[o->time].kind != FIELD_INT64 || o->fields[o->entity].kind == FIELD_DOUBLE ||
+      o->fields[o->txn].kind == FIELD_DOUBLE)
+    return bad_plan(v, "has a time that is not int64 or an entity/transaction_id that is a double");
+  Json list, item;
+  const int n_values = json_member(plan, "values", &list) ? json_array(list, &item) : -1;
+  if (n_values < 0 || (o->values = calloc((size_t)n_values + 1, sizeof *o->values)) == NULL)
+    return bad_plan(v, "has no \"values\" list");
+  o->n_values = n_values;
+  for (int k = 0; k < n_values; ++k, json_next(&item)) {
+    Json at = item;
+    if (!json_string(&at, name, sizeof name) || (o->values[k] = field_index(o, name)) < 0 ||
+        o->fields[o->values[k]].kind != FIELD_DOUBLE)
+      return bad_plan(v, "has a value column that is not a double field");
+  }
+  const int n_non_negative = json_member(plan, "non_negative", &list) ? json_array(list, &item) : 0;
+  for (int k = 0; k < n_non_negative; ++k, json_next(&item)) {
+    Json at = item;
+    int fi = -1;
+    if (!json_string(&at, name, sizeof name) || (fi = field_index(o, name)) < 0 || o->fields[fi].kind != FIELD_DOUBLE)
+      return bad_plan(v, "has a non_negative entry that is not a double field");
+    o->fields[fi].non_negative = true;
+  }
+  return NULL;
+}
+
+static TRITONSERVER_Error* load_vocabulary(Plan* p, const Version* v, Json feature) {
+  Json list, item;
+  const int n = json_member(feature, "vocabulary", &list) ? json_array(list, &item) : -1;
+  if (n < 0 || (p->vocabulary = calloc((size_t)n + 1, sizeof *p->vocabulary)) == NULL)
+    return bad_plan(v, "has a category feature without a vocabulary");
+  for (int k = 0; k < n; ++k, json_next(&item)) {
+    Json at = item;
+    const size_t cap = strlen(at.p) + 1;
+    char* text = malloc(cap);
+    if (text == NULL || !json_string(&at, text, cap)) {
+      free(text);
+      return bad_plan(v, "has a vocabulary entry that is not a string");
+    }
+    p->vocabulary[k] = (Str){text, (uint32_t)strlen(text)};
+    p->n_vocabulary = k + 1;
+  }
+  qsort(p->vocabulary, (size_t)n, sizeof *p->vocabulary, str_cmp_void);
+  return NULL;
+}
+
+static TRITONSERVER_Error* load_plan(Online* o, const Version* v, Json plan, int64_t n_features) {
+  Json features, f;
+  const int n = json_member(plan, "features", &features) ? json_array(features, &f) : -1;
+  if (n != n_features)
+    return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: " ONLINE_FILE " describes %d features but forest.so "
+                  "has %lld; re-export the version", v->where, n, (long long)n_features);
+  if ((o->plan = calloc((size_t)n, sizeof *o->plan)) == NULL)
+    return TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory");
+  o->n_plan = n;
+  int64_t max_window = 0;
+  for (int i = 0; i < n; ++i, json_next(&f)) {
+    Plan* p = &o->plan[i];
+    char op[32] = "", field[256] = "", aggregate[32] = "";
+    if (!json_member_string(f, "op", op, sizeof op) || (p->op = name_index(OPS, N_OPS, op)) < 0)
+      return bad_plan(v, "has a feature whose op the native backend does not know");
+    if (p->op == OP_HISTORY) {
+      int64_t column = -1;
+      if (!json_member_string(f, "aggregate", aggregate, sizeof aggregate) ||
+          (p->aggregate = name_index(AGGREGATES, N_AGGREGATES, aggregate)) < 0 ||
+          !json_member_int(f, "window_us", &p->window_us) || p->window_us <= 0 ||
+          !json_member_int(f, "column", &column) || column < 0 || column > o->n_values ||
+          (column == 0 && p->aggregate != AGG_COUNT && p->aggregate != AGG_SINCE_PREV))
+        return bad_plan(v, "has a history feature without a known aggregate, a window > 0 or its value column");
+      p->column = (int)column;
+      if (p->window_us > max_window) max_window = p->window_us;
+      continue;
+    }
+    if (!json_member_string(f, "field", field, sizeof field) || (p->field = field_index(o, field)) < 0)
+      return bad_plan(v, "has a stateless feature reading a field it does not list");
+    const int want = p->op == OP_CATEGORY ? FIELD_STRING : p->op == OP_LOG1P_CLIP0 ? FIELD_DOUBLE : FIELD_INT64;
+    if (o->fields[p->field].kind != want) return bad_plan(v, "has a feature whose op does not take its field's kind");
+    if (p->op == OP_CATEGORY) {
+      TRITONSERVER_Error* err = load_vocabulary(p, v, f);
+      if (err != NULL) return err;
+    }
+  }
+  int64_t stated = 0, retention = 0;
+  if (!json_member_int(plan, "max_window_us", &stated) || stated != max_window ||
+      !json_member_int(plan, "retention_us", &retention) || retention < max_window)
+    return bad_plan(v, "has a max_window_us other than its longest window, or a retention shorter than it");
+  snprintf(o->max_window, sizeof o->max_window, "%lld", (long long)max_window);
+  snprintf(o->retention, sizeof o->retention, "%lld", (long long)retention);
+  return NULL;
+}
+
+/* Read online.json and the config's online parameters; `*out` stays NULL for a feature-tensor version. */
+static TRITONSERVER_Error* load_online(const Version* v, Json config, int64_t n_features, Online** out) {
+  char path[4700];
+  snprintf(path, sizeof path, "%s/" ONLINE_FILE, v->dir);
+  if (access(path, F_OK) != 0) return NULL;
+  char* text = read_text(path);
+  if (text == NULL) return errorf(ERROR_NOT_FOUND, "treeops_forest: %s: cannot read %s", v->where, path);
+  Online* o = *out = calloc(1, sizeof **out);
+  Json plan = {text};
+  TRITONSERVER_Error* err = o == NULL ? TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory") : NULL;
+  int64_t format = 0;
+  if (err == NULL && (!json_member_int(plan, "format", &format) || format != 1))
+    err = bad_plan(v, "is not format 1");
+  if (err == NULL) err = load_fields(o, v, plan, config);
+  if (err == NULL) err = load_plan(o, v, plan, n_features);
+  char ns[512] = "", policy[64] = "";
+  if (err == NULL && (!json_member_string(plan, "namespace", ns, sizeof ns) || ns[0] == '\0' ||
+                      (o->script = json_member_alloc(plan, "script")) == NULL ||
+                      !json_member_string(plan, "script_sha1", o->sha, sizeof o->sha) || strlen(o->sha) != 40))
+    err = bad_plan(v, "lacks its namespace, script or script_sha1");
+  if (err == NULL) {
+    snprintf(o->prefix, sizeof o->prefix, "%s:{", ns);
+    config_parameter(config, "on_store_unavailable", policy, sizeof policy);
+    if (strcmp(policy, "score_without_history") == 0) o->degrade = true;
+    else if (strcmp(policy, "error") != 0)
+      err = errorf(ERROR_INVALID_ARG, "treeops_forest: %s: config parameter on_store_unavailable is '%s'; use "
+                   "error or score_without_history", v->where, policy);
+  }
+  if (err == NULL) err = store_settings(o, v->where);
+  free(text);
+  return err;
+}
+
+/* ---- one connection per instance ---- */
+typedef struct {
+  redisContext* c;
+  char error[512]; /* why the last call failed */
+} Store;
+
+static void store_close(Store* s) {
+  if (s->c != NULL) redisFree(s->c);
+  s->c = NULL;
+}
+
+static bool store_connect(const Online* o, Store* s) {
+  store_close(s);
+  s->c = o->socket[0] ? redisConnectUnixWithTimeout(o->socket, o->timeout)
+                      : redisConnectWithTimeout(o->host, o->port, o->timeout);
+  if (s->c == NULL || s->c->err) {
+    snprintf(s->error, sizeof s->error, "ConnectionError: %s", s->c != NULL ? s->c->errstr : "out of memory");
+    store_close(s);
+    return false;
+  }
+  redisSetTimeout(s->c, o->timeout);
+  for (int step = 0; step < 2; ++step) { /* AUTH, then SELECT, where the URL asks for them */
+    redisReply* r = NULL;
+    if (step == 0 && o->password[0] != '\0')
+      r = o->user[0] ? redisCommand(s->c, "AUTH %s %s", o->user, o->password) : redisCommand(s->c, "AUTH %s", o->password);
+    else if (step == 1 && o->db != 0)
+      r = redisCommand(s->c, "SELECT %d", o->db);
+    else
+      continue;
+    const bool failed = r == NULL || r->type == REDIS_REPLY_ERROR;
+    if (failed)
+      snprintf(s->error, sizeof s->error, "%s: %s", r != NULL ? "AuthenticationError" : "ConnectionError",
+               r != NULL ? r->str : s->c->errstr);
+    if (r != NULL) freeReplyObject(r);
+    if (failed) {
+      store_close(s);
+      return false;
+    }
+  }
+  return true;
+}
+
+
 /* ---- what a served version records: metrics and the prediction log's identity ---- */
 enum { KIND_BINARY, KIND_MULTICLASS, KIND_REGRESSION };
 enum { DECISION_NAME = 32 };
 
 typedef struct {
   Forest* forest;
+  Online* online;    /* the raw-transaction model (online.json), else NULL */
   const char* name;  /* Triton's, valid while the model is loaded */
   uint64_t version;
   int kind;          /* the objective's, from treeops.json: what a row's decision is */
@@ -705,6 +1143,7 @@ static void model_free(Model* m) {
     if (m->families[f] != NULL) log_error(TRITONSERVER_MetricFamilyDelete(m->families[f]), "deleting a metric family");
   free(m->decisions);
   free(m->header);
+  online_free(m->online);
   forest_free(m->forest);
   free(m);
 }
@@ -817,6 +1256,9 @@ static TRITONSERVER_Error* make_metrics(Model* m, const char* where, Json config
   }
   if (err == NULL && m->log.root[0] != '\0')
     err = new_metric(m, where, declared, "log_dropped", "counter", NULL, &m->families[FAMILY_DROPPED], &m->dropped);
+  if (err == NULL && m->online != NULL)
+    err = new_metric(m, where, declared, "degraded_answers", "counter", NULL, &m->online->degraded_family,
+                     &m->online->degraded);
   free(text);
   return err;
 }
@@ -838,7 +1280,9 @@ static TRITONSERVER_Error* make_header(Model* m, const Version* v) {
                     "re-export the version", v->where, path, listed, (long long)n);
     }
   }
-  const size_t cap = 256 + 6 * strlen(m->name) + (size_t)n * (6 * 512 + 4) + 20;
+  const Online* o = m->online;
+  const size_t cap = 256 + 6 * strlen(m->name) + (size_t)n * (6 * 512 + 4) + 20 +
+                     (o != NULL ? (size_t)(o->n_fields + 2) * (6 * 256 + 40) : 0);
   const size_t prefix = 8 + 4 + 4 + 4; /* magic, format, JSON length, JSON CRC-32 */
   char* h = malloc(prefix + cap);
   TRITONSERVER_Error* err = h == NULL ? TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory") : NULL;
@@ -860,10 +1304,23 @@ static TRITONSERVER_Error* make_header(Model* m, const Version* v) {
       } else {
         snprintf(name, sizeof name, "f%lld", (long long)i);
       }
-      if (i > 0) j[len++] = ',';
+      if (o != NULL && o->plan[i].op != OP_HISTORY) continue; /* the raw model logs its raw fields instead */
+      if (j[len - 1] != '[') j[len++] = ',';
       if (err == NULL) len += json_quote(j + len, name);
     }
-    len += (size_t)sprintf(j + len, "]}");
+    len += (size_t)sprintf(j + len, "]");
+    for (int f = 0; o != NULL && f < o->n_fields; ++f) {
+      len += (size_t)sprintf(j + len, f == 0 ? ",\"raw\":[{\"name\":" : ",{\"name\":");
+      len += json_quote(j + len, o->fields[f].name);
+      len += (size_t)sprintf(j + len, ",\"kind\":\"%s\"}", FIELD_KINDS[o->fields[f].kind]);
+    }
+    if (o != NULL) {
+      len += (size_t)sprintf(j + len, "],\"transaction_id\":");
+      len += json_quote(j + len, o->fields[o->txn].name);
+      len += (size_t)sprintf(j + len, ",\"entity\":");
+      len += json_quote(j + len, o->fields[o->entity].name);
+    }
+    len += (size_t)sprintf(j + len, "}");
   }
   free(spec_text);
   if (err != NULL) {
@@ -945,6 +1402,7 @@ typedef struct {
   size_t size, cap;
   uint64_t records;
   uint64_t* counts;          /* rows per decision in this execute call */
+  Store store;               /* the raw-transaction model's connection to the online store */
 } Instance;
 
 typedef struct {
@@ -1095,6 +1553,64 @@ static bool add_record(Instance* in, const char* id, size_t id_len, int64_t arri
   return true;
 }
 
+/* Queue one answered request of the raw-transaction model (rows [a, a + rows) of the batch): its scores, its
+ * history features, its degraded flags and its raw fields (the record layout of the prediction-log comment). */
+static bool add_online_record(Instance* in, const char* id, size_t id_len, int64_t arrival_us, const float* scores,
+                              int64_t width, const float* x, const Raw* raw, int64_t a, int64_t rows, bool degraded) {
+  const Online* o = in->model->online;
+  const int64_t n_features = in->model->forest->n_features;
+  int n_history = 0;
+  for (int i = 0; i < o->n_plan; ++i) n_history += o->plan[i].op == OP_HISTORY;
+  size_t body = (size_t)rows * (4 + 4 * (size_t)n_history + 1);
+  for (int f = 0; f < o->n_fields; ++f) {
+    if (o->fields[f].kind != FIELD_STRING) {
+      body += (size_t)rows * 8;
+      continue;
+    }
+    for (int64_t r = 0; r < rows; ++r) body += 4 + ((const Str*)raw->col[f])[a + r].n;
+  }
+  const size_t payload = RECORD_FIXED + id_len + body;
+  if (id_len > 0xFFFF || payload > 0xFFFFFFFFu || !reserve(in, FRAME + payload)) return false;
+  char* p = in->buf + in->size + FRAME;
+  const uint32_t count = (uint32_t)rows, length = (uint32_t)payload;
+  const uint16_t id_size = (uint16_t)id_len;
+  const uint8_t status = 0, flag = degraded;
+  memcpy(p, &arrival_us, 8);
+  memcpy(p + 8, &count, 4);
+  memcpy(p + 12, &id_size, 2);
+  memcpy(p + 14, &status, 1);
+  memcpy(p + RECORD_FIXED, id, id_len);
+  char* q = p + RECORD_FIXED + id_len;
+  for (int64_t r = 0; r < rows; ++r, q += 4) memcpy(q, scores + r * width + width - 1, 4);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int i = 0; i < o->n_plan; ++i)
+      if (o->plan[i].op == OP_HISTORY) {
+        memcpy(q, x + (a + r) * n_features + i, 4);
+        q += 4;
+      }
+  memset(q, flag, (size_t)rows);
+  q += rows;
+  for (int f = 0; f < o->n_fields; ++f) {
+    if (o->fields[f].kind != FIELD_STRING) {
+      memcpy(q, (const char*)raw->col[f] + a * 8, (size_t)rows * 8);
+      q += rows * 8;
+      continue;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const Str v = ((const Str*)raw->col[f])[a + r];
+      memcpy(q, &v.n, 4);
+      memcpy(q + 4, v.p, v.n);
+      q += 4 + v.n;
+    }
+  }
+  const uint32_t crc = crc32_of(p, payload);
+  memcpy(in->buf + in->size, &length, 4);
+  memcpy(in->buf + in->size + 4, &crc, 4);
+  in->size += FRAME + payload;
+  in->records++;
+  return true;
+}
+
 /* Append this call's records to the instance's segment with one write(2); returns the records dropped. A
  * short write is cut off again (ftruncate), so a later record never follows a torn one. */
 static uint64_t journal_flush(Instance* in, int64_t arrival_us) {
@@ -1195,7 +1711,8 @@ static TRITONSERVER_Error* load_version(TRITONBACKEND_Model* model, Model** out)
   }
   if (err == NULL) err = open_forest(&v, m->forest);
   if (err == NULL) err = config_text(model, &text);
-  if (err == NULL) err = check_config(&v, (Json){text}, metadata, m->forest);
+  if (err == NULL) err = load_online(&v, (Json){text}, m->forest->n_features, &m->online);
+  if (err == NULL && m->online == NULL) err = check_config(&v, (Json){text}, metadata, m->forest);
   if (err == NULL) err = serving_state(m, &v, metadata, (Json){text});
   free(text);
   free(metadata_text);
@@ -1234,6 +1751,7 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelFinalize(TRITONBACKEND_Model* mode
 static void instance_free(Instance* in) {
   if (in == NULL) return;
   journal_close(in); /* every record was written by its execute call: nothing is left to flush */
+  store_close(&in->store);
   free(in->buf);
   free(in->counts);
   free(in);
@@ -1334,6 +1852,577 @@ static TRITONSERVER_Error* gather_input(const Part* part, uint64_t byte_size, fl
   return NULL;
 }
 
+/* ---- one batch of raw transactions ---- */
+/* The request parameter treeops_read_only (bool, or the string true/false; absent: false). */
+static TRITONSERVER_Error* read_only(TRITONBACKEND_Request* request, bool* out) {
+  uint32_t n = 0;
+  *out = false;
+  TRITONSERVER_Error* err = TRITONBACKEND_RequestParameterCount(request, &n);
+  for (uint32_t k = 0; k < n && err == NULL; ++k) {
+    const char* key = NULL;
+    int type = 0;
+    const void* value = NULL;
+    if ((err = TRITONBACKEND_RequestParameter(request, k, &key, &type, &value)) != NULL) break;
+    if (strcmp(key, READ_ONLY_PARAMETER) != 0) continue;
+    if (type == PARAMETER_BOOL) *out = *(const bool*)value;
+    else if (type == PARAMETER_STRING && strcasecmp(value, "true") == 0) *out = true;
+    else if (!(type == PARAMETER_STRING && strcasecmp(value, "false") == 0))
+      return errorf(ERROR_INVALID_ARG, "request parameter '" READ_ONLY_PARAMETER "' is %s; send true or false",
+                    type == PARAMETER_STRING ? (const char*)value : "not a bool");
+  }
+  return err;
+}
+
+/* Check one request's inputs (each field present, its datatype, the same rows in all); sets part->rows. */
+static TRITONSERVER_Error* raw_request_input(const Online* o, TRITONBACKEND_Request* request, Part* part,
+                                             TRITONBACKEND_Input** inputs, uint32_t* buffers) {
+  int64_t rows = -1;
+  for (int i = 0; i < o->n_fields; ++i) {
+    const Field* f = &o->fields[i];
+    const char* name = NULL;
+    int datatype = 0;
+    const int64_t* shape = NULL;
+    uint32_t dims = 0;
+    uint64_t bytes = 0;
+    if (TRITONBACKEND_RequestInput(request, f->name, &inputs[i]) != NULL) {
+      char listed[2048] = "";
+      for (int k = 0; k < o->n_fields; ++k)
+        snprintf(listed + strlen(listed), sizeof listed - strlen(listed), "%s'%s'", k ? ", " : "", o->fields[k].name);
+      return errorf(ERROR_INVALID_ARG, "input '%s' is missing; the model takes [%s]", f->name, listed);
+    }
+    TRITONSERVER_Error* err = TRITONBACKEND_InputProperties(inputs[i], &name, &datatype, &shape, &dims, &bytes,
+                                                            &buffers[i]);
+    if (err != NULL) return err;
+    if (datatype != FIELD_DATATYPES[f->kind])
+      return errorf(ERROR_INVALID_ARG, "input '%s' must be %s", f->name, f->kind == FIELD_STRING ? "BYTES"
+                    : f->kind == FIELD_INT64 ? "INT64" : "FP64");
+    int64_t n = dims > 0 ? shape[0] : 1;
+    for (uint32_t d = 1; d < dims; ++d) n *= shape[d];
+    if (dims < 1 || dims > 2 || (dims == 2 && shape[1] != 1) || n < 1)
+      return errorf(ERROR_INVALID_ARG, "input '%s' must be [rows >= 1, 1]", f->name);
+    if (f->kind != FIELD_STRING && bytes != (uint64_t)n * 8u)
+      return errorf(ERROR_INVALID_ARG, "input '%s' holds %llu bytes, not the %lld values of its shape", f->name,
+                    (unsigned long long)bytes, (long long)n);
+    if (rows >= 0 && n != rows)
+      return errorf(ERROR_INVALID_ARG, "input '%s' has %lld rows, the others %lld; send one row per transaction in "
+                    "every input", f->name, (long long)n, (long long)rows);
+    rows = n;
+  }
+  part->rows = rows;
+  return NULL;
+}
+
+/* The bytes of one input: its lone CPU buffer where it lies, else a copy kept in `raw`. */
+static TRITONSERVER_Error* input_bytes(TRITONBACKEND_Input* input, uint32_t buffers, Raw* raw, const char** out,
+                                       uint64_t* size) {
+  const void* piece = NULL;
+  uint64_t piece_size = 0, total = 0;
+  int memory_type = MEMORY_CPU;
+  int64_t memory_id = 0;
+  char* copy = NULL;
+  for (uint32_t b = 0; b < buffers; ++b) {
+    TRITONSERVER_Error* err = TRITONBACKEND_InputBuffer(input, b, &piece, &piece_size, &memory_type, &memory_id);
+    if (err == NULL && memory_type != MEMORY_CPU && memory_type != MEMORY_CPU_PINNED)
+      err = TRITONSERVER_ErrorNew(ERROR_UNSUPPORTED, "treeops_forest reads CPU tensors only (instance kind CPU)");
+    if (err != NULL) {
+      free(copy);
+      return err;
+    }
+    if (buffers == 1) {
+      *out = piece;
+      *size = piece_size;
+      return NULL;
+    }
+    char* grown = realloc(copy, total + piece_size + 1);
+    if (grown == NULL) {
+      free(copy);
+      return TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory");
+    }
+    copy = grown;
+    memcpy(copy + total, piece, piece_size);
+    total += piece_size;
+  }
+  raw->copies[raw->n_copies++] = copy;
+  *out = copy;
+  *size = total;
+  return NULL;
+}
+
+/* Whether `s` is UTF-8 (no overlong forms, surrogates or code points past U+10FFFF), as Python decodes it. */
+static bool utf8(const unsigned char* s, uint32_t n) {
+  for (uint32_t i = 0; i < n;) {
+    const unsigned char c = s[i];
+    uint32_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (len == 0 || i + len > n || (len == 2 && c < 0xC2)) return false;
+    for (uint32_t k = 1; k < len; ++k)
+      if ((s[i + k] & 0xC0) != 0x80) return false;
+    if (len == 3 && ((c == 0xE0 && s[i + 1] < 0xA0) || (c == 0xED && s[i + 1] >= 0xA0))) return false;
+    if (len == 4 && ((c == 0xF0 && s[i + 1] < 0x90) || c > 0xF4 || (c == 0xF4 && s[i + 1] >= 0x90))) return false;
+    i += len;
+  }
+  return true;
+}
+
+/* Copy one request's fields into the batch columns and check them; the first problem fails the request. */
+static TRITONSERVER_Error* raw_gather(const Online* o, Part* part, TRITONBACKEND_Input** inputs,
+                                      const uint32_t* buffers, Raw* raw) {
+  const int64_t a = part->first_row, rows = part->rows;
+  for (int i = 0; i < o->n_fields; ++i) {
+    const Field* f = &o->fields[i];
+    const char* bytes = NULL;
+    uint64_t size = 0;
+    TRITONSERVER_Error* err = input_bytes(inputs[i], buffers[i], raw, &bytes, &size);
+    if (err != NULL) return err;
+    if (f->kind != FIELD_STRING) {
+      memcpy((char*)raw->col[i] + a * 8, bytes, (size_t)rows * 8);
+      continue;
+    }
+    Str* s = (Str*)raw->col[i] + a;
+    uint64_t at = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      uint32_t n = 0;
+      if (at + 4 > size || (memcpy(&n, bytes + at, 4), at + 4 + n > size))
+        return errorf(ERROR_INVALID_ARG, "input '%s' row %lld: the BYTES tensor ends inside its element", f->name,
+                      (long long)r);
+      s[r] = (Str){bytes + at + 4, n};
+      at += 4 + (uint64_t)n;
+    }
+  }
+  for (int i = 0; i < o->n_fields; ++i) {
+    const Str* s = (const Str*)raw->col[i] + a;
+    for (int64_t r = 0; o->fields[i].kind == FIELD_STRING && r < rows; ++r)
+      if (!utf8((const unsigned char*)s[r].p, s[r].n))
+        return errorf(ERROR_INVALID_ARG, "input '%s' row %lld: not UTF-8 text", o->fields[i].name, (long long)r);
+  }
+  for (int i = 0; i < o->n_fields; ++i) {
+    const double* d = (const double*)raw->col[i] + a;
+    for (int64_t r = 0; o->fields[i].non_negative && r < rows; ++r)
+      if (!(d[r] >= 0) || !isfinite(d[r]))
+        return errorf(ERROR_INVALID_ARG, "input '%s' row %lld: %.17g is not a finite number >= 0", o->fields[i].name,
+                      (long long)r, d[r]);
+  }
+  const int64_t* t = (const int64_t*)raw->col[o->time] + a;
+  for (int64_t r = 0; r < rows; ++r)
+    if (t[r] < MIN_TIME_US || t[r] >= MAX_TIME_US)
+      return errorf(ERROR_INVALID_ARG, "input '%s' row %lld: %lld is outside 1990-01-01..2200-01-01 UTC; send epoch "
+                    "microseconds (seconds * 1_000_000)", o->fields[o->time].name, (long long)r, (long long)t[r]);
+  return NULL;
+}
+
+/* A field's value of row `r` as the text Redis receives (OnlineHistory: str(int), bytes as they are). */
+static Str token(const Online* o, const Raw* raw, int field, int64_t r, int slot) {
+  if (o->fields[field].kind == FIELD_STRING) return ((const Str*)raw->col[field])[r];
+  char* text = raw->tokens + (r * 2 + slot) * 24;
+  const int n = snprintf(text, 24, "%lld", (long long)((const int64_t*)raw->col[field])[r]);
+  return (Str){text, (uint32_t)n};
+}
+
+typedef struct {
+  const Online* o;
+  const Raw* raw;
+} OrderContext;
+static __thread OrderContext order_context; /* qsort has no context argument in C11 */
+
+static int by_time_then_row(const void* pa, const void* pb) {
+  const int64_t a = *(const int64_t*)pa, b = *(const int64_t*)pb;
+  const int64_t* t = order_context.raw->col[order_context.o->time];
+  return t[a] != t[b] ? (t[a] > t[b]) - (t[a] < t[b]) : (a > b) - (a < b);
+}
+
+/* Append one script call for rows order[from, to) to the connection's output buffer. */
+static bool append_call(const Online* o, Store* s, const Raw* raw, const int64_t* order, int64_t from, int64_t to) {
+  const int64_t n = to - from;
+  const int width = 1 + o->n_values;
+  const size_t prefix = strlen(o->prefix);
+  Str* entities = malloc((size_t)n * sizeof *entities);
+  int* number = malloc((size_t)n * sizeof *number);
+  double* data = malloc((size_t)n * (size_t)width * sizeof *data + 1);
+  char* flags = malloc((size_t)n + 1);
+  char* numbers = malloc((size_t)n * 12 + 1);
+  const int argc_max = (int)(7 + 5 * n);
+  const char** argv = malloc((size_t)argc_max * sizeof *argv);
+  size_t* lens = malloc((size_t)argc_max * sizeof *lens);
+  char* keys = NULL;
+  bool ok = entities && number && data && flags && numbers && argv && lens;
+  int distinct = 0;
+  size_t key_bytes = 0;
+  for (int64_t j = 0; ok && j < n; ++j) {
+    const int64_t r = order[from + j];
+    const Str e = token(o, raw, o->entity, r, 0);
+    int k = 0;
+    while (k < distinct && str_cmp(&entities[k], &e) != 0) ++k;
+    if (k == distinct) {
+      entities[distinct++] = e;
+      key_bytes += 3 * (prefix + e.n + 3);
+    }
+    number[j] = k + 1;
+    data[j * width] = (double)((const int64_t*)raw->col[o->time])[r];
+    for (int c = 0; c < o->n_values; ++c) data[j * width + 1 + c] = ((const double*)raw->col[o->values[c]])[r];
+    flags[j] = raw->update[r] ? '1' : '0';
+  }
+  if (ok && (keys = malloc(key_bytes + 1)) == NULL) ok = false;
+  int argc = 0;
+  char numkeys[16];
+  if (ok) {
+    snprintf(numkeys, sizeof numkeys, "%d", 3 * distinct);
+    argv[argc] = "EVALSHA", lens[argc++] = 7;
+    argv[argc] = o->sha, lens[argc++] = 40;
+    argv[argc] = numkeys, lens[argc++] = strlen(numkeys);
+    char* at = keys;
+    for (int k = 0; k < distinct; ++k) {
+      for (const char* suffix = "zth"; *suffix; ++suffix) {
+        memcpy(at, o->prefix, prefix);
+        memcpy(at + prefix, entities[k].p, entities[k].n);
+        memcpy(at + prefix + entities[k].n, "}:", 2);
+        at[prefix + entities[k].n + 2] = *suffix;
+        argv[argc] = at, lens[argc++] = prefix + entities[k].n + 3;
+        at += prefix + entities[k].n + 3;
+      }
+    }
+    argv[argc] = o->max_window, lens[argc++] = strlen(o->max_window);
+    argv[argc] = o->retention, lens[argc++] = strlen(o->retention);
+    argv[argc] = (const char*)data, lens[argc++] = (size_t)n * (size_t)width * sizeof *data;
+    argv[argc] = flags, lens[argc++] = (size_t)n;
+    for (int64_t j = 0; j < n; ++j) {
+      char* text = numbers + j * 12;
+      argv[argc] = text, lens[argc++] = (size_t)snprintf(text, 12, "%d", number[j]);
+      const Str txn = token(o, raw, o->txn, order[from + j], 1);
+      argv[argc] = txn.p, lens[argc++] = txn.n;
+    }
+    ok = redisAppendCommandArgv(s->c, argc, argv, lens) == REDIS_OK;
+    if (!ok) snprintf(s->error, sizeof s->error, "ConnectionError: %s", s->c->errstr);
+  } else {
+    snprintf(s->error, sizeof s->error, "MemoryError: out of memory building a script call of %lld rows", (long long)n);
+  }
+  free(entities);
+  free(number);
+  free(data);
+  free(flags);
+  free(numbers);
+  free(argv);
+  free(lens);
+  free(keys);
+  return ok;
+}
+
+/* Send every call, read every reply (NULL where none came); on a dropped connection `*dropped` is set. */
+static bool exchange(const Online* o, Store* s, const Raw* raw, const int64_t* order, int64_t n, redisReply** replies,
+                     int64_t calls, bool* dropped) {
+  *dropped = false;
+  for (int64_t c = 0; c < calls; ++c)
+    if (!append_call(o, s, raw, order, c * SCRIPT_ROWS, (c + 1) * SCRIPT_ROWS < n ? (c + 1) * SCRIPT_ROWS : n))
+      return false;
+  for (int64_t c = 0; c < calls; ++c) {
+    void* reply = NULL;
+    if (redisGetReply(s->c, &reply) != REDIS_OK) {
+      const bool timeout = s->c->err == REDIS_ERR_IO && (errno == EAGAIN || errno == EWOULDBLOCK);
+      snprintf(s->error, sizeof s->error, "%s: %s", timeout ? "TimeoutError" : "ConnectionError",
+               timeout ? "Timeout reading from the store" : s->c->errstr);
+      *dropped = !timeout;
+      return false;
+    }
+    replies[c] = reply;
+  }
+  return true;
+}
+
+static void free_replies(redisReply** replies, int64_t calls) {
+  for (int64_t c = 0; c < calls; ++c) {
+    if (replies[c] != NULL) freeReplyObject(replies[c]);
+    replies[c] = NULL;
+  }
+}
+
+/* All calls in one pipelined round trip; reconnects on a dropped connection (up to `retries` times), loads the
+ * script on NOSCRIPT and repeats once (safe: a transaction id already stored changes nothing). */
+static bool store_calls(const Online* o, Store* s, const Raw* raw, const int64_t* order, int64_t n,
+                        redisReply** replies, int64_t calls) {
+  int reconnects = 0;
+  bool loaded = false;
+  for (;;) {
+    bool dropped = false;
+    if (s->c == NULL && !store_connect(o, s)) {
+      if (reconnects++ < o->retries) continue;
+      return false;
+    }
+    if (!exchange(o, s, raw, order, n, replies, calls, &dropped)) {
+      free_replies(replies, calls);
+      store_close(s); /* the pipeline's state is unknown */
+      if (dropped && reconnects++ < o->retries) continue;
+      return false;
+    }
+    bool noscript = false;
+    for (int64_t c = 0; c < calls; ++c)
+      if (replies[c]->type == REDIS_REPLY_ERROR) {
+        noscript |= strncmp(replies[c]->str, "NOSCRIPT", 8) == 0;
+        if (!noscript) {
+          snprintf(s->error, sizeof s->error, "ResponseError: %s", replies[c]->str);
+          free_replies(replies, calls);
+          return false;
+        }
+      }
+    if (!noscript) return true;
+    free_replies(replies, calls);
+    redisReply* r = loaded ? NULL : redisCommand(s->c, "SCRIPT LOAD %s", o->script);
+    if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+      snprintf(s->error, sizeof s->error, "ResponseError: loading the history script: %s",
+               r != NULL ? r->str : loaded ? "NOSCRIPT after SCRIPT LOAD" : s->c->errstr);
+      if (r != NULL) freeReplyObject(r);
+      store_close(s);
+      return false;
+    }
+    freeReplyObject(r);
+    loaded = true;
+  }
+}
+
+/* First of `n` members (each `stride` doubles, time first, sorted by time) with time >= t. */
+static int64_t first_at(const double* m, int64_t n, int stride, double t) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (m[mid * stride] < t) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+static int by_pair(const void* pa, const void* pb) {
+  const double* a = pa;
+  const double* b = pb;
+  return a[0] != b[0] ? (a[0] > b[0]) - (a[0] < b[0]) : (a[1] > b[1]) - (a[1] < b[1]);
+}
+
+/* Column `col` of members [start, n) added left to right in (time, value) order (online_history._sum). */
+static double window_sum(const double* m, int64_t start, int64_t n, int stride, int col, double* pairs) {
+  bool ties = false;
+  for (int64_t k = start + 1; k < n && !ties; ++k) ties = m[k * stride] == m[(k - 1) * stride];
+  double total = 0.0;
+  if (!ties) {
+    total = m[start * stride + col];
+    for (int64_t k = start + 1; k < n; ++k) total += m[k * stride + col];
+    return total;
+  }
+  for (int64_t k = start; k < n; ++k) {
+    pairs[(k - start) * 2] = m[k * stride];
+    pairs[(k - start) * 2 + 1] = m[k * stride + col];
+  }
+  qsort(pairs, (size_t)(n - start), 2 * sizeof *pairs, by_pair);
+  total = pairs[1];
+  for (int64_t k = 1; k < n - start; ++k) total += pairs[k * 2 + 1];
+  return total;
+}
+
+/* One row's history features into `x` (its forest row) from its head (seen, member, window size) and its window's
+ * members: OnlineHistory._aggregate and _row. `scratch` holds at least n * (stride + 2) doubles. */
+static void history_row(const Online* o, const double* head, const double* members, float* x, double* scratch) {
+  const int stride = 2 + o->n_values; /* time, values, seq */
+  const double* own = head + 1;
+  int64_t n = (int64_t)head[1 + stride];
+  const double* m = members;
+  if (head[0] != 0.0) { /* a retry: its history as at its first arrival (members stored before it) */
+    int64_t kept = 0;
+    for (int64_t k = 0; k < n; ++k)
+      if (members[k * stride + stride - 1] < own[stride - 1])
+        memcpy(scratch + kept++ * stride, members + k * stride, (size_t)stride * sizeof *scratch);
+    m = scratch;
+    n = kept;
+  }
+  double* pairs = scratch + n * stride;
+  const double t = own[0];
+  for (int i = 0; i < o->n_plan; ++i) {
+    const Plan* p = &o->plan[i];
+    if (p->op != OP_HISTORY) continue;
+    const int64_t start = first_at(m, n, stride, t - (double)p->window_us), count = n - start;
+    double value;
+    if (p->aggregate == AGG_COUNT) {
+      value = (double)count;
+    } else if (p->aggregate == AGG_SINCE_PREV) {
+      value = count ? (t - m[(n - 1) * stride]) / 1e6 : NAN;
+    } else {
+      const double total = count ? window_sum(m, start, n, stride, p->column, pairs) : 0.0;
+      if (p->aggregate == AGG_SUM) value = total;
+      else if (p->aggregate == AGG_MEAN) value = count ? total / (double)count : NAN;
+      else {
+        const double mean = count ? total / (double)count : 0.0;
+        value = mean != 0.0 ? own[p->column] / mean : NAN;
+      }
+    }
+    x[i] = (float)value;
+  }
+}
+
+/* The script's replies for rows `order` into the batch rows of `x`; false (s->error says why) on a malformed one. */
+static bool read_history(const Online* o, Store* s, redisReply** replies, int64_t calls, const int64_t* order,
+                         int64_t n, float* x, int64_t n_features) {
+  const int stride = 2 + o->n_values, head_size = stride + 2;
+  int64_t max_members = 0;
+  for (int64_t c = 0; c < calls; ++c) {
+    const redisReply* r = replies[c];
+    const int64_t rows = (c + 1) * SCRIPT_ROWS < n ? SCRIPT_ROWS : n - c * SCRIPT_ROWS;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 || r->element[0]->type != REDIS_REPLY_STRING ||
+        r->element[1]->type != REDIS_REPLY_STRING || r->element[0]->len != (size_t)(rows * head_size * 8) ||
+        r->element[1]->len % (size_t)(stride * 8) != 0) {
+      snprintf(s->error, sizeof s->error, "ResponseError: the history script answered in an unexpected form "
+               "(another treeops version's script under the same SHA-1?)");
+      return false;
+    }
+    const int64_t members = (int64_t)(r->element[1]->len / (size_t)(stride * 8));
+    if (members > max_members) max_members = members;
+  }
+  double* scratch = malloc((size_t)(max_members * (stride + 2) + 1) * sizeof *scratch);
+  double* head = malloc((size_t)head_size * sizeof *head);
+  double* window = NULL;
+  size_t window_cap = 0;
+  bool ok = scratch != NULL && head != NULL;
+  for (int64_t c = 0; ok && c < calls; ++c) {
+    const redisReply* r = replies[c];
+    const int64_t rows = (c + 1) * SCRIPT_ROWS < n ? SCRIPT_ROWS : n - c * SCRIPT_ROWS;
+    size_t at = 0;
+    for (int64_t j = 0; ok && j < rows; ++j) {
+      memcpy(head, r->element[0]->str + (size_t)j * (size_t)head_size * 8, (size_t)head_size * 8);
+      const int64_t members = (int64_t)head[head_size - 1];
+      const size_t bytes = (size_t)members * (size_t)stride * 8;
+      if (members < 0 || at + bytes > r->element[1]->len) {
+        snprintf(s->error, sizeof s->error, "ResponseError: the history script's reply is shorter than its heads say");
+        ok = false;
+        break;
+      }
+      if (bytes + 8 > window_cap) { /* an aligned copy: the reply's bytes have no alignment */
+        double* grown = realloc(window, bytes + 8);
+        if (grown == NULL) {
+          ok = false;
+          break;
+        }
+        window = grown;
+        window_cap = bytes + 8;
+      }
+      memcpy(window, r->element[1]->str + at, bytes);
+      at += bytes;
+      history_row(o, head, window, x + order[c * SCRIPT_ROWS + j] * n_features, scratch);
+    }
+  }
+  if (!ok && s->error[0] == '\0') snprintf(s->error, sizeof s->error, "MemoryError: out of memory");
+  free(scratch);
+  free(head);
+  free(window);
+  return ok;
+}
+
+/* The stateless features of row `r` into `x` (its forest row). */
+static void stateless_row(const Online* o, const Raw* raw, int64_t r, float* x) {
+  for (int i = 0; i < o->n_plan; ++i) {
+    const Plan* p = &o->plan[i];
+    if (p->op == OP_HISTORY) continue;
+    if (p->op == OP_LOG1P_CLIP0) {
+      const double a = ((const double*)raw->col[p->field])[r];
+      x[i] = (float)log1p(a < 0 ? 0.0 : a); /* Polars clip(lower_bound=0).log1p(): NaN stays NaN */
+    } else if (p->op == OP_CATEGORY) {
+      const Str* hit = bsearch(&((const Str*)raw->col[p->field])[r], p->vocabulary, (size_t)p->n_vocabulary,
+                               sizeof *p->vocabulary, str_cmp_void);
+      x[i] = hit != NULL ? (float)(hit - p->vocabulary) : NAN;
+    } else {
+      const int64_t t = ((const int64_t*)raw->col[p->field])[r];
+      const int64_t us_of_day = ((t % US_PER_DAY) + US_PER_DAY) % US_PER_DAY;
+      const int64_t weekday = (((t - us_of_day) / US_PER_DAY + 3) % 7 + 7) % 7 + 1; /* 1970-01-01: a Thursday */
+      x[i] = p->op == OP_HOUR_OF_DAY ? (float)(us_of_day / US_PER_HOUR)
+             : p->op == OP_ISO_WEEKDAY ? (float)weekday : (float)(weekday >= 6);
+    }
+  }
+}
+
+/* A refused request's error, naming the model and saying the store was not touched (as online_model.py says). */
+static TRITONSERVER_Error* refusal(const Model* m, TRITONSERVER_Error* err) {
+  TRITONSERVER_Error* out = errorf(TRITONSERVER_ErrorCode(err), "model '%s' version %llu: %s; nothing was written to "
+                                   "the online store", m->name, (unsigned long long)m->version,
+                                   TRITONSERVER_ErrorMessage(err));
+  TRITONSERVER_ErrorDelete(err);
+  return out;
+}
+
+/* The forest rows of a batch of raw-transaction requests: each request checked and gathered (a refused one gets
+ * its error in its part and its rows stay zeros), then one store round trip for the rows of the others, then their
+ * features. `*degraded`: scored without history (store down, policy score_without_history); `*fields`: the raw
+ * fields, for the prediction log (the caller frees them with raw_free). NULL: out of memory. */
+static float* online_batch(Instance* in, TRITONBACKEND_Request** requests, uint32_t count, Part* parts,
+                           int64_t* batch_rows, bool* degraded, Raw* fields) {
+  const Model* m = in->model;
+  const Online* o = m->online;
+  const int64_t n_features = m->forest->n_features;
+  TRITONBACKEND_Input** inputs = calloc((size_t)count * (size_t)o->n_fields + 1, sizeof *inputs);
+  uint32_t* buffers = calloc((size_t)count * (size_t)o->n_fields + 1, sizeof *buffers);
+  bool* flags = calloc((size_t)count + 1, sizeof *flags);
+  Raw raw = {0};
+  *batch_rows = 0;
+  *degraded = false;
+  for (uint32_t r = 0; inputs && buffers && flags && r < count; ++r) {
+    parts[r].error = raw_request_input(o, requests[r], &parts[r], inputs + (size_t)r * o->n_fields,
+                                       buffers + (size_t)r * o->n_fields);
+    if (parts[r].error == NULL) parts[r].error = read_only(requests[r], &flags[r]);
+    if (parts[r].error != NULL) {
+      parts[r].error = refusal(m, parts[r].error);
+      continue;
+    }
+    parts[r].first_row = *batch_rows;
+    *batch_rows += parts[r].rows;
+  }
+  const int64_t rows = *batch_rows;
+  bool ok = inputs && buffers && flags && (raw.col = calloc((size_t)o->n_fields, sizeof *raw.col)) != NULL &&
+            (raw.copies = calloc((size_t)count * (size_t)o->n_fields + 1, sizeof *raw.copies)) != NULL &&
+            (raw.update = calloc((size_t)rows + 1, sizeof *raw.update)) != NULL &&
+            (raw.tokens = malloc((size_t)rows * 48 + 1)) != NULL;
+  for (int i = 0; ok && i < o->n_fields; ++i)
+    ok = (raw.col[i] = calloc((size_t)rows + 1, o->fields[i].kind == FIELD_STRING ? sizeof(Str) : 8)) != NULL;
+  float* x = ok ? calloc((size_t)rows * (size_t)n_features + 1, sizeof *x) : NULL;
+  int64_t* order = x != NULL ? malloc((size_t)rows * sizeof *order + 1) : NULL;
+  int64_t n = 0;
+  for (uint32_t r = 0; order != NULL && r < count; ++r) {
+    if (parts[r].error != NULL) continue;
+    TRITONSERVER_Error* err = raw_gather(o, &parts[r], inputs + (size_t)r * o->n_fields,
+                                         buffers + (size_t)r * o->n_fields, &raw);
+    if (err != NULL) {
+      parts[r].error = refusal(m, err);
+      continue;
+    }
+    for (int64_t k = 0; k < parts[r].rows; ++k) {
+      raw.update[parts[r].first_row + k] = !flags[r];
+      order[n++] = parts[r].first_row + k;
+    }
+  }
+  if (order != NULL && n > 0) {
+    order_context = (OrderContext){o, &raw};
+    qsort(order, (size_t)n, sizeof *order, by_time_then_row); /* rows of one entity apply in (time, row) order */
+    const int64_t calls = (n + SCRIPT_ROWS - 1) / SCRIPT_ROWS;
+    redisReply** replies = calloc((size_t)calls, sizeof *replies);
+    in->store.error[0] = '\0';
+    bool answered = replies != NULL && store_calls(o, &in->store, &raw, order, n, replies, calls) &&
+                    read_history(o, &in->store, replies, calls, order, n, x, n_features);
+    if (replies != NULL) free_replies(replies, calls);
+    free(replies);
+    if (!answered && o->degrade) {
+      *degraded = true;
+      for (int64_t j = 0; j < n; ++j)
+        for (int i = 0; i < o->n_plan; ++i)
+          if (o->plan[i].op == OP_HISTORY) x[order[j] * n_features + i] = NAN;
+    } else if (!answered) {
+      for (uint32_t r = 0; r < count; ++r)
+        if (parts[r].error == NULL)
+          parts[r].error = errorf(ERROR_UNAVAILABLE, "model '%s' version %llu: online store %s is unavailable (%s): "
+                                  "start Redis there or set " URL_ENV " to a running one; retry later (a retried "
+                                  "transaction_id is counted once), or export with --on-store-unavailable "
+                                  "score_without_history", m->name, (unsigned long long)m->version, o->shown,
+                                  in->store.error[0] ? in->store.error : "MemoryError: out of memory");
+    }
+    for (int64_t j = 0; j < n; ++j) stateless_row(o, &raw, order[j], x + order[j] * n_features);
+  }
+  free(order);
+  *fields = raw;
+  free(inputs);
+  free(buffers);
+  free(flags);
+  return x;
+}
+
 /* Answer `request` with `failure` (kept by the caller, as the API says). Once sent, the response is Triton's:
  * a failed send is logged, never followed by TRITONBACKEND_ResponseDelete. */
 static bool send_response(TRITONBACKEND_Response* response, TRITONSERVER_Error* failure) {
@@ -1351,8 +2440,10 @@ static void answer_error(TRITONBACKEND_Request* request, TRITONSERVER_Error* fai
   TRITONSERVER_ErrorDelete(failure);
 }
 
-/* Write `rows` x `width` scores into every output `request` asks for, and send its response. */
-static bool respond(TRITONBACKEND_Request* request, const float* scores, int64_t rows, int64_t width) {
+/* Write `rows` x `width` scores into every output `request` asks for (the raw-transaction model's
+ * treeops_degraded: `degraded` in each of its rows, BOOL [rows, 1]), and send its response. */
+static bool respond(TRITONBACKEND_Request* request, const float* scores, int64_t rows, int64_t width, bool online,
+                    bool degraded) {
   TRITONBACKEND_Response* response = NULL;
   TRITONSERVER_Error* err = TRITONBACKEND_ResponseNew(&response, request);
   if (err != NULL) {
@@ -1370,13 +2461,18 @@ static bool respond(TRITONBACKEND_Request* request, const float* scores, int64_t
     int memory_type = MEMORY_CPU;
     int64_t memory_id = 0;
     if ((err = TRITONBACKEND_RequestOutputName(request, o, &name))) break;
-    if ((err = TRITONBACKEND_ResponseOutput(response, &output, name, TYPE_FP32, shape, 2))) break;
-    if ((err = TRITONBACKEND_OutputBuffer(output, &out, bytes, &memory_type, &memory_id))) break;
+    const bool flag = online && strcmp(name, DEGRADED_OUTPUT) == 0;
+    const int64_t flag_shape[2] = {rows, 1};
+    if ((err = TRITONBACKEND_ResponseOutput(response, &output, name, flag ? TYPE_BOOL : TYPE_FP32,
+                                            flag ? flag_shape : shape, 2)))
+      break;
+    if ((err = TRITONBACKEND_OutputBuffer(output, &out, flag ? (uint64_t)rows : bytes, &memory_type, &memory_id))) break;
     if (memory_type != MEMORY_CPU && memory_type != MEMORY_CPU_PINNED) {
       err = TRITONSERVER_ErrorNew(ERROR_UNSUPPORTED, "treeops_forest writes CPU tensors only");
       break;
     }
-    memcpy(out, scores, bytes);
+    if (flag) memset(out, degraded ? 1 : 0, (size_t)rows);
+    else memcpy(out, scores, bytes);
   }
   const bool ok = send_response(response, err);
   if (err != NULL) TRITONSERVER_ErrorDelete(err);
@@ -1404,7 +2500,7 @@ static const char* request_id(Instance* in, TRITONBACKEND_Request* request, char
 /* Queue the log records of requests [first, count) that the sampling rate keeps. */
 static void log_requests(Instance* in, TRITONBACKEND_Request** requests, const Part* parts, uint32_t first,
                          uint32_t count, int64_t arrival_us, const float* scores, const float* batch,
-                         const float* direct, uint64_t* dropped) {
+                         const float* direct, const Raw* raw, bool degraded, uint64_t* dropped) {
   const Forest* forest = in->model->forest;
   for (uint32_t r = first; r < count; ++r) {
     char fresh[17];
@@ -1415,6 +2511,9 @@ static void log_requests(Instance* in, TRITONBACKEND_Request** requests, const P
     const bool added =
         p->error != NULL
             ? add_record(in, id, id_len, arrival_us, TRITONSERVER_ErrorMessage(p->error), NULL, 0, NULL, 0)
+        : in->model->online != NULL
+            ? add_online_record(in, id, id_len, arrival_us, scores + p->first_row * forest->width, forest->width,
+                                batch, raw, p->first_row, p->rows, degraded)
             : add_record(in, id, id_len, arrival_us, NULL, scores + p->first_row * forest->width, forest->width,
                          batch != NULL ? batch + p->first_row * forest->n_features : direct, p->rows);
     *dropped += !added;
@@ -1439,24 +2538,29 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_Mode
   const uint32_t warmup = in->warmup_left < request_count ? (uint32_t)in->warmup_left : request_count;
   in->warmup_left -= warmup;
 
-  /* compute_input: check and gather every request's rows into one batch */
+  /* compute_input: check and gather every request's rows into one batch (raw transactions: their features) */
   const uint64_t exec_start = now_ns();
   int64_t batch_rows = 0;
   uint32_t good = 0;
-  for (uint32_t r = 0; r < request_count; ++r) {
+  bool degraded = false;
+  Raw raw = {0};
+  float* features = model->online != NULL
+                        ? online_batch(in, requests, request_count, parts, &batch_rows, &degraded, &raw)
+                        : NULL;
+  for (uint32_t r = 0; model->online == NULL && r < request_count; ++r) {
     if ((parts[r].error = request_input(forest, requests[r], &parts[r])) != NULL) continue;
     parts[r].first_row = batch_rows;
     batch_rows += parts[r].rows;
     good++;
   }
   const size_t row_bytes = (size_t)forest->n_features * sizeof(float);
-  bool copy = good > 1; /* one request in one buffer is scored where it lies */
+  bool copy = good > 1 || model->online != NULL; /* one request in one buffer is scored where it lies */
   for (uint32_t r = 0; r < request_count; ++r) copy |= parts[r].error == NULL && parts[r].buffer_count != 1;
   float* scores = malloc((size_t)batch_rows * (size_t)forest->width * sizeof(float) + 1);
-  float* batch = copy ? malloc((size_t)batch_rows * row_bytes + 1) : NULL;
+  float* batch = model->online != NULL ? features : copy ? malloc((size_t)batch_rows * row_bytes + 1) : NULL;
   const float* x = batch;
   const bool allocated = scores != NULL && (batch != NULL || !copy);
-  for (uint32_t r = 0; r < request_count && allocated; ++r) {
+  for (uint32_t r = 0; r < request_count && allocated && model->online == NULL; ++r) {
     if (parts[r].error != NULL) continue;
     float* dst = copy ? batch + parts[r].first_row * forest->n_features : NULL;
     parts[r].error = gather_input(&parts[r], (uint64_t)parts[r].rows * row_bytes, dst, copy ? NULL : &x);
@@ -1475,7 +2579,8 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_Mode
   /* the prediction log, before any response is sent: an answered request is always in the page cache */
   uint64_t dropped = 0;
   if (model->log.root[0] != '\0') {
-    log_requests(in, requests, parts, warmup, request_count, arrival_us, scores, copy ? batch : NULL, x, &dropped);
+    log_requests(in, requests, parts, warmup, request_count, arrival_us, scores, copy ? batch : NULL, x, &raw,
+                 degraded, &dropped);
     dropped += journal_flush(in, arrival_us);
   }
 
@@ -1488,7 +2593,7 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_Mode
       continue;
     }
     const float* rows = scores + parts[r].first_row * forest->width;
-    parts[r].ok = respond(requests[r], rows, parts[r].rows, forest->width);
+    parts[r].ok = respond(requests[r], rows, parts[r].rows, forest->width, model->online != NULL, degraded);
     if (!parts[r].ok || r < warmup) continue;
     log_error(TRITONSERVER_MetricObserve(model->duration, (double)(now_ns() - exec_start) / 1e9),
               "observing the request duration");
@@ -1498,6 +2603,10 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_Mode
   for (int d = 0; d < model->n_decisions; ++d)
     if (in->counts[d] > 0)
       log_error(TRITONSERVER_MetricIncrement(model->decisions[d], (double)in->counts[d]), "counting predictions");
+  uint32_t answered = 0;
+  for (uint32_t r = warmup; degraded && r < request_count; ++r) answered += parts[r].ok;
+  if (answered > 0)
+    log_error(TRITONSERVER_MetricIncrement(model->online->degraded, (double)answered), "counting degraded answers");
   if (dropped > 0 && model->dropped != NULL)
     log_error(TRITONSERVER_MetricIncrement(model->dropped, (double)dropped), "counting dropped log records");
 
@@ -1513,6 +2622,7 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_Mode
     log_error(TRITONBACKEND_ModelInstanceReportBatchStatistics(instance, scored_rows, exec_start, compute_start,
                                                                compute_end, exec_end),
               "reporting batch statistics");
+  if (model->online != NULL) raw_free(&raw, model->online->n_fields);
   free(scores);
   free(batch);
   free(parts);
