@@ -8,24 +8,35 @@ import datetime as dt
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 
+import mlflow
 import numpy as np
 import polars as pl
 import pytest
 import xgboost as xgb
 
-from backends.online_history import AGGREGATES, SCRIPT
+from backends.online_history import AGGREGATES, SCRIPT, OnlineHistory, connect, late_us_of
 from export.compiled_forest import COMPILED_FILE, compile_forest
 from export.errors import ExportError, FeatureCompileError, UnsupportedModelError
 from export.native_backend import require_hiredis
 from export.native_online import ONLINE_FILE, online_plan, plan_features, read_online_plan, write_online_plan
 from export.online import DEGRADED_OUTPUT, online_inputs, online_parameters
+from export.pipeline import ExportResult, ExportSettings, export_model
 from export.raw_graph import BUILDERS, Builder, compile_raw_model, feature_model, raw_feeds
+from export.repository import ModelRepository
 from export.targets import get_target
 from export.triton_config import ServingSettings
+from redis_fixtures import local_redis
+from server.client import ScoringClient, load_features
+from server.launcher import TritonServer
 from test_raw_graph import _edge_transactions
 from training.features import FRAUD_FEATURES, Feature, FittedFeatures
-from training.generate import GenerateSpec, generate_transactions
+from training.generate import GenerateSpec, generate_transactions, write_transactions
+from training.pipeline import train_and_register
+from training.train import TrainParams
+from treeops.workspace import Workspace
+from triton_fixtures import serving
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs a C compiler (gcc) for forest.so")
 
@@ -177,3 +188,123 @@ def test_epoch_edges_follow_the_plan_ops():
                                            {"name": "d", "op": "iso_weekday", "field": "timestamp"}]})
     got = features({"timestamp": t["timestamp"].dt.epoch("us").to_numpy()})
     assert got.tolist() == [[23.0, 3.0], [0.0, 4.0]]
+
+
+# --- the raw-transaction model in the C backend, on a real Triton with a real Redis ---------------------------------
+
+MODEL = "native_online"
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    ws: Workspace
+    result: ExportResult
+    fitted: FittedFeatures
+    booster: xgb.Booster
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    exported: Exported
+    server: TritonServer
+    store_url: str
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """A history-feature model exported with --target native-compiled --raw-inputs (through the parity gate)."""
+    before = mlflow.get_tracking_uri()
+    ws = Workspace(tmp_path_factory.mktemp("native-online"))
+    data = write_transactions(generate_transactions(GenerateSpec(rows=8_000, seed=5)), ws.data_dir / "t.parquet")
+    try:
+        train_and_register(data, "is_fraud", MODEL, params=TrainParams(num_boost_round=30),
+                           tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
+        mlflow.set_tracking_uri(ws.tracking_uri)
+        result = export_model(MODEL, ModelRepository(ws.model_repository),
+                              settings=ExportSettings(target="native-compiled", raw_inputs=True))
+        booster = mlflow.xgboost.load_model(f"models:/{MODEL}/1")
+    finally:
+        mlflow.set_tracking_uri(before)
+    return Exported(ws, result, load_features(result.version_dir), booster)
+
+
+@pytest.fixture(scope="module")
+def served(exported: Exported, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """`exported` on a real Triton with a real, empty Redis."""
+    with local_redis(tmp_path_factory.mktemp("redis")) as store, \
+            serving(exported.ws, models=[MODEL], online_store_url=store.url) as server:
+        yield Served(exported, server, store.url)
+
+
+@pytest.fixture
+def client(served: Served) -> Iterator[ScoringClient]:
+    connect(served.store_url).flushall()
+    with ScoringClient(served.server.settings.grpc_url, MODEL, retries=0) as c:
+        yield c
+
+
+def _stream(rows: int, seed: int) -> pl.DataFrame:
+    """Unseen transactions in time order (about 40 per card, some with equal timestamps)."""
+    raw = generate_transactions(GenerateSpec(rows=rows, seed=seed), first_id=60_000_000).drop("is_fraud")
+    return raw.sort("timestamp", "transaction_id")
+
+
+def test_the_export_passes_the_gate_on_the_plan_and_records_online_json(exported):
+    result = exported.result
+    assert result.parity is not None and result.parity.passed and result.parity.rows > 0, result.parity
+    meta = json.loads((result.version_dir / "treeops.json").read_text())
+    assert meta["target"] == "native-compiled" and meta["raw_inputs"] is True
+    assert {ONLINE_FILE, COMPILED_FILE, "libtriton_treeops_forest.so"} <= set(meta["files"])
+    assert read_online_plan(result.version_dir) == online_plan(exported.fitted)
+
+
+@pytest.mark.triton
+def test_the_served_signature_is_the_raw_fields_and_the_degraded_flag(served, client):
+    signature = client.served_signature()
+    assert [t.name for t in signature.inputs] == [r.name for r in online_inputs(served.exported.fitted)]
+    assert [t.name for t in signature.outputs] == ["probabilities", DEGRADED_OUTPUT.name]
+
+
+@pytest.mark.triton
+def test_one_transaction_per_call_scores_like_offline_and_stores_what_online_history_reads(served, client):
+    stream = _stream(rows=300, seed=123)
+    scored = [client.score_transactions(stream.slice(i, 1)) for i in range(stream.height)]
+    served_scores = np.concatenate([s.positive for s in scored])
+    expected = served.exported.booster.inplace_predict(served.exported.fitted.matrix_raw(stream))
+    np.testing.assert_allclose(served_scores, expected, rtol=0, atol=1e-5)
+    assert np.array_equal(served_scores >= 0.5, expected >= 0.5)
+    plan = online_plan(served.exported.fitted)
+    described = served.exported.fitted.to_dict()
+    history = OnlineHistory(connect(served.store_url), served.store_url, plan["namespace"], described["features"],
+                            late_us=late_us_of(described))
+    try:  # every transaction is recorded: the Python store client reads each first answer's history back
+        again = history.features(stream["card_id"].to_numpy(), stream["timestamp"].dt.epoch("us").to_numpy(),
+                                 {"amount": stream["amount"].to_numpy()}, stream["transaction_id"].to_numpy())
+    finally:
+        history.close()
+    offline = served.exported.fitted.encode(served.exported.fitted.spec.compute(stream.lazy())).collect().select(history.names)
+    np.testing.assert_array_equal(again.astype(np.float32), offline.to_numpy())
+
+
+@pytest.mark.triton
+def test_a_retry_and_a_read_only_call_change_nothing(served, client):
+    stream = _stream(rows=200, seed=9)
+    first = client.score_transactions(stream.head(150)).positive
+    keys = sorted(connect(served.store_url).scan_iter("*"))
+    before = {k: connect(served.store_url).dump(k) for k in keys}
+    retry = client.score_transactions(stream.slice(140, 1)).positive
+    peek = client.score_transactions(stream.slice(150, 1), read_only=True).positive
+    assert retry[0] == first[140]
+    assert {k: connect(served.store_url).dump(k) for k in sorted(connect(served.store_url).scan_iter("*"))} == before
+    assert client.score_transactions(stream.slice(150, 1)).positive[0] == peek[0]
+
+
+@pytest.mark.triton
+def test_one_request_of_a_cards_shuffled_transactions_applies_them_in_time_order(served, client):
+    stream = _stream(rows=400, seed=21)
+    card = stream.filter(pl.col("card_id") == stream["card_id"][0]).head(12)
+    shuffled = card.sample(fraction=1.0, shuffle=True, seed=3)
+    got = dict(zip(shuffled["transaction_id"].to_list(), client.score_transactions(shuffled).positive.tolist()))
+    expected = dict(zip(card["transaction_id"].to_list(),
+                        served.exported.booster.inplace_predict(served.exported.fitted.matrix_raw(card)).tolist()))
+    assert got == pytest.approx(expected, abs=1e-5)
