@@ -1674,6 +1674,31 @@ static TRITONSERVER_Error* config_text(TRITONBACKEND_Model* model, char** text) 
   return err;
 }
 
+/* The raw-transaction model's config outputs: the scores FP32 [width] named as treeops.json records, and
+ * treeops_degraded BOOL [1]. */
+static TRITONSERVER_Error* check_online_outputs(const Version* v, Json config, Json metadata, const Forest* forest) {
+  char want[512] = "";
+  json_member_string(metadata, "output_name", want, sizeof want);
+  Json outputs, t;
+  const int n = json_member(config, "output", &outputs) ? json_array(outputs, &t) : -1;
+  bool scores = false, flags = false;
+  for (int i = 0; i < n; ++i, json_next(&t)) {
+    char name[512] = "", dtype[64] = "";
+    Json dims, d;
+    int64_t dim = 0;
+    json_member_string(t, "name", name, sizeof name);
+    json_member_string(t, "data_type", dtype, sizeof dtype);
+    const bool one = json_member(t, "dims", &dims) && json_array(dims, &d) == 1 && json_int(d, &dim);
+    scores |= strcmp(name, want) == 0 && strcmp(dtype, "TYPE_FP32") == 0 && one && dim == forest->width;
+    flags |= strcmp(name, DEGRADED_OUTPUT) == 0 && strcmp(dtype, "TYPE_BOOL") == 0 && one && dim == 1;
+  }
+  if (n != 2 || !scores || !flags)
+    return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: the raw-transaction model's config must declare exactly "
+                  "the outputs '%s' TYPE_FP32 [%lld] and '" DEGRADED_OUTPUT "' TYPE_BOOL [1]; rewrite config.pbtxt "
+                  "with `treeops sync`", v->where, want, (long long)forest->width);
+  return NULL;
+}
+
 /* Check the version's files, load its forest, check the config against it and set up what it records;
  * `*out` is set first, so that the caller frees whatever was loaded when a later step fails. */
 static TRITONSERVER_Error* load_version(TRITONBACKEND_Model* model, Model** out) {
@@ -1713,6 +1738,7 @@ static TRITONSERVER_Error* load_version(TRITONBACKEND_Model* model, Model** out)
   if (err == NULL) err = config_text(model, &text);
   if (err == NULL) err = load_online(&v, (Json){text}, m->forest->n_features, &m->online);
   if (err == NULL && m->online == NULL) err = check_config(&v, (Json){text}, metadata, m->forest);
+  if (err == NULL && m->online != NULL) err = check_online_outputs(&v, (Json){text}, metadata, m->forest);
   if (err == NULL) err = serving_state(m, &v, metadata, (Json){text});
   free(text);
   free(metadata_text);

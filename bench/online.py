@@ -121,7 +121,7 @@ def prepare_raw_model(spec: RawBenchSpec, serving: ServingSettings, repository: 
                                  params=TrainParams(num_boost_round=spec.trees, max_depth=spec.depth, seed=spec.seed),
                                  tracking_uri=tracking_uri, artifact_root=work / "mlartifacts")
     mlflow.set_tracking_uri(tracking_uri)
-    settings = ExportSettings(raw_inputs=True, serving=serving)
+    settings = ExportSettings(raw_inputs=True, serving=serving, target=spec.target)
     repo = ModelRepository(repository)
     exported = export_model(RAW_MODEL, repo, version=outcome.registered.version, settings=settings)
     with tempfile.TemporaryDirectory(prefix="treeops-bench-bundle-") as scratch:

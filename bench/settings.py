@@ -26,7 +26,8 @@ class RawBenchSpec:
     scores are checked against offline features + xgboost before anything is timed; concurrency: requests in
     flight of the throughput step; max_txn_per_s: the rate the pool of distinct pre-serialized transactions is
     sized for (a step that would send more fails instead of repeating a transaction_id, which takes the cheaper
-    idempotent path); seed: of the data and the model.
+    idempotent path); seed: of the data and the model; target: the export target serving it (`treeops export
+    --target`; None: what `--raw-inputs` exports by default).
     """
 
     rows: int = 200_000
@@ -36,6 +37,7 @@ class RawBenchSpec:
     concurrency: int = 32
     max_txn_per_s: int = 30_000
     seed: int = 7
+    target: str | None = None
 
     def problems(self) -> list[str]:
         out = []

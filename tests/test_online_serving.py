@@ -61,15 +61,21 @@ class Exported:
     version_dir: Path
 
 
-def export_online(ws: Workspace) -> Exported:
-    """A model trained on history features in `ws`, exported with --raw-inputs as `online` (parity gate passed)."""
+#: The targets that serve the raw-transaction model: treeops' C backend (hiredis) and the Python backend.
+ONLINE_TARGETS = ("native-compiled", "python-onnx")
+
+
+def export_online(ws: Workspace, target: str | None = None) -> Exported:
+    """A model trained on history features in `ws`, exported with --raw-inputs as `online` (parity gate passed)
+    by `target` (None: the --raw-inputs default)."""
     before = mlflow.get_tracking_uri()
     data = write_transactions(generate_transactions(GenerateSpec(rows=8_000, seed=5)), ws.data_dir / "t.parquet")
     try:
         train_and_register(data, "is_fraud", MODEL, params=TrainParams(num_boost_round=30),
                            tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
         mlflow.set_tracking_uri(ws.tracking_uri)
-        result = export_model(MODEL, ModelRepository(ws.model_repository), settings=ExportSettings(raw_inputs=True))
+        result = export_model(MODEL, ModelRepository(ws.model_repository), settings=ExportSettings(raw_inputs=True,
+                                                                                                target=target))
         booster = mlflow.xgboost.load_model(f"models:/{MODEL}/1")
     finally:
         mlflow.set_tracking_uri(before)
@@ -89,10 +95,11 @@ def copy_model(exported: Exported, repository: Path, name: str, policy: str = "e
     (repository / name / "config.pbtxt").write_text(config)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    """`export_online`, plus a lenient copy (on_store_unavailable = score_without_history) and a batched one."""
-    exported = export_online(Workspace(tmp_path_factory.mktemp("online")))
+@pytest.fixture(scope="module", params=ONLINE_TARGETS)
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """`export_online` by each target, plus a lenient copy (on_store_unavailable = score_without_history) and a
+    batched one."""
+    exported = export_online(Workspace(tmp_path_factory.mktemp("online")), request.param)
     copy_model(exported, exported.ws.model_repository, LENIENT, "score_without_history")
     copy_model(exported, exported.ws.model_repository, BATCHED, wait_us=BATCH_WAIT_US)
     return exported

@@ -22,6 +22,7 @@ from online_store.backfill import backfill
 from redis_fixtures import local_redis
 from server.client import load_features
 from server.replay import partitions, replay, replay_parity
+from test_online_serving import ONLINE_TARGETS
 from training.features import FRAUD_FEATURES
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
@@ -76,7 +77,8 @@ def test_stream_has_ties_late_arrivals_and_interleaved_clients():
             set(stream[np.setdiff1d(np.arange(stream.height), rows)]["card_id"].to_list()))
 
 
-def test_replay_scores_every_transaction_like_offline_features_plus_xgboost(tmp_path):
+@pytest.mark.parametrize("target", ONLINE_TARGETS)
+def test_replay_scores_every_transaction_like_offline_features_plus_xgboost(tmp_path, target):
     ws = Workspace(tmp_path / "ws")
     train, stream = _periods()
     data = write_transactions(train, ws.data_dir / "train.parquet")
@@ -85,7 +87,8 @@ def test_replay_scores_every_transaction_like_offline_features_plus_xgboost(tmp_
         train_and_register(data, "is_fraud", MODEL, params=TrainParams(num_boost_round=60),
                            tracking_uri=ws.tracking_uri, artifact_root=ws.artifact_root)
         mlflow.set_tracking_uri(ws.tracking_uri)
-        exported = export_model(MODEL, ModelRepository(ws.model_repository), settings=ExportSettings(raw_inputs=True))
+        exported = export_model(MODEL, ModelRepository(ws.model_repository), settings=ExportSettings(raw_inputs=True,
+                                                                                                           target=target))
         booster = mlflow.xgboost.load_model(f"models:/{MODEL}/1")
     finally:
         mlflow.set_tracking_uri(before)

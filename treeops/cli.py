@@ -802,6 +802,8 @@ def bench_serving(
                                                          "backfilled with")] = 200_000,
     raw_max_txn_per_s: Annotated[int, typer.Option(min=1, help="rate the distinct raw transactions are serialized for "
                                                                "(none is sent twice)")] = 30_000,
+    raw_target: Annotated[str | None, typer.Option(help="export target of the raw-transaction model (default: what "
+                                                        "`treeops export --raw-inputs` uses)")] = None,
     prediction_log: Annotated[str, typer.Option(help="off, on (the whole run with the prediction log) or both (also "
                                                     "a second Triton with the log on: the log's cost, off vs on)")] = "off",
     log_rounds: Annotated[int, typer.Option(min=1, help="alternating off/on rounds of --prediction-log both")] = 3,
@@ -835,7 +837,7 @@ def bench_serving(
         triton=TritonSettings(summary_latencies=summary_latencies), perf_analyzer=perf_analyzer,
         perf_analyzer_concurrency=levels("--perf-analyzer-concurrency", perf_analyzer_concurrency),
         perf_analyzer_path=perf_analyzer_path, targets_path=targets,
-        raw=RawBenchSpec(rows=raw_rows, max_txn_per_s=raw_max_txn_per_s) if raw_transactions else None,
+        raw=RawBenchSpec(rows=raw_rows, max_txn_per_s=raw_max_txn_per_s, target=raw_target) if raw_transactions else None,
         prediction_log=prediction_log, log_rounds=log_rounds,  # type: ignore[arg-type]  # checked by BenchSettings
     )
     result = run_serving_benchmark(settings, out_path=out or ws.reports_dir / "bench_serving.json")
