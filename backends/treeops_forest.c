@@ -693,6 +693,8 @@ static TRITONSERVER_Error* check_config(const Version* v, Json config, Json meta
  *    right in (time, value) order), the stateless features (online.json "op"s: the Polars expressions of
  *    export/raw_graph.py BUILDERS) and the vocabularies (unknown -> NaN), each cast to float32;
  * 4. the forest, then `probabilities` and `treeops_degraded` (BOOL [rows, 1]).
+ * It does not write the prediction log yet: with TREEOPS_PREDICTION_LOG_DIR set its load is refused (see
+ * serving_state), so no record is silently lost.
  * The store unreachable: config parameter on_store_unavailable "error" answers UNAVAILABLE naming the store URL (its
  * password hidden; a retry is safe: a transaction_id already stored changes nothing); "score_without_history" scores
  * with the history features NaN, flags the rows degraded and counts the requests (degraded_answers metric).
@@ -1280,9 +1282,7 @@ static TRITONSERVER_Error* make_header(Model* m, const Version* v) {
                     "re-export the version", v->where, path, listed, (long long)n);
     }
   }
-  const Online* o = m->online;
-  const size_t cap = 256 + 6 * strlen(m->name) + (size_t)n * (6 * 512 + 4) + 20 +
-                     (o != NULL ? (size_t)(o->n_fields + 2) * (6 * 256 + 40) : 0);
+  const size_t cap = 256 + 6 * strlen(m->name) + (size_t)n * (6 * 512 + 4) + 20;
   const size_t prefix = 8 + 4 + 4 + 4; /* magic, format, JSON length, JSON CRC-32 */
   char* h = malloc(prefix + cap);
   TRITONSERVER_Error* err = h == NULL ? TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory") : NULL;
@@ -1304,23 +1304,10 @@ static TRITONSERVER_Error* make_header(Model* m, const Version* v) {
       } else {
         snprintf(name, sizeof name, "f%lld", (long long)i);
       }
-      if (o != NULL && o->plan[i].op != OP_HISTORY) continue; /* the raw model logs its raw fields instead */
-      if (j[len - 1] != '[') j[len++] = ',';
+      if (i > 0) j[len++] = ',';
       if (err == NULL) len += json_quote(j + len, name);
     }
-    len += (size_t)sprintf(j + len, "]");
-    for (int f = 0; o != NULL && f < o->n_fields; ++f) {
-      len += (size_t)sprintf(j + len, f == 0 ? ",\"raw\":[{\"name\":" : ",{\"name\":");
-      len += json_quote(j + len, o->fields[f].name);
-      len += (size_t)sprintf(j + len, ",\"kind\":\"%s\"}", FIELD_KINDS[o->fields[f].kind]);
-    }
-    if (o != NULL) {
-      len += (size_t)sprintf(j + len, "],\"transaction_id\":");
-      len += json_quote(j + len, o->fields[o->txn].name);
-      len += (size_t)sprintf(j + len, ",\"entity\":");
-      len += json_quote(j + len, o->fields[o->entity].name);
-    }
-    len += (size_t)sprintf(j + len, "}");
+    len += (size_t)sprintf(j + len, "]}");
   }
   free(spec_text);
   if (err != NULL) {
@@ -1357,6 +1344,12 @@ static TRITONSERVER_Error* serving_state(Model* m, const Version* v, Json metada
     m->warmup_requests += (uint64_t)(batch > 0 ? batch : 1) * (uint64_t)(count > 1 ? count : 1);
   }
   TRITONSERVER_Error* err = log_settings(&m->log);
+  if (err == NULL && m->log.root[0] != '\0' && m->online != NULL)
+    return errorf(ERROR_UNSUPPORTED, "treeops_forest: %s: the native raw-transaction model does not write the "
+                  "prediction log yet (its records need the raw fields, which the journal does not carry), and "
+                  "serving it unlogged would lose every record: serve it with " TREEOPS_LOG_DIR_ENV " unset, or "
+                  "export the raw-transaction model with --target python-onnx (the --raw-inputs default), which logs",
+                  v->where);
   if (err == NULL && m->log.root[0] != '\0') {
     if (snprintf(m->model_dir, sizeof m->model_dir, "%s/model=%s", m->log.root, m->name) >= (int)sizeof m->model_dir)
       return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: prediction log path too long under %s", v->where,
@@ -1544,64 +1537,6 @@ static bool add_record(Instance* in, const char* id, size_t id_len, int64_t arri
   } else {
     for (int64_t r = 0; r < rows; ++r) memcpy(q + r * (int64_t)sizeof(float), scores + r * width + width - 1, sizeof(float));
     memcpy(q + (size_t)rows * sizeof(float), x, (size_t)rows * (size_t)n_features * sizeof(float));
-  }
-  const uint32_t crc = crc32_of(p, payload);
-  memcpy(in->buf + in->size, &length, 4);
-  memcpy(in->buf + in->size + 4, &crc, 4);
-  in->size += FRAME + payload;
-  in->records++;
-  return true;
-}
-
-/* Queue one answered request of the raw-transaction model (rows [a, a + rows) of the batch): its scores, its
- * history features, its degraded flags and its raw fields (the record layout of the prediction-log comment). */
-static bool add_online_record(Instance* in, const char* id, size_t id_len, int64_t arrival_us, const float* scores,
-                              int64_t width, const float* x, const Raw* raw, int64_t a, int64_t rows, bool degraded) {
-  const Online* o = in->model->online;
-  const int64_t n_features = in->model->forest->n_features;
-  int n_history = 0;
-  for (int i = 0; i < o->n_plan; ++i) n_history += o->plan[i].op == OP_HISTORY;
-  size_t body = (size_t)rows * (4 + 4 * (size_t)n_history + 1);
-  for (int f = 0; f < o->n_fields; ++f) {
-    if (o->fields[f].kind != FIELD_STRING) {
-      body += (size_t)rows * 8;
-      continue;
-    }
-    for (int64_t r = 0; r < rows; ++r) body += 4 + ((const Str*)raw->col[f])[a + r].n;
-  }
-  const size_t payload = RECORD_FIXED + id_len + body;
-  if (id_len > 0xFFFF || payload > 0xFFFFFFFFu || !reserve(in, FRAME + payload)) return false;
-  char* p = in->buf + in->size + FRAME;
-  const uint32_t count = (uint32_t)rows, length = (uint32_t)payload;
-  const uint16_t id_size = (uint16_t)id_len;
-  const uint8_t status = 0, flag = degraded;
-  memcpy(p, &arrival_us, 8);
-  memcpy(p + 8, &count, 4);
-  memcpy(p + 12, &id_size, 2);
-  memcpy(p + 14, &status, 1);
-  memcpy(p + RECORD_FIXED, id, id_len);
-  char* q = p + RECORD_FIXED + id_len;
-  for (int64_t r = 0; r < rows; ++r, q += 4) memcpy(q, scores + r * width + width - 1, 4);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int i = 0; i < o->n_plan; ++i)
-      if (o->plan[i].op == OP_HISTORY) {
-        memcpy(q, x + (a + r) * n_features + i, 4);
-        q += 4;
-      }
-  memset(q, flag, (size_t)rows);
-  q += rows;
-  for (int f = 0; f < o->n_fields; ++f) {
-    if (o->fields[f].kind != FIELD_STRING) {
-      memcpy(q, (const char*)raw->col[f] + a * 8, (size_t)rows * 8);
-      q += rows * 8;
-      continue;
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const Str v = ((const Str*)raw->col[f])[a + r];
-      memcpy(q, &v.n, 4);
-      memcpy(q + 4, v.p, v.n);
-      q += 4 + v.n;
-    }
   }
   const uint32_t crc = crc32_of(p, payload);
   memcpy(in->buf + in->size, &length, 4);
@@ -2368,10 +2303,9 @@ static TRITONSERVER_Error* refusal(const Model* m, TRITONSERVER_Error* err) {
 
 /* The forest rows of a batch of raw-transaction requests: each request checked and gathered (a refused one gets
  * its error in its part and its rows stay zeros), then one store round trip for the rows of the others, then their
- * features. `*degraded`: scored without history (store down, policy score_without_history); `*fields`: the raw
- * fields, for the prediction log (the caller frees them with raw_free). NULL: out of memory. */
+ * features. `*degraded`: scored without history (store down, policy score_without_history). NULL: out of memory. */
 static float* online_batch(Instance* in, TRITONBACKEND_Request** requests, uint32_t count, Part* parts,
-                           int64_t* batch_rows, bool* degraded, Raw* fields) {
+                           int64_t* batch_rows, bool* degraded) {
   const Model* m = in->model;
   const Online* o = m->online;
   const int64_t n_features = m->forest->n_features;
@@ -2442,7 +2376,7 @@ static float* online_batch(Instance* in, TRITONBACKEND_Request** requests, uint3
     for (int64_t j = 0; j < n; ++j) stateless_row(o, &raw, order[j], x + order[j] * n_features);
   }
   free(order);
-  *fields = raw;
+  raw_free(&raw, o->n_fields);
   free(inputs);
   free(buffers);
   free(flags);
@@ -2526,7 +2460,7 @@ static const char* request_id(Instance* in, TRITONBACKEND_Request* request, char
 /* Queue the log records of requests [first, count) that the sampling rate keeps. */
 static void log_requests(Instance* in, TRITONBACKEND_Request** requests, const Part* parts, uint32_t first,
                          uint32_t count, int64_t arrival_us, const float* scores, const float* batch,
-                         const float* direct, const Raw* raw, bool degraded, uint64_t* dropped) {
+                         const float* direct, uint64_t* dropped) {
   const Forest* forest = in->model->forest;
   for (uint32_t r = first; r < count; ++r) {
     char fresh[17];
@@ -2537,9 +2471,6 @@ static void log_requests(Instance* in, TRITONBACKEND_Request** requests, const P
     const bool added =
         p->error != NULL
             ? add_record(in, id, id_len, arrival_us, TRITONSERVER_ErrorMessage(p->error), NULL, 0, NULL, 0)
-        : in->model->online != NULL
-            ? add_online_record(in, id, id_len, arrival_us, scores + p->first_row * forest->width, forest->width,
-                                batch, raw, p->first_row, p->rows, degraded)
             : add_record(in, id, id_len, arrival_us, NULL, scores + p->first_row * forest->width, forest->width,
                          batch != NULL ? batch + p->first_row * forest->n_features : direct, p->rows);
     *dropped += !added;
@@ -2569,10 +2500,8 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_Mode
   int64_t batch_rows = 0;
   uint32_t good = 0;
   bool degraded = false;
-  Raw raw = {0};
-  float* features = model->online != NULL
-                        ? online_batch(in, requests, request_count, parts, &batch_rows, &degraded, &raw)
-                        : NULL;
+  float* features = model->online != NULL ? online_batch(in, requests, request_count, parts, &batch_rows, &degraded)
+                                          : NULL;
   for (uint32_t r = 0; model->online == NULL && r < request_count; ++r) {
     if ((parts[r].error = request_input(forest, requests[r], &parts[r])) != NULL) continue;
     parts[r].first_row = batch_rows;
@@ -2605,8 +2534,7 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_Mode
   /* the prediction log, before any response is sent: an answered request is always in the page cache */
   uint64_t dropped = 0;
   if (model->log.root[0] != '\0') {
-    log_requests(in, requests, parts, warmup, request_count, arrival_us, scores, copy ? batch : NULL, x, &raw,
-                 degraded, &dropped);
+    log_requests(in, requests, parts, warmup, request_count, arrival_us, scores, copy ? batch : NULL, x, &dropped);
     dropped += journal_flush(in, arrival_us);
   }
 
@@ -2648,7 +2576,6 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_Mode
     log_error(TRITONBACKEND_ModelInstanceReportBatchStatistics(instance, scored_rows, exec_start, compute_start,
                                                                compute_end, exec_end),
               "reporting batch statistics");
-  if (model->online != NULL) raw_free(&raw, model->online->n_fields);
   free(scores);
   free(batch);
   free(parts);

@@ -9,7 +9,8 @@ import shutil
 import mlflow
 import pytest
 
-from export.pipeline import ExportSettings, export_model, export_version, served_config, version_signature
+from export.pipeline import (RAW_INPUTS_TARGET, ExportSettings, export_model, export_version, served_config,
+                             version_signature)
 from export.repository import ModelRepository, VersionConflictError
 from export.signature import ServedSignature
 from training.pipeline import train_and_register
@@ -50,8 +51,8 @@ def test_another_format_for_a_version_on_disk_is_refused_then_replaced_atomicall
 
     refused = treeops("export", "--version", "2", "--raw-inputs", workspace=ws.root)
     assert refused.returncode == 1, refused.stderr
-    assert "holds target native-compiled, raw_inputs False, but this export asks for target python-onnx, " \
-           "raw_inputs True; nothing was written. Pass --replace" in refused.stderr
+    assert (f"holds target native-compiled, raw_inputs False, but this export asks for target {RAW_INPUTS_TARGET}, "
+            "raw_inputs True; nothing was written. Pass --replace") in refused.stderr
     assert "Traceback" not in refused.stderr and "kept" not in refused.stdout
     assert (repo.version_dir(MODEL, 2) / "treeops.json").read_text() == before
 
@@ -59,7 +60,7 @@ def test_another_format_for_a_version_on_disk_is_refused_then_replaced_atomicall
     assert replaced.returncode == 0, replaced.stderr
     assert json.loads(replaced.stdout)["replaced"] is True
     meta = repo.metadata(MODEL, 2)
-    assert meta["raw_inputs"] is True and meta["target"] == "python-onnx"
+    assert meta["raw_inputs"] is True and meta["target"] == RAW_INPUTS_TARGET
     assert version_signature(repo, MODEL, 2).feature_tensor is None  # one input per raw field now
     assert _leftovers(repo) == []  # neither the staging folder nor the old version is left behind
     assert repo.metadata(MODEL, 1)["target"] == "native-compiled"  # the served champion is untouched
@@ -69,7 +70,7 @@ def test_replace_is_refused_for_the_version_config_serves(two_exported):
     _, repo = two_exported
     config = repo.read_config(MODEL)
     with pytest.raises(VersionConflictError, match=r"is served by .*config.pbtxt; replacing it with target "
-                       r"python-onnx, raw_inputs True would swap a loaded version's files"):
+                       rf"{RAW_INPUTS_TARGET}, raw_inputs True would swap a loaded version's files"):
         export_model(MODEL, repo, version=1, alias=None, settings=ExportSettings(raw_inputs=True, replace=True))
     assert repo.metadata(MODEL, 1)["raw_inputs"] is False and repo.read_config(MODEL) == config
 
