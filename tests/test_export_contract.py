@@ -9,8 +9,14 @@ import shutil
 import mlflow
 import pytest
 
-from export.pipeline import (RAW_INPUTS_TARGET, ExportSettings, export_model, export_version, served_config,
-                             version_signature)
+from export.pipeline import (
+    RAW_INPUTS_TARGET,
+    ExportSettings,
+    export_model,
+    export_version,
+    served_config,
+    version_signature,
+)
 from export.repository import ModelRepository, VersionConflictError
 from export.signature import ServedSignature
 from training.pipeline import train_and_register
