@@ -21,7 +21,7 @@ import polars as pl
 from backends.online_history import namespace_for
 from export.errors import UnsupportedModelError
 from export.raw_graph import RawDtype, RawInput, raw_inputs
-from export.triton_config import TensorSpec
+from export.triton_config import ServingSettings, TensorSpec
 from training.features import Feature, FittedFeatures
 
 StorePolicy = Literal["error", "score_without_history"]
@@ -112,3 +112,12 @@ def online_parameters(fitted: FittedFeatures, on_store_unavailable: StorePolicy)
         NON_NEGATIVE_PARAMETER: ",".join(non_negative_fields(fitted)),
         DEGRADED_DOC_PARAMETER: DEGRADED_DOC,
     }
+
+
+def online_config(parameters: Mapping[str, str], outputs: list[TensorSpec],
+                  serving: ServingSettings) -> tuple[list[TensorSpec], ServingSettings]:
+    """The outputs and serving settings of a model with `parameters`: the raw-transaction model (its parameters hold
+    POLICY_PARAMETER) adds DEGRADED_OUTPUT and runs no warm-up (warm-up rows would be written to the store)."""
+    if POLICY_PARAMETER not in parameters:
+        return outputs, serving
+    return [*outputs, DEGRADED_OUTPUT], serving.model_copy(update={"warmup": False})

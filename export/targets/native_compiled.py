@@ -24,7 +24,7 @@ from export.compiled_forest import COMPILED_FILE, compiled_scorer
 from export.errors import UnsupportedModelError
 from export.native_backend import BACKEND_NAME, build_backend
 from export.native_online import online_plan, plan_features, read_online_plan, write_online_plan
-from export.online import DEGRADED_OUTPUT, POLICY_PARAMETER
+from export.online import POLICY_PARAMETER, online_config
 from export.serving_metrics import serving_metrics_parameter
 from export.targets.compiled_forest_target import CompiledForestTarget
 from export.triton_config import ServingSettings, TensorSpec, model_config
@@ -78,12 +78,9 @@ class NativeCompiledTarget(CompiledForestTarget):
         if serving.instance_kind != "cpu":
             raise UnsupportedModelError("the native-compiled target runs on CPU instances; "
                                         "for GPU nodes export with --target fil")
-        outputs = [TensorSpec(self.output_name, (n_outputs,))]
-        if inputs is not None:
-            if POLICY_PARAMETER not in parameters:
-                raise UnsupportedModelError(_STATELESS_RAW)
-            outputs.append(DEGRADED_OUTPUT)
-            serving = serving.model_copy(update={"warmup": False})  # warm-up rows would be written to the store
+        if inputs is not None and POLICY_PARAMETER not in parameters:
+            raise UnsupportedModelError(_STATELESS_RAW)
+        outputs, serving = online_config(parameters, [TensorSpec(self.output_name, (n_outputs,))], serving)
         return model_config(
             model_name,
             backend=BACKEND_NAME,

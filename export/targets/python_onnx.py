@@ -12,7 +12,7 @@ from pathlib import Path
 import xgboost as xgb
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.online import DEGRADED_OUTPUT, POLICY_PARAMETER, is_online
+from export.online import is_online, online_config
 from export.serving_metrics import serving_metrics_parameter
 from export.targets.onnx_file import OnnxFileTarget
 from export.targets.python_runtime import FEATURE_MODEL, ONLINE_MODEL, ONLINE_MODULES, write_python_runtime
@@ -45,10 +45,7 @@ class PythonOnnxTarget(OnnxFileTarget):
         parameters: Mapping[str, str],
         inputs: Sequence[TensorSpec] | None = None,
     ) -> mc.ModelConfig:
-        outputs = [TensorSpec(self.output_name, (n_outputs,))]
-        if POLICY_PARAMETER in parameters:  # the raw-transaction model: flags answers scored without history
-            outputs.append(DEGRADED_OUTPUT)
-            serving = serving.model_copy(update={"warmup": False})  # warm-up rows would be written to the store
+        outputs, serving = online_config(parameters, [TensorSpec(self.output_name, (n_outputs,))], serving)
         return model_config(
             model_name,
             backend="python",
