@@ -776,6 +776,14 @@ static void raw_free(Raw* raw, int n_fields) {
   free(raw->tokens);
 }
 
+/* A field's value of row `r` as the text Redis receives (OnlineHistory: str(int), bytes as they are) and the log
+ * records (`text` holds a number's). */
+static Str field_text(const Online* o, const Raw* raw, int field, int64_t r, char text[24]) {
+  if (o->fields[field].kind == FIELD_STRING) return ((const Str*)raw->col[field])[r];
+  const int n = snprintf(text, 24, "%lld", (long long)((const int64_t*)raw->col[field])[r]);
+  return (Str){text, (uint32_t)n};
+}
+
 static void online_free(Online* o) {
   if (o == NULL) return;
   if (o->degraded != NULL) log_error(TRITONSERVER_MetricDelete(o->degraded), "deleting a metric");
@@ -1119,6 +1127,7 @@ typedef struct {
   int kind;          /* the objective's, from treeops.json: what a row's decision is */
   double threshold;
   int n_decisions;   /* binary: positive, negative; multiclass: one per class; regression: value */
+  int n_history;     /* the raw-transaction model's history features: the ones it logs */
   uint64_t warmup_requests; /* Triton's model_warmup requests each instance executes first (not counted) */
   LogSettings log;
   char version_dir[4600];   /* <root>/model=<name>/version=<v> */
@@ -1265,8 +1274,9 @@ static TRITONSERVER_Error* make_metrics(Model* m, const char* where, Json config
   return err;
 }
 
-/* Served feature names (feature_spec.json, or f0..fN-1 for a forest exported without one) into the
- * journal header, as backends/python_model.py names the log's feature columns. */
+/* The journal header: the logged feature names (feature_spec.json, or f0..fN-1 for a forest exported without one),
+ * as backends/python_model.py names the log's feature columns; a raw-transaction model logs its history features
+ * (the stateless ones follow from its raw fields) and names its raw fields, as backends/online_model.py does. */
 static TRITONSERVER_Error* make_header(Model* m, const Version* v) {
   char path[4700];
   snprintf(path, sizeof path, "%s/" FEATURES_FILE, v->dir);
@@ -1282,7 +1292,9 @@ static TRITONSERVER_Error* make_header(Model* m, const Version* v) {
                     "re-export the version", v->where, path, listed, (long long)n);
     }
   }
-  const size_t cap = 256 + 6 * strlen(m->name) + (size_t)n * (6 * 512 + 4) + 20;
+  const Online* o = m->online;
+  const size_t cap = 256 + 6 * strlen(m->name) + (size_t)n * (6 * 512 + 4) + 20 +
+                     (o != NULL ? (size_t)o->n_fields * (6 * 256 + 40) + 12 * 256 + 64 : 0);
   const size_t prefix = 8 + 4 + 4 + 4; /* magic, format, JSON length, JSON CRC-32 */
   char* h = malloc(prefix + cap);
   TRITONSERVER_Error* err = h == NULL ? TRITONSERVER_ErrorNew(ERROR_INTERNAL, "treeops_forest: out of memory") : NULL;
@@ -1304,10 +1316,24 @@ static TRITONSERVER_Error* make_header(Model* m, const Version* v) {
       } else {
         snprintf(name, sizeof name, "f%lld", (long long)i);
       }
-      if (i > 0) j[len++] = ',';
-      if (err == NULL) len += json_quote(j + len, name);
+      if (err != NULL || (o != NULL && o->plan[i].op != OP_HISTORY)) continue; /* stateless: from raw.* */
+      if (j[len - 1] != '[') j[len++] = ',';
+      len += json_quote(j + len, name);
     }
-    len += (size_t)sprintf(j + len, "]}");
+    len += (size_t)sprintf(j + len, "]");
+    if (o != NULL) { /* format 2: a raw-transaction model's records carry its raw fields */
+      len += (size_t)sprintf(j + len, ",\"raw\":[");
+      for (int i = 0; i < o->n_fields; ++i) {
+        len += (size_t)sprintf(j + len, "%s{\"name\":", i ? "," : "");
+        len += json_quote(j + len, o->fields[i].name);
+        len += (size_t)sprintf(j + len, ",\"kind\":\"%s\"}", FIELD_KINDS[o->fields[i].kind]);
+      }
+      len += (size_t)sprintf(j + len, "],\"transaction_id\":");
+      len += json_quote(j + len, o->fields[o->txn].name);
+      len += (size_t)sprintf(j + len, ",\"entity\":");
+      len += json_quote(j + len, o->fields[o->entity].name);
+    }
+    len += (size_t)sprintf(j + len, "}");
   }
   free(spec_text);
   if (err != NULL) {
@@ -1343,13 +1369,8 @@ static TRITONSERVER_Error* serving_state(Model* m, const Version* v, Json metada
     json_member_int(w, "count", &count);
     m->warmup_requests += (uint64_t)(batch > 0 ? batch : 1) * (uint64_t)(count > 1 ? count : 1);
   }
+  for (int i = 0; m->online != NULL && i < m->online->n_plan; ++i) m->n_history += m->online->plan[i].op == OP_HISTORY;
   TRITONSERVER_Error* err = log_settings(&m->log);
-  if (err == NULL && m->log.root[0] != '\0' && m->online != NULL)
-    return errorf(ERROR_UNSUPPORTED, "treeops_forest: %s: the native raw-transaction model does not write the "
-                  "prediction log yet (its records need the raw fields, which the journal does not carry), and "
-                  "serving it unlogged would lose every record: serve it with " TREEOPS_LOG_DIR_ENV " unset, or "
-                  "export the raw-transaction model with --target python-onnx (the --raw-inputs default), which logs",
-                  v->where);
   if (err == NULL && m->log.root[0] != '\0') {
     if (snprintf(m->model_dir, sizeof m->model_dir, "%s/model=%s", m->log.root, m->name) >= (int)sizeof m->model_dir)
       return errorf(ERROR_INVALID_ARG, "treeops_forest: %s: prediction log path too long under %s", v->where,
@@ -1369,8 +1390,14 @@ static TRITONSERVER_Error* serving_state(Model* m, const Version* v, Json metada
  * JSON, JSON {"contract", "model", "version", "features"}) and then records, each framed as u32 payload length,
  * u32 CRC-32 of the payload, payload (little-endian):
  *   i64 arrival (epoch us UTC), u32 rows (or error length), u16 request id length, u8 status (0 answered,
- *   1 failed), the request id, then for an answered request rows x f32 score (the last output column) and
- *   rows x n_features f32 features, for a failed one its error message.
+ *   1 failed, 2 answered degraded), the request id, then for an answered request rows x f32 score (the last
+ *   output column) and rows x n_features f32 features, for a failed one its error message (format 2; format 1
+ *   had no status 2).
+ * A raw-transaction model's header also lists its raw fields ({"name", "kind"}) and names its transaction id and
+ * entity fields; its features are the history features only. Its answered records then hold, per raw field in
+ * header order, rows x i64 or f64, or for text rows x u32 length and then the rows' bytes; its failed records
+ * hold, after the error, u32 n and n x (u32 length, bytes): the transaction ids of a request refused after it was
+ * read (store unavailable), n = 0 for one refused before.
  * Each execute call appends its records with one write(2) on an O_APPEND descriptor, before its responses are
  * sent: every answered request is in the page cache first, so kill -9 of tritonserver loses none of them; only
  * power loss can tear a tail, which the reader detects by length and CRC and skips with a warning.
@@ -1513,6 +1540,37 @@ static bool reserve(Instance* in, size_t more) {
   return true;
 }
 
+/* Room in this call's buffer for a record of `body` bytes after its fixed fields and request id; returns where
+ * the body goes (NULL when out of memory: the record is dropped). `record_end` frames it. */
+static char* record_begin(Instance* in, const char* id, size_t id_len, int64_t arrival_us, uint32_t count,
+                          uint8_t status, size_t body) {
+  const size_t payload = RECORD_FIXED + id_len + body;
+  if (id_len > 0xFFFF || payload > 0xFFFFFFFFu || !reserve(in, FRAME + payload)) return NULL;
+  char* p = in->buf + in->size + FRAME;
+  const uint16_t id_size = (uint16_t)id_len;
+  memcpy(p, &arrival_us, 8);
+  memcpy(p + 8, &count, 4);
+  memcpy(p + 12, &id_size, 2);
+  memcpy(p + 14, &status, 1);
+  memcpy(p + RECORD_FIXED, id, id_len);
+  return p + RECORD_FIXED + id_len;
+}
+
+static void record_end(Instance* in, const char* end) {
+  char* p = in->buf + in->size + FRAME;
+  const uint32_t length = (uint32_t)(end - p), crc = crc32_of(p, length);
+  memcpy(in->buf + in->size, &length, 4);
+  memcpy(in->buf + in->size + 4, &crc, 4);
+  in->size += FRAME + length;
+  in->records++;
+}
+
+static char* put_text(char* q, Str s) {
+  memcpy(q, &s.n, 4);
+  if (s.n > 0) memcpy(q + 4, s.p, s.n);
+  return q + 4 + s.n;
+}
+
 /* Queue one request's record in this call's buffer: answered (`scores` rows x width, `x` rows x n_features)
  * or failed (`error`). False when out of memory (the record is dropped). */
 static bool add_record(Instance* in, const char* id, size_t id_len, int64_t arrival_us, const char* error,
@@ -1520,29 +1578,71 @@ static bool add_record(Instance* in, const char* id, size_t id_len, int64_t arri
   const int64_t n_features = in->model->forest->n_features;
   const size_t error_len = error != NULL ? strlen(error) : 0;
   const size_t body = error != NULL ? error_len : (size_t)rows * (size_t)(1 + n_features) * sizeof(float);
-  const size_t payload = RECORD_FIXED + id_len + body;
-  if (id_len > 0xFFFF || payload > 0xFFFFFFFFu || !reserve(in, FRAME + payload)) return false;
-  char* p = in->buf + in->size + FRAME;
-  const uint32_t count = error != NULL ? (uint32_t)error_len : (uint32_t)rows, length = (uint32_t)payload;
-  const uint16_t id_size = (uint16_t)id_len;
-  const uint8_t status = error != NULL;
-  memcpy(p, &arrival_us, 8);
-  memcpy(p + 8, &count, 4);
-  memcpy(p + 12, &id_size, 2);
-  memcpy(p + 14, &status, 1);
-  memcpy(p + RECORD_FIXED, id, id_len);
-  char* q = p + RECORD_FIXED + id_len;
+  char* q = record_begin(in, id, id_len, arrival_us, error != NULL ? (uint32_t)error_len : (uint32_t)rows,
+                         error != NULL, body);
+  if (q == NULL) return false;
   if (error != NULL) {
     memcpy(q, error, error_len);
   } else {
     for (int64_t r = 0; r < rows; ++r) memcpy(q + r * (int64_t)sizeof(float), scores + r * width + width - 1, sizeof(float));
     memcpy(q + (size_t)rows * sizeof(float), x, (size_t)rows * (size_t)n_features * sizeof(float));
   }
-  const uint32_t crc = crc32_of(p, payload);
-  memcpy(in->buf + in->size, &length, 4);
-  memcpy(in->buf + in->size + 4, &crc, 4);
-  in->size += FRAME + payload;
-  in->records++;
+  record_end(in, q + body);
+  return true;
+}
+
+/* A raw-transaction request's record: answered (rows of the batch from `first`: score, history features, raw
+ * fields; `degraded`), or failed (`error`, and the transaction ids when `raw` holds its rows, else NULL). */
+static bool add_online_record(Instance* in, const char* id, size_t id_len, int64_t arrival_us, const char* error,
+                              const float* scores, const float* x, const Raw* raw, int64_t first, int64_t rows,
+                              bool degraded) {
+  const Model* m = in->model;
+  const Online* o = m->online;
+  const int64_t width = m->forest->width, n_features = m->forest->n_features;
+  char number[24];
+  size_t body = error != NULL ? strlen(error) + 4 : (size_t)rows * (1 + (size_t)m->n_history) * sizeof(float);
+  if (error != NULL && raw != NULL) {
+    for (int64_t r = first; r < first + rows; ++r) body += 4 + field_text(o, raw, o->txn, r, number).n;
+  } else if (error == NULL) {
+    for (int i = 0; i < o->n_fields; ++i) {
+      body += (size_t)rows * (o->fields[i].kind == FIELD_STRING ? 4 : 8);
+      for (int64_t r = first; o->fields[i].kind == FIELD_STRING && r < first + rows; ++r)
+        body += ((const Str*)raw->col[i])[r].n;
+    }
+  }
+  const uint32_t count = error != NULL ? (uint32_t)strlen(error) : (uint32_t)rows;
+  char* q = record_begin(in, id, id_len, arrival_us, count, error != NULL ? 1 : degraded ? 2 : 0, body);
+  if (q == NULL) return false;
+  if (error != NULL) {
+    memcpy(q, error, count);
+    q += count;
+    const uint32_t n = raw != NULL ? (uint32_t)rows : 0;
+    memcpy(q, &n, 4);
+    q += 4;
+    for (int64_t r = first; raw != NULL && r < first + rows; ++r) q = put_text(q, field_text(o, raw, o->txn, r, number));
+    record_end(in, q);
+    return true;
+  }
+  for (int64_t r = first; r < first + rows; ++r, q += sizeof(float))
+    memcpy(q, scores + r * width + width - 1, sizeof(float));
+  for (int64_t r = first; r < first + rows; ++r)
+    for (int i = 0; i < o->n_plan; ++i)
+      if (o->plan[i].op == OP_HISTORY) {
+        memcpy(q, x + r * n_features + i, sizeof(float));
+        q += sizeof(float);
+      }
+  for (int i = 0; i < o->n_fields; ++i) {
+    if (o->fields[i].kind != FIELD_STRING) {
+      memcpy(q, (const char*)raw->col[i] + first * 8, (size_t)rows * 8);
+      q += (size_t)rows * 8;
+      continue;
+    }
+    const Str* s = (const Str*)raw->col[i] + first;
+    for (int64_t r = 0; r < rows; ++r, q += 4) memcpy(q, &s[r].n, 4);
+    for (int64_t r = 0; r < rows; q += s[r].n, ++r)
+      if (s[r].n > 0) memcpy(q, s[r].p, s[r].n);
+  }
+  record_end(in, q);
   return true;
 }
 
@@ -1762,6 +1862,7 @@ typedef struct {
   int64_t first_row;          /* in the batch */
   TRITONSERVER_Error* error;  /* the request fails with it (answered after the log is written) */
   bool ok;                    /* answered with its scores */
+  bool gathered;              /* a raw-transaction request whose raw fields were read (its rows in the Raw) */
 } Part;
 
 /* Check one request's input; on success `part` describes it. */
@@ -1970,12 +2071,9 @@ static TRITONSERVER_Error* raw_gather(const Online* o, Part* part, TRITONBACKEND
   return NULL;
 }
 
-/* A field's value of row `r` as the text Redis receives (OnlineHistory: str(int), bytes as they are). */
+/* field_text kept in the batch's tokens (slot 0 or 1 of row `r`) until the batch's store calls are sent. */
 static Str token(const Online* o, const Raw* raw, int field, int64_t r, int slot) {
-  if (o->fields[field].kind == FIELD_STRING) return ((const Str*)raw->col[field])[r];
-  char* text = raw->tokens + (r * 2 + slot) * 24;
-  const int n = snprintf(text, 24, "%lld", (long long)((const int64_t*)raw->col[field])[r]);
-  return (Str){text, (uint32_t)n};
+  return field_text(o, raw, field, r, raw->tokens + (r * 2 + slot) * 24);
 }
 
 typedef struct {
@@ -2301,10 +2399,11 @@ static TRITONSERVER_Error* refusal(const Model* m, TRITONSERVER_Error* err) {
   return out;
 }
 
-/* The forest rows of a batch of raw-transaction requests: each request checked and gathered (a refused one gets
- * its error in its part and its rows stay zeros), then one store round trip for the rows of the others, then their
- * features. `*degraded`: scored without history (store down, policy score_without_history). NULL: out of memory. */
-static float* online_batch(Instance* in, TRITONBACKEND_Request** requests, uint32_t count, Part* parts,
+/* The forest rows of a batch of raw-transaction requests: each request checked and gathered into `raw` (the
+ * caller frees it; a refused one gets its error in its part and its rows stay zeros), then one store round trip
+ * for the rows of the others, then their features. `*degraded`: scored without history (store down, policy
+ * score_without_history). NULL: out of memory. */
+static float* online_batch(Instance* in, TRITONBACKEND_Request** requests, uint32_t count, Part* parts, Raw* raw,
                            int64_t* batch_rows, bool* degraded) {
   const Model* m = in->model;
   const Online* o = m->online;
@@ -2312,7 +2411,6 @@ static float* online_batch(Instance* in, TRITONBACKEND_Request** requests, uint3
   TRITONBACKEND_Input** inputs = calloc((size_t)count * (size_t)o->n_fields + 1, sizeof *inputs);
   uint32_t* buffers = calloc((size_t)count * (size_t)o->n_fields + 1, sizeof *buffers);
   bool* flags = calloc((size_t)count + 1, sizeof *flags);
-  Raw raw = {0};
   *batch_rows = 0;
   *degraded = false;
   for (uint32_t r = 0; inputs && buffers && flags && r < count; ++r) {
@@ -2327,35 +2425,36 @@ static float* online_batch(Instance* in, TRITONBACKEND_Request** requests, uint3
     *batch_rows += parts[r].rows;
   }
   const int64_t rows = *batch_rows;
-  bool ok = inputs && buffers && flags && (raw.col = calloc((size_t)o->n_fields, sizeof *raw.col)) != NULL &&
-            (raw.copies = calloc((size_t)count * (size_t)o->n_fields + 1, sizeof *raw.copies)) != NULL &&
-            (raw.update = calloc((size_t)rows + 1, sizeof *raw.update)) != NULL &&
-            (raw.tokens = malloc((size_t)rows * 48 + 1)) != NULL;
+  bool ok = inputs && buffers && flags && (raw->col = calloc((size_t)o->n_fields, sizeof *raw->col)) != NULL &&
+            (raw->copies = calloc((size_t)count * (size_t)o->n_fields + 1, sizeof *raw->copies)) != NULL &&
+            (raw->update = calloc((size_t)rows + 1, sizeof *raw->update)) != NULL &&
+            (raw->tokens = malloc((size_t)rows * 48 + 1)) != NULL;
   for (int i = 0; ok && i < o->n_fields; ++i)
-    ok = (raw.col[i] = calloc((size_t)rows + 1, o->fields[i].kind == FIELD_STRING ? sizeof(Str) : 8)) != NULL;
+    ok = (raw->col[i] = calloc((size_t)rows + 1, o->fields[i].kind == FIELD_STRING ? sizeof(Str) : 8)) != NULL;
   float* x = ok ? calloc((size_t)rows * (size_t)n_features + 1, sizeof *x) : NULL;
   int64_t* order = x != NULL ? malloc((size_t)rows * sizeof *order + 1) : NULL;
   int64_t n = 0;
   for (uint32_t r = 0; order != NULL && r < count; ++r) {
     if (parts[r].error != NULL) continue;
     TRITONSERVER_Error* err = raw_gather(o, &parts[r], inputs + (size_t)r * o->n_fields,
-                                         buffers + (size_t)r * o->n_fields, &raw);
+                                         buffers + (size_t)r * o->n_fields, raw);
     if (err != NULL) {
       parts[r].error = refusal(m, err);
       continue;
     }
+    parts[r].gathered = true;
     for (int64_t k = 0; k < parts[r].rows; ++k) {
-      raw.update[parts[r].first_row + k] = !flags[r];
+      raw->update[parts[r].first_row + k] = !flags[r];
       order[n++] = parts[r].first_row + k;
     }
   }
   if (order != NULL && n > 0) {
-    order_context = (OrderContext){o, &raw};
+    order_context = (OrderContext){o, raw};
     qsort(order, (size_t)n, sizeof *order, by_time_then_row); /* rows of one entity apply in (time, row) order */
     const int64_t calls = (n + SCRIPT_ROWS - 1) / SCRIPT_ROWS;
     redisReply** replies = calloc((size_t)calls, sizeof *replies);
     in->store.error[0] = '\0';
-    bool answered = replies != NULL && store_calls(o, &in->store, &raw, order, n, replies, calls) &&
+    bool answered = replies != NULL && store_calls(o, &in->store, raw, order, n, replies, calls) &&
                     read_history(o, &in->store, replies, calls, order, n, x, n_features);
     if (replies != NULL) free_replies(replies, calls);
     free(replies);
@@ -2373,10 +2472,9 @@ static float* online_batch(Instance* in, TRITONBACKEND_Request** requests, uint3
                                   "score_without_history", m->name, (unsigned long long)m->version, o->shown,
                                   in->store.error[0] ? in->store.error : "MemoryError: out of memory");
     }
-    for (int64_t j = 0; j < n; ++j) stateless_row(o, &raw, order[j], x + order[j] * n_features);
+    for (int64_t j = 0; j < n; ++j) stateless_row(o, raw, order[j], x + order[j] * n_features);
   }
   free(order);
-  raw_free(&raw, o->n_fields);
   free(inputs);
   free(buffers);
   free(flags);
@@ -2457,10 +2555,11 @@ static const char* request_id(Instance* in, TRITONBACKEND_Request* request, char
   return fresh;
 }
 
-/* Queue the log records of requests [first, count) that the sampling rate keeps. */
+/* Queue the log records of requests [first, count) that the sampling rate keeps (a raw-transaction model's with
+ * the batch's `raw` fields and `degraded`). */
 static void log_requests(Instance* in, TRITONBACKEND_Request** requests, const Part* parts, uint32_t first,
                          uint32_t count, int64_t arrival_us, const float* scores, const float* batch,
-                         const float* direct, uint64_t* dropped) {
+                         const float* direct, const Raw* raw, bool degraded, uint64_t* dropped) {
   const Forest* forest = in->model->forest;
   for (uint32_t r = first; r < count; ++r) {
     char fresh[17];
@@ -2468,9 +2567,13 @@ static void log_requests(Instance* in, TRITONBACKEND_Request** requests, const P
     const char* id = request_id(in, requests[r], fresh, &id_len);
     if (!sampled(id, id_len, in->model->log.sample_rate)) continue;
     const Part* p = &parts[r];
+    const char* error = p->error != NULL ? TRITONSERVER_ErrorMessage(p->error) : NULL;
     const bool added =
-        p->error != NULL
-            ? add_record(in, id, id_len, arrival_us, TRITONSERVER_ErrorMessage(p->error), NULL, 0, NULL, 0)
+        in->model->online != NULL
+            ? add_online_record(in, id, id_len, arrival_us, error, scores, batch, p->gathered ? raw : NULL,
+                                p->first_row, p->rows, degraded)
+        : p->error != NULL
+            ? add_record(in, id, id_len, arrival_us, error, NULL, 0, NULL, 0)
             : add_record(in, id, id_len, arrival_us, NULL, scores + p->first_row * forest->width, forest->width,
                          batch != NULL ? batch + p->first_row * forest->n_features : direct, p->rows);
     *dropped += !added;
@@ -2500,8 +2603,10 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_Mode
   int64_t batch_rows = 0;
   uint32_t good = 0;
   bool degraded = false;
-  float* features = model->online != NULL ? online_batch(in, requests, request_count, parts, &batch_rows, &degraded)
-                                          : NULL;
+  Raw raw = {0};
+  float* features = model->online != NULL
+                        ? online_batch(in, requests, request_count, parts, &raw, &batch_rows, &degraded)
+                        : NULL;
   for (uint32_t r = 0; model->online == NULL && r < request_count; ++r) {
     if ((parts[r].error = request_input(forest, requests[r], &parts[r])) != NULL) continue;
     parts[r].first_row = batch_rows;
@@ -2534,9 +2639,11 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_Mode
   /* the prediction log, before any response is sent: an answered request is always in the page cache */
   uint64_t dropped = 0;
   if (model->log.root[0] != '\0') {
-    log_requests(in, requests, parts, warmup, request_count, arrival_us, scores, copy ? batch : NULL, x, &dropped);
+    log_requests(in, requests, parts, warmup, request_count, arrival_us, scores, copy ? batch : NULL, x, &raw,
+                 degraded, &dropped);
     dropped += journal_flush(in, arrival_us);
   }
+  if (model->online != NULL) raw_free(&raw, model->online->n_fields);
 
   /* compute_output: write each request's rows into its outputs and send its response */
   memset(in->counts, 0, (size_t)model->n_decisions * sizeof *in->counts);

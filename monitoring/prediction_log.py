@@ -5,10 +5,10 @@ Layout: `<root>/model=<name>/version=<v>/date=YYYY-MM-DD/hour=HH/<segment>`, whe
   final name; a `.tmp` file (a writer killed mid-segment), a Parquet file that fails to read (torn, truncated) or one
   of another schema is skipped with a warning naming it, never failing the read; or
 - `*.tlog`, a journal appended by the native C backend (backends/treeops_forest.c documents the format, whose magic
-  and version are defined here and compiled into it): a header naming the contract, model, version and features,
-  then records framed by length and CRC-32. A segment of another format, contract, model or version is skipped
-  with a warning; a torn tail (power loss, a killed partial write) keeps the records before it, with a warning
-  naming the file and the offset.
+  and version are defined here and compiled into it): a header naming the contract, model, version and features
+  (and a raw-transaction model's raw fields), then records framed by length and CRC-32. A segment of another
+  format, contract, model or version is skipped with a warning; a torn tail (power loss, a killed partial write)
+  keeps the records before it, with a warning naming the file and the offset.
 """
 
 from __future__ import annotations
@@ -33,14 +33,20 @@ log = logging.getLogger(__name__)
 #: The native backend's journal: its first 8 bytes and the format version after them (compiled into the backend by
 #: export/native_backend.py).
 JOURNAL_MAGIC = b"TREEOPSJ"
-JOURNAL_FORMAT = 1
+JOURNAL_FORMAT = 2
+#: Formats this reader reads: 1 lacked the raw-transaction model's records (raw fields, degraded status 2).
+READABLE_FORMATS = (1, JOURNAL_FORMAT)
 JOURNAL_SUFFIX = ".tlog"
 #: A segment not yet renamed that was written to this recently belongs to a live writer (which flushes every few
 #: seconds at most), not a stopped one: skipped without a warning.
 IN_PROGRESS_S = 60.0
 _HEADER = struct.Struct("<8sIII")  # magic, format, JSON length, CRC-32 of the JSON
 _FRAME = struct.Struct("<II")  # payload length, CRC-32 of the payload
-_RECORD = struct.Struct("<qIHB")  # arrival us, rows (or error length), request id length, status (1 = failed)
+_RECORD = struct.Struct("<qIHB")  # arrival us, rows (or error length), request id length, status (below)
+_ANSWERED, _FAILED, _DEGRADED = 0, 1, 2
+_U32 = struct.Struct("<I")
+#: A raw field's kind in a journal header -> (its bytes per row, or 0 for length-prefixed text; its column type).
+_RAW_KINDS = {"int64": (8, pl.Int64), "double": (8, pl.Float64), "string": (0, pl.Utf8)}
 
 #: The columns every window has, whatever the model (then `feature.*` and `raw.*`).
 FIXED_SCHEMA = {
@@ -133,7 +139,10 @@ def _read_journal(path: Path) -> pl.DataFrame | None:
     header = _journal_header(path, data)
     if header is None:
         return None
-    names, offset = header
+    layout, offset = header
+    if layout.raw:
+        return _read_raw_journal(path, data, offset, layout)
+    names = layout.features
     width = len(names)
     chunks: list[_Chunk] = []
     records = 0
@@ -150,6 +159,17 @@ def _read_journal(path: Path) -> pl.DataFrame | None:
         chunks.append(chunk)
         records += len(chunk.arrivals)
     return _journal_frame(_partition(path), chunks, names)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A journal header's record layout: logged feature names, and a raw-transaction model's raw fields
+    ((name, kind) in record order) and the names of its transaction id and entity fields."""
+
+    features: list[str]
+    raw: list[tuple[str, str]]
+    transaction_id: str | None
+    entity: str | None
 
 
 @dataclass(frozen=True)
@@ -222,17 +242,17 @@ def _partition(path: Path) -> tuple[str, int]:
     return version_dir.parent.name.removeprefix("model="), int(version_dir.name.removeprefix("version="))
 
 
-def _journal_header(path: Path, data: bytes) -> tuple[list[str], int] | None:
-    """(feature names, offset of the first record), or None with a warning."""
+def _journal_header(path: Path, data: bytes) -> tuple[_Layout, int] | None:
+    """(record layout, offset of the first record), or None with a warning."""
     problem = None
     if len(data) < _HEADER.size:
         problem = f"{len(data)} bytes, shorter than a header (torn at creation)"
     else:
         magic, version, length, crc = _HEADER.unpack_from(data)
         text = data[_HEADER.size:_HEADER.size + length]
-        if magic != JOURNAL_MAGIC or version != JOURNAL_FORMAT:
+        if magic != JOURNAL_MAGIC or version not in READABLE_FORMATS:
             problem = (f"written with another schema (journal {magic!r} format {version}; this reader reads "
-                       f"{JOURNAL_MAGIC!r} format {JOURNAL_FORMAT})")
+                       f"{JOURNAL_MAGIC!r} formats {READABLE_FORMATS})")
         elif len(text) < length or zlib.crc32(text) != crc:
             problem = "a torn header (its CRC-32 does not match)"
         else:
@@ -244,8 +264,12 @@ def _journal_header(path: Path, data: bytes) -> tuple[list[str], int] | None:
             elif (meta.get("model"), meta.get("version")) != (model, version):
                 problem = (f"written for model {meta.get('model')!r} version {meta.get('version')}, another model "
                            f"version than its folder's ({model!r} version {version})")
+            elif any(r.get("kind") not in _RAW_KINDS for r in meta.get("raw", [])):
+                problem = f"raw fields of unknown kinds {meta['raw']} (this reader reads {sorted(_RAW_KINDS)})"
             else:
-                return list(meta["features"]), _HEADER.size + length
+                raw = [(r["name"], r["kind"]) for r in meta.get("raw", [])]
+                layout = _Layout(list(meta["features"]), raw, meta.get("transaction_id"), meta.get("entity"))
+                return layout, _HEADER.size + length
     log.warning("prediction log: skipping %s, %s", path, problem)
     return None
 
@@ -290,7 +314,7 @@ def _journal_frame(identity: tuple[str, int], chunks: list[_Chunk], names: list[
         "model": pl.Series([model] * total, dtype=pl.Utf8),
         "version": pl.Series(np.full(total, version, np.int64)),
         "degraded": pl.Series(np.zeros(total, bool)),
-        "error": pl.Series(np.repeat(errors, counts), dtype=pl.Utf8),
+        "error": pl.Series(np.repeat(errors, counts).tolist(), dtype=pl.Utf8),  # a None first: not an Object column
         "score": pl.Series(scores.astype(np.float64)),
     }
     frame = pl.DataFrame(columns)
@@ -301,3 +325,110 @@ def _journal_frame(identity: tuple[str, int], chunks: list[_Chunk], names: list[
         features = features.with_columns(pl.when(mask).then(None).otherwise(pl.col(c)).alias(c)
                                          for c in features.columns)
     return pl.concat([frame, features], how="horizontal") if width else frame
+
+
+def _read_raw_journal(path: Path, data: bytes, offset: int, layout: _Layout) -> pl.DataFrame:
+    """A raw-transaction model's journal (records of varying length: its text fields) as a frame with the Parquet
+    segments' columns: fixed, `feature.*` (history features) and `raw.*`; `transaction_id` and `entity` from the
+    raw fields, as backends/online_model.py logs them. A torn tail ends the read, with a warning."""
+    width, view = len(layout.features), memoryview(data)
+    arrivals, ids, errors, counts, statuses, failed_txns = [], [], [], [], [], []
+    scores, features = bytearray(), bytearray()
+    raw: dict[str, bytearray | list] = {n: (bytearray() if _RAW_KINDS[k][0] else []) for n, k in layout.raw}
+    while offset < len(data):
+        record = _raw_record(view, offset, layout)
+        if isinstance(record, str):
+            log.warning("prediction log: %s is torn at offset %d of %d (%s): kept the %d records before it, "
+                        "skipped the rest", path, offset, len(data), record, len(arrivals))
+            break
+        offset, (arrival, request_id, status, error, rows, parts, txns) = record
+        arrivals.append(arrival)
+        ids.append(request_id)
+        errors.append(error)
+        statuses.append(status)
+        counts.append(rows)
+        failed_txns.extend(txns)
+        if status == _FAILED:
+            scores += bytes(4 * rows)
+            features += bytes(4 * rows * width)
+            for name, kind in layout.raw:
+                if _RAW_KINDS[kind][0]:
+                    raw[name] += bytes(8 * rows)
+                else:
+                    raw[name].extend([None] * rows)
+            continue
+        scores += parts[0]
+        features += parts[1]
+        for (name, _), part in zip(layout.raw, parts[2:]):
+            raw[name] += part
+    chunk = _Chunk(np.array(arrivals, np.int64), np.array(ids, object), np.array(errors, object),
+                   np.array(counts, np.int64), np.frombuffer(bytes(scores), "<f4"),
+                   np.frombuffer(bytes(features), "<f4").reshape(-1, width))
+    frame = _journal_frame(_partition(path), [chunk], layout.features)
+    per_row = np.repeat(np.array(statuses, np.uint8), chunk.counts)
+    mask = pl.Series(per_row == _FAILED)
+    raw_columns = []
+    for name, kind in layout.raw:
+        size, dtype = _RAW_KINDS[kind]
+        values = pl.Series(np.frombuffer(bytes(raw[name]), "<i8" if kind == "int64" else "<f8")) if size else \
+            pl.Series(raw[name], dtype=pl.Utf8)
+        raw_columns.append(pl.when(mask).then(None).otherwise(values.cast(dtype)).alias(f"raw.{name}"))
+    frame = frame.with_columns(raw_columns)
+    answered_txn = pl.col(f"raw.{layout.transaction_id}").cast(pl.Utf8)
+    return frame.with_columns(
+        pl.when(mask).then(pl.lit(pl.Series(failed_txns, dtype=pl.Utf8))).otherwise(answered_txn)
+        .alias("transaction_id"),
+        pl.when(mask).then(None).otherwise(pl.lit(f"{layout.entity}=") + pl.col(f"raw.{layout.entity}").cast(pl.Utf8))
+        .alias("entity"),
+        pl.Series("degraded", per_row == _DEGRADED),
+    ).select(list(FIXED_SCHEMA) + [f"feature.{n}" for n in layout.features] + [f"raw.{n}" for n, _ in layout.raw])
+
+
+def _raw_record(view: memoryview, offset: int, layout: _Layout) -> tuple[int, tuple] | str:
+    """(offset after it, (arrival, request id, status, error, rows, answered parts, failed transaction ids)) of the
+    raw-transaction record at `offset`, or why it is not whole. Answered parts: the bytes of its scores, its
+    features and each raw field (text fields as a list of str)."""
+    size = len(view)
+    if offset + _FRAME.size + _RECORD.size > size:
+        return "a partial record frame"
+    length, crc = _FRAME.unpack_from(view, offset)
+    start, end = offset + _FRAME.size, offset + _FRAME.size + length
+    if end > size:
+        return f"a record of {length} bytes runs past the end"
+    if zlib.crc32(view[start:end]) != crc:
+        return "a record's CRC-32 does not match"
+    arrival, count, id_len, status = _RECORD.unpack_from(view, start)
+    at = start + _RECORD.size + id_len
+    request_id = bytes(view[start + _RECORD.size:at]).decode("utf-8", "replace")
+    try:
+        if status == _FAILED:
+            error = bytes(view[at:at + count]).decode("utf-8", "replace")
+            (n,), at = _U32.unpack_from(view, at + count), at + count + 4
+            txns = []
+            for _ in range(n):
+                (k,), at = _U32.unpack_from(view, at), at + 4
+                txns.append(bytes(view[at:at + k]).decode("utf-8", "replace"))
+                at += k
+            record = (arrival, request_id, status, error, max(n, 1), (), txns or [None])
+        else:
+            rows, width = count, len(layout.features)
+            parts = [view[at:at + 4 * rows], view[at + 4 * rows:at + 4 * rows * (1 + width)]]
+            at += 4 * rows * (1 + width)
+            for _, kind in layout.raw:
+                if _RAW_KINDS[kind][0]:
+                    parts.append(view[at:at + 8 * rows])
+                    at += 8 * rows
+                    continue
+                lengths = struct.unpack_from(f"<{rows}I", view, at)
+                at += 4 * rows
+                texts = []
+                for k in lengths:
+                    texts.append(bytes(view[at:at + k]).decode("utf-8", "replace"))
+                    at += k
+                parts.append(texts)
+            record = (arrival, request_id, status, None, rows, parts, [None] * rows)
+    except struct.error:
+        return "a record's fields do not add up to its length"
+    if at != end:
+        return "a record's fields do not add up to its length"
+    return end, record

@@ -29,7 +29,6 @@ from export.targets import get_target
 from export.triton_config import ServingSettings
 from redis_fixtures import local_redis
 from server.client import ScoringClient, load_features
-from server.errors import TritonStartError
 from server.launcher import TritonServer
 from test_raw_graph import _edge_transactions
 from training.features import FRAUD_FEATURES, Feature, FittedFeatures
@@ -315,16 +314,3 @@ def test_one_request_of_a_cards_shuffled_transactions_applies_them_in_time_order
     expected = dict(zip(card["transaction_id"].to_list(),
                         served.exported.booster.inplace_predict(served.exported.fitted.matrix_raw(card)).tolist()))
     assert got == pytest.approx(expected, abs=1e-5)
-
-
-@pytest.mark.triton
-def test_with_the_prediction_log_on_the_load_is_refused_naming_the_fix(exported, tmp_path):
-    """The C raw-transaction model cannot log yet: served with the log on, it refuses to load instead of answering
-    requests whose records would be lost."""
-    ws = Workspace(tmp_path / "ws")  # not the module's: its Triton is still serving that workspace
-    shutil.copytree(exported.ws.model_repository, ws.model_repository, dirs_exist_ok=True)
-    with local_redis(tmp_path / "redis") as store, pytest.raises(TritonStartError) as refused:
-        with serving(ws, models=[MODEL], online_store_url=store.url, prediction_log_dir=tmp_path / "log"):
-            pass
-    assert "does not write the prediction log yet" in str(refused.value)
-    assert "--target python-onnx" in str(refused.value)

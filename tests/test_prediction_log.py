@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tritonclient.grpc as grpcclient
+from polars.testing import assert_frame_equal
 
 from backends.prediction_log import PredictionLog, Settings, sampled
 from export.pipeline import ExportSettings, export_model
@@ -28,8 +29,8 @@ from monitoring import metric_names
 from monitoring.prediction_log import FIXED_SCHEMA, IN_PROGRESS_S, read_window
 from redis_fixtures import local_redis
 from server.settings import TritonSettings
+from test_online_serving import LENIENT, ONLINE_TARGETS, copy_model, export_online
 from test_online_serving import MODEL as RAW_MODEL
-from test_online_serving import export_online
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
 from training.train import TrainParams
@@ -228,16 +229,23 @@ def test_kill_9_loses_at_most_the_unflushed_tail(feature_ws: Workspace, tmp_path
 
 
 @pytest.mark.triton
-def test_raw_model_logs_raw_fields_features_and_errors(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("target", ONLINE_TARGETS)
+def test_raw_model_logs_raw_fields_features_errors_and_degraded_answers(
+        target: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture):
+    """Both raw-transaction targets log the same records: raw fields, history features as offline, scores; a refused
+    request with its error only; with the store down, a strict model's failure with its transaction id and a lenient
+    model's degraded answer; the C backend's journal survives a torn tail."""
     _log_env(monkeypatch, tmp_path / "log")
-    exported = export_online(Workspace(tmp_path_factory.mktemp("raw")))
+    exported = export_online(Workspace(tmp_path_factory.mktemp("raw")), target)
+    copy_model(exported, exported.ws.model_repository, LENIENT, "score_without_history")
     stream = (generate_transactions(GenerateSpec(rows=30, seed=9), first_id=70_000_000).drop("is_fraud")
-              .sort("timestamp", "transaction_id").with_columns(pl.col("timestamp").dt.epoch("us")))
-    rows = stream.to_dicts()
+              .sort("timestamp", "transaction_id"))
+    rows = stream.with_columns(pl.col("timestamp").dt.epoch("us")).to_dicts()
+    down = [{**rows[-1], "transaction_id": 2}, {**rows[-1], "transaction_id": 3}]
     answers = {}
-    with local_redis(tmp_path_factory.mktemp("redis")) as store, \
-            serving(exported.ws, models=[RAW_MODEL], online_store_url=store.url, exit_timeout_s=5) as server:
+    with local_redis(tmp_path_factory.mktemp("redis")) as store, serving(
+            exported.ws, models=[RAW_MODEL, LENIENT], online_store_url=store.url, exit_timeout_s=5) as server:
         with grpcclient.InferenceServerClient(server.settings.grpc_url) as client:
             for row in rows:
                 answers[str(row["transaction_id"])] = client.infer(
@@ -245,12 +253,19 @@ def test_raw_model_logs_raw_fields_features_and_errors(tmp_path_factory: pytest.
             bad = {**rows[0], "transaction_id": 1, "amount": -5.0}
             with pytest.raises(Exception, match="amount"):
                 client.infer(RAW_MODEL, _raw_inputs(bad), request_id="bad-1")
+            store.kill()
+            with pytest.raises(Exception, match="UNAVAILABLE|unavailable"):
+                client.infer(RAW_MODEL, _raw_inputs(down[0]), request_id="down-2")
+            degraded = client.infer(LENIENT, _raw_inputs(down[1]), request_id="down-3")
+            assert degraded.as_numpy("treeops_degraded").all()
         terminate(server)
     frame = read_window(tmp_path / "log", RAW_MODEL, *ALL_TIME)
-    assert frame.height == len(rows) + 1
-    failed = frame.filter(pl.col("error").is_not_null())
-    assert failed["request_id"].to_list() == ["bad-1"] and "amount" in failed["error"][0]
-    assert failed["score"].is_null().all() and failed["raw.amount"].is_null().all()
+    assert frame.height == len(rows) + 2
+    failed = frame.filter(pl.col("error").is_not_null()).sort("request_id")
+    assert failed["request_id"].to_list() == ["bad-1", "down-2"]
+    assert "amount" in failed["error"][0] and "unavailable" in failed["error"][1]
+    assert failed["transaction_id"].to_list() == [None, "2"]  # refused before it was read, or after
+    assert failed["score"].is_null().all() and failed["raw.amount"].is_null().all() and not failed["degraded"].any()
     ok = frame.filter(pl.col("error").is_null())
     assert sorted(ok["transaction_id"].to_list()) == sorted(answers)
     assert not ok["degraded"].any()
@@ -261,8 +276,25 @@ def test_raw_model_logs_raw_fields_features_and_errors(tmp_path_factory: pytest.
         assert got["score"] == pytest.approx(float(answers[str(row["transaction_id"])][0, -1]), abs=0)
         for name in RAW_TYPES:
             assert got[f"raw.{name}"] == row[name]
-    history = [c for c in ok.columns if c.startswith("feature.")]
-    assert history and ok.select(history).null_count().sum_horizontal()[0] == 0
+    history = [c.removeprefix("feature.") for c in ok.columns if c.startswith("feature.")]
+    assert sorted(history) == sorted(f.name for f in exported.features.spec.features if f.stateful)
+    offline = (exported.features.spec.compute(stream.lazy()).collect().select(history)  # in the stream's row order
+               .insert_column(0, stream["transaction_id"]).sort("transaction_id"))
+    logged = ok.select(pl.col("transaction_id").cast(pl.Int64), *(pl.col(f"feature.{h}").alias(h) for h in history))
+    assert_frame_equal(logged.sort("transaction_id"), offline.cast({h: pl.Float32 for h in history}))
+    journals = sorted((tmp_path / "log" / f"model={RAW_MODEL}").rglob("*.tlog"))  # the C backend's, one per instance
+    assert bool(journals) == (target == "native-compiled")
+    for journal in journals[:1]:  # a torn tail (power loss) keeps the records before it, with a warning naming it
+        journal.write_bytes(journal.read_bytes()[:-3])
+        with caplog.at_level(logging.WARNING):
+            assert read_window(tmp_path / "log", RAW_MODEL, *ALL_TIME).height == frame.height - 1
+        assert f"{journal} is torn" in caplog.text
+    lenient = read_window(tmp_path / "log", LENIENT, *ALL_TIME)
+    assert lenient["degraded"].to_list() == [True] and lenient["transaction_id"].to_list() == ["3"]
+    assert lenient.select(f"feature.{h}" for h in history).null_count().sum_horizontal()[0] == 0  # NaN: no history
+    assert np.isnan(lenient.select(f"feature.{h}" for h in history).to_numpy()).all()
+    assert {c: t for c, t in frame.schema.items() if c.startswith("raw.")} == {
+        f"raw.{n}": {"BYTES": pl.Utf8, "INT64": pl.Int64, "FP64": pl.Float64}[t] for n, t in RAW_TYPES.items()}
 
 
 def _raw_inputs(row: dict) -> list[grpcclient.InferInput]:
