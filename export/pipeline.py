@@ -20,7 +20,7 @@ from export.manifest import MANIFEST_KEY, file_manifest
 from export.parity import ParityReport, check_parity, gate_rows, reference_scores, require
 from export.repository import (CONFIG_FILE, FEATURES_FILE, METADATA_FILE, PARITY_FILE, ModelRepository,
                                VersionConflictError, WrittenByAnotherRun, write_json)
-from export.online import StorePolicy, online_parameters, served_inputs
+from export.online import StorePolicy, is_online, online_parameters, served_inputs
 from export.raw_graph import raw_feeds
 from export.signature import ServedSignature
 from export.targets import get_target
@@ -31,9 +31,12 @@ log = logging.getLogger(__name__)
 
 
 #: Feature-tensor models: the forest compiled to C, served by treeops' own Triton backend (fastest on CPU,
-#: see README "Performance"). Raw-input models: the ONNX graph with the feature steps, in the Python backend.
+#: see README "Performance"). Raw-input models of a spec with history features: the same backend, reading the
+#: online store with hiredis (README "Mechanism"); of a stateless spec: the ONNX graph with the feature steps, in
+#: the Python backend (the C backend's raw model is the raw-transaction model, which needs a store).
 DEFAULT_TARGET = "native-compiled"
-RAW_INPUTS_TARGET = "python-onnx"
+RAW_INPUTS_TARGET = "native-compiled"
+STATELESS_RAW_INPUTS_TARGET = "python-onnx"
 
 
 class ExportSettings(BaseSettings):
@@ -42,7 +45,8 @@ class ExportSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TREEOPS_EXPORT_", extra="forbid", frozen=True)
 
     target: str | None = Field(None, description="an export target name (export.targets.TARGETS); None picks "
-                               "DEFAULT_TARGET, or RAW_INPUTS_TARGET with raw_inputs")
+                               "DEFAULT_TARGET, or with raw_inputs RAW_INPUTS_TARGET (a spec with history "
+                               "features) or STATELESS_RAW_INPUTS_TARGET")
     serving: ServingSettings = Field(default_factory=ServingSettings, description="batching and instances")
     tolerance: float = Field(1e-5, gt=0, description="largest |served - xgboost| the parity gate accepts")
     raw_inputs: bool = Field(False, description="serve raw transaction fields; stateless features computed in the graph, "
@@ -53,9 +57,11 @@ class ExportSettings(BaseSettings):
     replace: bool = Field(False, description="replace a version already exported with another target or raw_inputs "
                           "(atomically; refused for a version config.pbtxt serves)")
 
-    @property
-    def target_name(self) -> str:
-        return self.target or (RAW_INPUTS_TARGET if self.raw_inputs else DEFAULT_TARGET)
+    def target_for(self, online: bool) -> str:
+        """The target's name, for a spec with history features (`online`) or not."""
+        if self.target or not self.raw_inputs:
+            return self.target or DEFAULT_TARGET
+        return RAW_INPUTS_TARGET if online else STATELESS_RAW_INPUTS_TARGET
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,9 @@ def export_version(
     """
     settings = settings or ExportSettings()
     ref = registry.resolve(model_name, alias=alias, version=version)
-    target = get_target(settings.target_name)
+    bundle = _load_bundle(ref) if settings.raw_inputs and settings.target is None else None  # its spec picks the target
+    target_name = settings.target_for(bundle is not None and is_online(bundle.fitted))
+    target = get_target(target_name)
     report: ParityReport | None = None
     repository.remove_stale_staging(model_name)
     final = repository.version_dir(model_name, ref.version)
@@ -120,10 +128,10 @@ def export_version(
                 f"{final} holds run {meta.get('run_id')}, but MLflow version "
                 f"{ref.version} is run {ref.run_id}: the repository belongs to another registry; use another --workspace"
             )
-        if keep_existing or _same_format(meta, settings):
+        if keep_existing or _same_format(meta, target_name, settings.raw_inputs):
             log.info("version %d of %s is already in the repository", ref.version, model_name)
             return ExportResult(model_name, ref.version, ref.aliases, final, (), None, True)
-        asked = f"target {settings.target_name}, raw_inputs {settings.raw_inputs}"
+        asked = f"target {target_name}, raw_inputs {settings.raw_inputs}"
         there = f"target {meta.get('target')}, raw_inputs {bool(meta.get('raw_inputs'))}"
         if not settings.replace:
             raise VersionConflictError(
@@ -137,8 +145,7 @@ def export_version(
                 "another version first, or export the other format under a new --model-name"
             )
         replacing = True
-    with tempfile.TemporaryDirectory(prefix="treeops-export-") as scratch:
-        bundle = registry.load_bundle(ref, Path(scratch))
+    bundle = bundle or _load_bundle(ref)
     n_features = len(bundle.fitted.spec.names)
     categorical = {i: len(bundle.fitted.vocabularies[f.name])
                    for i, f in enumerate(bundle.fitted.spec.features) if f.categorical}
@@ -164,7 +171,7 @@ def export_version(
                                       threshold=bundle.objective.threshold)
             if report is not None:
                 write_json(staging / PARITY_FILE, report.to_dict())
-                require(report, f"{settings.target_name} export of {model_name} version {ref.version}")
+                require(report, f"{target_name} export of {model_name} version {ref.version}")
             if bundle.objective.kind == "binary":  # what `treeops monitor` compares the served traffic with
                 x = bundle.fitted.matrix(bundle.holdout)
                 write_reference(staging, bundle.fitted.spec.names, bundle.fitted.spec.categorical, x,
@@ -175,7 +182,7 @@ def export_version(
                 "model_name": model_name,
                 "version": ref.version,
                 "run_id": ref.run_id,
-                "target": settings.target_name,
+                "target": target_name,
                 "n_features": n_features,
                 "n_outputs": bundle.objective.n_outputs,
                 "input_name": target.input_name,
@@ -192,10 +199,10 @@ def export_version(
             })
     except WrittenByAnotherRun:
         meta = repository.metadata(model_name, ref.version)
-        if meta.get("run_id") != ref.run_id or not _same_format(meta, settings):
+        if meta.get("run_id") != ref.run_id or not _same_format(meta, target_name, settings.raw_inputs):
             raise VersionConflictError(
                 f"{final} was written by another run meanwhile, with target {meta.get('target')} and raw_inputs "
-                f"{bool(meta.get('raw_inputs'))}; this run (target {settings.target_name}, raw_inputs "
+                f"{bool(meta.get('raw_inputs'))}; this run (target {target_name}, raw_inputs "
                 f"{settings.raw_inputs}) wrote nothing. Pass --replace to replace it"
             ) from None
         log.info("version %d of %s was written by another run meanwhile; kept it", ref.version, model_name)
@@ -205,9 +212,14 @@ def export_version(
     return ExportResult(model_name, ref.version, ref.aliases, final, (), report, False, replaced=replacing)
 
 
-def _same_format(meta: Mapping[str, object], settings: ExportSettings) -> bool:
-    """Whether an exported version's metadata has the target and raw_inputs `settings` ask for."""
-    return meta.get("target") == settings.target_name and bool(meta.get("raw_inputs")) == settings.raw_inputs
+def _load_bundle(ref: registry.ModelVersionRef) -> registry.ModelBundle:
+    with tempfile.TemporaryDirectory(prefix="treeops-export-") as scratch:
+        return registry.load_bundle(ref, Path(scratch))
+
+
+def _same_format(meta: Mapping[str, object], target_name: str, raw_inputs: bool) -> bool:
+    """Whether an exported version's metadata has this export's target and raw_inputs."""
+    return meta.get("target") == target_name and bool(meta.get("raw_inputs")) == raw_inputs
 
 
 def served_versions(repository: ModelRepository, model_name: str) -> tuple[int, ...]:

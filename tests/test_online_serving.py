@@ -63,6 +63,9 @@ class Exported:
 
 #: The targets that serve the raw-transaction model: treeops' C backend (hiredis) and the Python backend.
 ONLINE_TARGETS = ("native-compiled", "python-onnx")
+#: As test parameters: the python-onnx copies of the long scenarios run in `make test-all` only (CI keeps the
+#: --raw-inputs default's, and tests/test_prediction_log.py serves both targets).
+TARGET_PARAMS = (pytest.param("native-compiled"), pytest.param("python-onnx", marks=pytest.mark.long))
 
 
 def export_online(ws: Workspace, target: str | None = None) -> Exported:
@@ -95,7 +98,7 @@ def copy_model(exported: Exported, repository: Path, name: str, policy: str = "e
     (repository / name / "config.pbtxt").write_text(config)
 
 
-@pytest.fixture(scope="module", params=ONLINE_TARGETS)
+@pytest.fixture(scope="module", params=TARGET_PARAMS)
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Exported:
     """`export_online` by each target, plus a lenient copy (on_store_unavailable = score_without_history) and a
     batched one."""
@@ -418,9 +421,6 @@ def _redis_processes(directory: Path) -> list[int]:
 
 
 def test_serve_without_a_store_url_runs_a_local_redis_in_the_workspace_while_serving(exported, tmp_path):
-    if (exported.version_dir / "online.json").exists():
-        pytest.skip("`treeops serve` turns the prediction log on, which the native raw-transaction model refuses "
-                    "(tests/test_native_online.py checks that refusal); the python-onnx case runs this test")
     root = tmp_path / "ws"
     shutil.copytree(exported.ws.model_repository, root / "model_repository")
     shutil.copy2(exported.ws.root / "mlflow.db", root / "mlflow.db")

@@ -22,7 +22,7 @@ from online_store.backfill import backfill
 from redis_fixtures import local_redis
 from server.client import load_features
 from server.replay import partitions, replay, replay_parity
-from test_online_serving import ONLINE_TARGETS
+from test_online_serving import TARGET_PARAMS
 from training.features import FRAUD_FEATURES
 from training.generate import GenerateSpec, generate_transactions, write_transactions
 from training.pipeline import train_and_register
@@ -77,7 +77,7 @@ def test_stream_has_ties_late_arrivals_and_interleaved_clients():
             set(stream[np.setdiff1d(np.arange(stream.height), rows)]["card_id"].to_list()))
 
 
-@pytest.mark.parametrize("target", ONLINE_TARGETS)
+@pytest.mark.parametrize("target", TARGET_PARAMS)
 def test_replay_scores_every_transaction_like_offline_features_plus_xgboost(tmp_path, target):
     ws = Workspace(tmp_path / "ws")
     train, stream = _periods()

@@ -157,8 +157,9 @@ def export_cmd(
     alias: Annotated[str, typer.Option(help="registry alias to export")] = "champion",
     version: Annotated[int | None, typer.Option(help="export this version number instead of the alias")] = None,
     target: Annotated[str | None, typer.Option(
-        help="native-compiled (default: tl2cgen forest in treeops' C backend, fastest on CPU, needs gcc), "
-             "python-onnx (default with --raw-inputs), python-compiled, onnxruntime or fil (NGC, GPU)")] = None,
+        help="native-compiled (default: tl2cgen forest in treeops' C backend, fastest on CPU, needs gcc; with "
+             "--raw-inputs for a spec with history features too), python-onnx (default with --raw-inputs for a "
+             "stateless spec), python-compiled, onnxruntime or fil (NGC, GPU)")] = None,
     raw_inputs: Annotated[bool, typer.Option(help="serve raw transaction fields; stateless features run in the graph, "
                                              "history features in Triton from the online store (Redis)")] = False,
     on_store_unavailable: Annotated[str, typer.Option(
