@@ -52,7 +52,8 @@ SPEEDUP = 120
 STEP_S = 0.5  # scrape and evaluation interval
 QUEUE_DEADLINE_US = 1000
 FLOOD_IN_FLIGHT, FLOOD_ROWS = 32, 1024
-LOAD_S = 35  # the Locust load: baseline, overload until firing, recovery until resolved
+LOAD_S = 70  # the Locust load: baseline, overload until firing (<= 30 s), recovery until resolved (<= 40 s)
+RESOLVE_S = 40  # the 15 s short window of the 6x pair forgets the overload; a loaded CI machine scrapes late
 ALERT = "TreeopsErrorBudgetBurn"
 PROMETHEUS_INSTALL = "install Debian's prometheus package (`make` does it; by hand: apt-get install -y prometheus)"
 
@@ -238,7 +239,7 @@ def test_error_budget_alert_fires_under_overload_and_resolves_after(stack, train
     rejected = prom.query(f'sum by (reason) ({metric_names.TRITON_REQUEST_FAILURE.name}{{model="{MODEL}"}}) > 0')
     assert [r["metric"]["reason"] for r in rejected] == ["REJECTED"]
 
-    resolved_s = wait_for(lambda: _states(prom) == set(), 30, f"{ALERT} to resolve after the overload")
+    resolved_s = wait_for(lambda: _states(prom) == set(), RESOLVE_S, f"{ALERT} to resolve after the overload")
     assert locust.is_alive(), f"the alert resolved only after the Locust load ended ({LOAD_S} s): raise LOAD_S"
     locust.join(timeout=LOAD_S + 60)
     if "error" in outcome:
