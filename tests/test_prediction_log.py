@@ -235,7 +235,8 @@ def test_raw_model_logs_raw_fields_features_errors_and_degraded_answers(
         caplog: pytest.LogCaptureFixture):
     """Both raw-transaction targets log the same records: raw fields, history features as offline, scores; a refused
     request with its error only; with the store down, a strict model's failure with its transaction id and a lenient
-    model's degraded answer; the C backend's journal survives a torn tail."""
+    model's degraded answer; the C backend's journal survives a torn tail. The last three transactions are one
+    request (a record of several rows, text fields of varying length)."""
     _log_env(monkeypatch, tmp_path / "log")
     exported = export_online(Workspace(tmp_path_factory.mktemp("raw")), target)
     copy_model(exported, exported.ws.model_repository, LENIENT, "score_without_history")
@@ -247,9 +248,11 @@ def test_raw_model_logs_raw_fields_features_errors_and_degraded_answers(
     with local_redis(tmp_path_factory.mktemp("redis")) as store, serving(
             exported.ws, models=[RAW_MODEL, LENIENT], online_store_url=store.url, exit_timeout_s=5) as server:
         with grpcclient.InferenceServerClient(server.settings.grpc_url) as client:
-            for row in rows:
+            for row in rows[:-3]:
                 answers[str(row["transaction_id"])] = client.infer(
-                    RAW_MODEL, _raw_inputs(row), request_id=f"t-{row['transaction_id']}").as_numpy("probabilities")
+                    RAW_MODEL, _raw_inputs(row), request_id=f"t-{row['transaction_id']}").as_numpy("probabilities")[0]
+            last = client.infer(RAW_MODEL, _raw_inputs(*rows[-3:]), request_id="three").as_numpy("probabilities")
+            answers.update({str(row["transaction_id"]): score for row, score in zip(rows[-3:], last)})
             bad = {**rows[0], "transaction_id": 1, "amount": -5.0}
             with pytest.raises(Exception, match="amount"):
                 client.infer(RAW_MODEL, _raw_inputs(bad), request_id="bad-1")
@@ -273,7 +276,7 @@ def test_raw_model_logs_raw_fields_features_errors_and_degraded_answers(
     for row in rows:
         got = by_id[str(row["transaction_id"])]
         assert got["entity"] == f"card_id={row['card_id']}"
-        assert got["score"] == pytest.approx(float(answers[str(row["transaction_id"])][0, -1]), abs=0)
+        assert got["score"] == pytest.approx(float(answers[str(row["transaction_id"])][-1]), abs=0)
         for name in RAW_TYPES:
             assert got[f"raw.{name}"] == row[name]
     history = [c.removeprefix("feature.") for c in ok.columns if c.startswith("feature.")]
@@ -287,8 +290,10 @@ def test_raw_model_logs_raw_fields_features_errors_and_degraded_answers(
     for journal in journals[:1]:  # a torn tail (power loss) keeps the records before it, with a warning naming it
         journal.write_bytes(journal.read_bytes()[:-3])
         with caplog.at_level(logging.WARNING):
-            assert read_window(tmp_path / "log", RAW_MODEL, *ALL_TIME).height == frame.height - 1
+            torn = read_window(tmp_path / "log", RAW_MODEL, *ALL_TIME)
         assert f"{journal} is torn" in caplog.text
+        lost = set(frame["request_id"]) - set(torn["request_id"])  # the last record's request, every row of it
+        assert len(lost) == 1 and torn.height == frame.height - frame["request_id"].is_in(lost).sum()
     lenient = read_window(tmp_path / "log", LENIENT, *ALL_TIME)
     assert lenient["degraded"].to_list() == [True] and lenient["transaction_id"].to_list() == ["3"]
     assert lenient.select(f"feature.{h}" for h in history).null_count().sum_horizontal()[0] == 0  # NaN: no history
@@ -297,10 +302,11 @@ def test_raw_model_logs_raw_fields_features_errors_and_degraded_answers(
         f"raw.{n}": {"BYTES": pl.Utf8, "INT64": pl.Int64, "FP64": pl.Float64}[t] for n, t in RAW_TYPES.items()}
 
 
-def _raw_inputs(row: dict) -> list[grpcclient.InferInput]:
+def _raw_inputs(*rows: dict) -> list[grpcclient.InferInput]:
+    """One request holding `rows`."""
     inputs = []
     for name, datatype in RAW_TYPES.items():
-        values = np.array([[row[name]]], dtype=object if datatype == "BYTES" else
+        values = np.array([[row[name]] for row in rows], dtype=object if datatype == "BYTES" else
                           {"INT64": np.int64, "FP64": np.float64}[datatype])
         inp = grpcclient.InferInput(name, list(values.shape), datatype)
         inp.set_data_from_numpy(values)
