@@ -37,6 +37,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from monitoring import drift
 from monitoring.errors import MonitoringError
 from monitoring.labels import LABEL, join_labels
+from monitoring.log_store import as_log_root
 from monitoring.reference import FEATURE_PREFIX, RAW_PREFIX, SCORE, Reference, calibration_error, feature_column
 from training.features import FittedFeatures, load_fitted
 from treeops.errors import EXIT_DRIFT, EXIT_NO_DATA, EXIT_QUALITY, InvalidSettingsError
@@ -515,7 +516,7 @@ def _gauges(windows: Sequence[VersionWindow]) -> CollectorRegistry:
 class MonitorPaths:
     """Where `run_monitor` reads and writes (all inside a treeops workspace by default)."""
 
-    log_root: Path
+    log_root: Path | str  # a folder or an s3:// URI
     model_repository: Path
     labels_dir: Path
     reports_dir: Path
@@ -523,11 +524,13 @@ class MonitorPaths:
     metrics_file: Path
 
     @classmethod
-    def in_workspace(cls, root: Path, model: str, log_root: Path | None = None) -> MonitorPaths:
-        """`<root>/prediction_log` (the log contract's default), `model_repository`, `labels`, `reports/monitor`,
-        `evidently` (the Evidently UI's workspace) and `metrics/treeops_monitor_<model>.prom`."""
-        return cls(log_root or root / "prediction_log", root / "model_repository", root / "labels",
-                   root / "reports" / "monitor", root / "evidently", root / "metrics" / f"treeops_monitor_{model}.prom")
+    def in_workspace(cls, root: Path, model: str, log_root: Path | str | None = None) -> MonitorPaths:
+        """`<root>/prediction_log` (the log contract's default; or `log_root`, a folder or `s3://bucket/prefix`),
+        `model_repository`, `labels`, `reports/monitor`, `evidently` (the Evidently UI's workspace) and
+        `metrics/treeops_monitor_<model>.prom`."""
+        return cls(as_log_root(log_root) if log_root else root / "prediction_log", root / "model_repository",
+                   root / "labels", root / "reports" / "monitor", root / "evidently",
+                   root / "metrics" / f"treeops_monitor_{model}.prom")
 
 
 def run_monitor(model: str, start: dt.datetime, end: dt.datetime, paths: MonitorPaths, *,
@@ -541,12 +544,11 @@ def run_monitor(model: str, start: dt.datetime, end: dt.datetime, paths: Monitor
         GaugePushError: `settings.pushgateway_url` is set and the push failed (after everything else was written).
     """
     from monitoring.labels import read_labels
-    from monitoring.prediction_log import read_window
+    from monitoring.prediction_log import logged_versions, read_window
     from monitoring.reference import read_reference
 
-    model_dir = paths.log_root / f"model={model}"
-    logged = [version] if version is not None else sorted(
-        int(p.name.removeprefix("version=")) for p in model_dir.glob("version=*") if p.name[8:].isdigit())
+    model_dir = f"{paths.log_root}/model={model}"
+    logged = [version] if version is not None else logged_versions(paths.log_root, model)
     # one read per version folder, so a segment written under another version's folder is caught by its rows
     by_version = {v: rows for v in logged if (rows := read_window(paths.log_root, model, start, end, version=v)).height}
     if not by_version:
@@ -557,11 +559,11 @@ def run_monitor(model: str, start: dt.datetime, end: dt.datetime, paths: Monitor
     references = {v: read_reference(paths.model_repository / model / str(v)) for v in by_version}
     by_version = {v: with_stateless_features(rows, references[v]) for v, rows in by_version.items()}
     for v, rows in by_version.items():  # every version's input checked before anything is written
-        _check_schema(rows, references[v], str(model_dir / f"version={v}"))
+        _check_schema(rows, references[v], f"{model_dir}/version={v}")
     labels = read_labels(paths.labels_dir)
     record = evidently_project(paths.evidently_workspace, model)
     windows = [monitor_version(rows, references[v], labels, paths.reports_dir, model=model, start=start, end=end,
-                               source=str(model_dir / f"version={v}"), settings=settings, record=record)
+                               source=f"{model_dir}/version={v}", settings=settings, record=record)
                for v, rows in by_version.items()]
     write_gauges(paths.metrics_file, windows)
     settings = settings or MonitorSettings()

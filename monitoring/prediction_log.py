@@ -1,6 +1,7 @@
 """Read the prediction log that the serving path writes over a time window, into one frame.
 
-Layout: `<root>/model=<name>/version=<v>/date=YYYY-MM-DD/hour=HH/<segment>`, where a segment is either
+Layout: `<root>/model=<name>/version=<v>/date=YYYY-MM-DD/hour=HH/<segment>` (root: a local folder, or `s3://bucket/
+prefix` where `treeops log ship` copies it: monitoring/log_store.py), where a segment is either
 - `*.parquet`, written by the Python-backend models (backends/prediction_log.py): only complete segments have the
   final name; a `.tmp` file (a writer killed mid-segment), a Parquet file that fails to read (torn, truncated) or one
   of another schema is skipped with a warning naming it, never failing the read; or
@@ -20,13 +21,15 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import polars as pl
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from backends.prediction_log import SCHEMA_KEY, SCHEMA_VERSION
+from monitoring.log_store import LogStore
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +63,17 @@ def read_window(root: Path | str, model: str, start: dt.datetime, end: dt.dateti
                 version: int | None = None) -> pl.DataFrame:
     """Every logged row of `model` (one `version`, or all) that arrived in [start, end), in arrival order.
 
-    `start`/`end` must be timezone-aware. The empty window is an empty frame with the fixed columns.
+    `root`: a local folder or `s3://bucket/prefix` (monitoring/log_store.py: endpoint and credentials). `start`/`end`
+    must be timezone-aware. The empty window is an empty frame with the fixed columns.
     """
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError(f"read_window({model!r}): start and end must be timezone-aware datetimes (e.g. UTC); "
                          f"got {start!r} and {end!r}")
     start, end = start.astimezone(dt.UTC), end.astimezone(dt.UTC)
+    store = LogStore.open(root)
     frames = []
-    for path in _segments(Path(root) / f"model={model}", start, end, version):
-        frame = _read_segment(path)
+    for path in _segments(store, f"{store.path}/model={model}", start, end, version):
+        frame = _read_segment(store, path)
         if frame is not None:
             frames.append(frame)
     if not frames:
@@ -78,64 +83,77 @@ def read_window(root: Path | str, model: str, start: dt.datetime, end: dt.dateti
             .sort("arrival", "request_id", maintain_order=True))
 
 
-def _age_s(path: Path) -> float:
-    try:
-        return time.time() - path.stat().st_mtime
-    except FileNotFoundError:  # renamed meanwhile
-        return 0.0
+def logged_versions(root: Path | str, model: str) -> list[int]:
+    """The versions of `model` with a `version=<v>` folder in the log, ascending."""
+    store = LogStore.open(root)
+    names = [i.base_name for i in store.list(f"{store.path}/model={model}") if _is_dir(i)]
+    return sorted(int(n.removeprefix("version=")) for n in names if n.startswith("version=") and n[8:].isdigit())
 
 
-def _segments(model_dir: Path, start: dt.datetime, end: dt.datetime, version: int | None) -> list[Path]:
+def is_segment(name: str) -> bool:
+    """A segment file's name (a complete Parquet segment or a journal), not a writer's `.tmp` or a dot file."""
+    return name.endswith((".parquet", JOURNAL_SUFFIX)) and not name.startswith(".")
+
+
+def _is_dir(info: pafs.FileInfo) -> bool:
+    return info.type == pafs.FileType.Directory
+
+
+def _segments(store: LogStore, model_dir: str, start: dt.datetime, end: dt.datetime, version: int | None) -> list[str]:
     """The segment files of the hour partitions overlapping [start, end); other files are skipped, with a warning
     unless a writer touched them in the last `IN_PROGRESS_S` (a live server's segment being written)."""
-    if not model_dir.is_dir():
-        return []
-    versions = [model_dir / f"version={version}"] if version is not None else sorted(model_dir.glob("version=*"))
+    versions = [f"{model_dir}/version={version}"] if version is not None else [
+        i.path for i in store.list(model_dir) if _is_dir(i) and i.base_name.startswith("version=")]
     first = start.replace(minute=0, second=0, microsecond=0)
     out = []
     for folder in versions:
-        for hour_dir in sorted(folder.glob("date=*/hour=*")):
+        hour_dirs = [h for d in store.list(folder) if _is_dir(d) and d.base_name.startswith("date=")
+                     for h in store.list(d.path) if _is_dir(h) and h.base_name.startswith("hour=")]
+        for hour_dir in hour_dirs:
+            date = PurePosixPath(hour_dir.path).parent.name
             try:
-                hour = dt.datetime.strptime(f"{hour_dir.parent.name} {hour_dir.name}", "date=%Y-%m-%d hour=%H")
+                hour = dt.datetime.strptime(f"{date} {hour_dir.base_name}", "date=%Y-%m-%d hour=%H")
             except ValueError:
-                log.warning("prediction log: skipping %s, not a date=YYYY-MM-DD/hour=HH partition", hour_dir)
+                log.warning("prediction log: skipping %s, not a date=YYYY-MM-DD/hour=HH partition",
+                            store.uri(hour_dir.path))
                 continue
             hour = hour.replace(tzinfo=dt.UTC)
             if hour < first or hour >= end:
                 continue
-            for path in sorted(hour_dir.iterdir()):
-                if path.suffix in (".parquet", JOURNAL_SUFFIX) and not path.name.startswith("."):
-                    out.append(path)
-                elif _age_s(path) < IN_PROGRESS_S:
-                    log.debug("prediction log: skipping %s, a segment a writer is still writing", path)
+            for info in store.list(hour_dir.path):
+                if is_segment(info.base_name):
+                    out.append(info.path)
+                elif info.mtime is not None and time.time() - info.mtime.timestamp() < IN_PROGRESS_S:
+                    log.debug("prediction log: skipping %s, a segment a writer is still writing", store.uri(info.path))
                 else:
                     log.warning("prediction log: skipping %s, an incomplete segment (a writer stopped before it "
-                                "was renamed)", path)
+                                "was renamed)", store.uri(info.path))
     return out
 
 
-def _read_segment(path: Path) -> pl.DataFrame | None:
+def _read_segment(store: LogStore, path: str) -> pl.DataFrame | None:
     """The segment as a frame, or None (with a warning naming it) when it is torn or of another schema."""
-    if path.suffix == JOURNAL_SUFFIX:
-        return _read_journal(path)
+    name = store.uri(path)
+    if path.endswith(JOURNAL_SUFFIX):
+        return _read_journal(name, store.read_bytes(path))
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, filesystem=store.fs)
     except Exception as exc:  # pyarrow raises several types for torn files (ArrowInvalid, OSError, ...)
-        log.warning("prediction log: skipping %s, not a readable Parquet file (torn or truncated: %s)", path, exc)
+        log.warning("prediction log: skipping %s, not a readable Parquet file (torn or truncated: %s)", name, exc)
         return None
     found = (table.schema.metadata or {}).get(SCHEMA_KEY)
     missing = [c for c in FIXED_SCHEMA if c not in table.column_names]
     if found != SCHEMA_VERSION or missing:
         log.warning("prediction log: skipping %s, written with another schema (%s version %r, missing columns %s; "
-                    "this reader reads version %r)", path, SCHEMA_KEY.decode(), found, missing, SCHEMA_VERSION)
+                    "this reader reads version %r)", name, SCHEMA_KEY.decode(), found, missing, SCHEMA_VERSION)
         return None
     return pl.from_arrow(table)
 
 
-def _read_journal(path: Path) -> pl.DataFrame | None:
-    """A native-backend journal as a frame of the fixed columns and its `feature.*` columns; None (warned) when its
-    header is unreadable or names another format, contract, model or version. A torn tail ends the read."""
-    data = path.read_bytes()
+def _read_journal(path: str, data: bytes) -> pl.DataFrame | None:
+    """A native-backend journal (`path` names it, `data` its bytes) as a frame of the fixed columns and its `feature.*`
+    columns; None (warned) when its header is unreadable or names another format, contract, model or version. A torn
+    tail ends the read."""
     header = _journal_header(path, data)
     if header is None:
         return None
@@ -236,13 +254,13 @@ def _uniform_run(data: bytes, offset: int, width: int) -> tuple[_Chunk, int] | N
     return chunk, offset + n * size
 
 
-def _partition(path: Path) -> tuple[str, int]:
+def _partition(path: str) -> tuple[str, int]:
     """(model, version) of a segment from its partition folders (model=<m>/version=<v>/date=/hour=/file)."""
-    version_dir = path.parent.parent.parent
+    version_dir = PurePosixPath(path).parent.parent.parent
     return version_dir.parent.name.removeprefix("model="), int(version_dir.name.removeprefix("version="))
 
 
-def _journal_header(path: Path, data: bytes) -> tuple[_Layout, int] | None:
+def _journal_header(path: str, data: bytes) -> tuple[_Layout, int] | None:
     """(record layout, offset of the first record), or None with a warning."""
     problem = None
     if len(data) < _HEADER.size:
@@ -327,7 +345,7 @@ def _journal_frame(identity: tuple[str, int], chunks: list[_Chunk], names: list[
     return pl.concat([frame, features], how="horizontal") if width else frame
 
 
-def _read_raw_journal(path: Path, data: bytes, offset: int, layout: _Layout) -> pl.DataFrame:
+def _read_raw_journal(path: str, data: bytes, offset: int, layout: _Layout) -> pl.DataFrame:
     """A raw-transaction model's journal (records of varying length: its text fields) as a frame with the Parquet
     segments' columns: fixed, `feature.*` (history features) and `raw.*`; `transaction_id` and `entity` from the
     raw fields, as backends/online_model.py logs them. A torn tail ends the read, with a warning."""

@@ -106,17 +106,17 @@ def retrain_from_log(model: str, start: dt.datetime, end: dt.datetime, paths: Mo
         RetrainError: the logged rows lack a feature of the champion's spec.
     """
     from monitoring.labels import read_labels
-    from monitoring.prediction_log import read_window
+    from monitoring.prediction_log import logged_versions, read_window
     from monitoring.reference import read_reference
 
     settings = settings or RetrainSettings()
     tracking.configure(tracking_uri, artifact_root)
     base = champion(model)
-    same, other = _versions_by_spec(model, paths.log_root / f"model={model}", base.fitted.spec_hash())
+    same, other = _versions_by_spec(model, logged_versions(paths.log_root, model), base.fitted.spec_hash())
     frames = [read_window(paths.log_root, model, start, end, version=v) for v in same]
     frames = [with_stateless_features(f, read_reference(paths.model_repository / model / str(v)))
               if f.height and _lacks_features(f, base.fitted) else f for v, f in zip(same, frames)]
-    where = f"{paths.log_root / f'model={model}'} from {start.isoformat()} to {end.isoformat()}"
+    where = f"{paths.log_root}/model={model} from {start.isoformat()} to {end.isoformat()}"
     rows = pl.concat(frames, how="diagonal_relaxed").sort("arrival", "request_id", maintain_order=True) if frames \
         else pl.DataFrame()
     if not rows.height:
@@ -151,15 +151,14 @@ def retrain_from_file(model: str, data: Path | str, *, tracking_uri: str, artifa
     return _with_lineage(outcome.registered, outcome.metrics, base, lineage, trigger)
 
 
-def _versions_by_spec(model: str, model_dir: Path, spec_hash: str) -> tuple[list[int], list[int]]:
-    """The logged versions (folders `version=N`) that served with `spec_hash`, and the others (a version no longer
-    in the registry among them)."""
+def _versions_by_spec(model: str, logged: list[int], spec_hash: str) -> tuple[list[int], list[int]]:
+    """The `logged` versions that served with `spec_hash`, and the others (a version no longer in the registry among
+    them)."""
     import mlflow
 
     from export.errors import ModelNotFoundError
     from registry import versions
 
-    logged = sorted(int(p.name.removeprefix("version=")) for p in model_dir.glob("version=*") if p.name[8:].isdigit())
     same = []
     for v in logged:
         try:

@@ -101,7 +101,7 @@ def logged_features(model: str, version: int, start: dt.datetime, end: dt.dateti
 
     rows = read_window(paths.log_root, model, start, end, version=version)
     answered = rows.filter(pl.col("error").is_null() & pl.col("score").is_not_null())
-    where = f"{paths.log_root / f'model={model}' / f'version={version}'} from {start.isoformat()} to {end.isoformat()}"
+    where = f"{paths.log_root}/model={model}/version={version} from {start.isoformat()} to {end.isoformat()}"
     if not answered.height:
         raise EmptyShadowWindow(f"no answered prediction of {model} version {version} in {where}; check the window "
                                 "and that serving logs predictions. Nothing was stored")

@@ -15,7 +15,8 @@ from server.launcher import free_port
 from training.generate import GenerateSpec, generate_transactions
 
 COMMANDS = ["demo", "generate", "train", "validate", "export", "sync", "promote", "rollback", "models", "serve",
-            "score", "loadtest", "drift", "labels", "monitor", "retrain", "loop", "features backfill", "features show"]
+            "score", "loadtest", "drift", "labels", "monitor", "retrain", "loop", "features backfill", "features show",
+            "log ship"]
 
 
 def _registered_models(workspace: Path) -> list[str]:

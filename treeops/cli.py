@@ -23,6 +23,9 @@ app.add_typer(bench_app, name="bench")
 features_app = typer.Typer(no_args_is_help=True, help="The online feature store (Redis) behind history features: "
                            "backfill it, show an entity's state.")
 app.add_typer(features_app, name="features")
+log_app = typer.Typer(no_args_is_help=True, help="The prediction log: ship it to S3, where `treeops monitor "
+                      "--log-root s3://...` reads it.")
+app.add_typer(log_app, name="log")
 log = logging.getLogger("treeops")
 
 WorkspaceOpt = Annotated[
@@ -34,6 +37,8 @@ ModelOpt = Annotated[str, typer.Option("--model-name", help="registered model na
 GrpcPort = Annotated[int, typer.Option("--grpc-port", help="Triton gRPC port")]
 HttpPort = Annotated[int, typer.Option("--http-port", help="Triton HTTP port")]
 MetricsPort = Annotated[int, typer.Option("--metrics-port", help="Triton metrics port")]
+LogRootOpt = Annotated[str | None, typer.Option(
+    "--log-root", help="prediction log: a folder or s3://bucket/prefix (default: <workspace>/prediction_log)")]
 
 
 @app.callback()
@@ -406,7 +411,7 @@ def labels_cmd(
                                             "(ISO 8601; no offset: UTC)")],
     model_name: Annotated[str, typer.Option("--model-name", "--model", help="model whose logged predictions the "
                                             "ids are checked against")] = "fraud",
-    log_root: Annotated[Path | None, typer.Option(help="prediction log (default: <workspace>/prediction_log)")] = None,
+    log_root: LogRootOpt = None,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -437,7 +442,7 @@ def monitor(
     end: Annotated[str | None, typer.Option(help="end of the window, ISO 8601 (no offset: UTC; default now)")] = None,
     model_name: Annotated[str, typer.Option("--model-name", "--model", help="served model")] = "fraud",
     version: Annotated[int | None, typer.Option(help="only this version (default: every version logged)")] = None,
-    log_root: Annotated[Path | None, typer.Option(help="prediction log (default: <workspace>/prediction_log)")] = None,
+    log_root: LogRootOpt = None,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -473,7 +478,7 @@ def retrain(
     data: Annotated[Path | None, typer.Option(help="train on this raw file (CSV or Parquet) instead of the log")] = None,
     trigger: Annotated[str | None, typer.Option(help="why, recorded as lineage: the monitor verdict's id")] = None,
     model_name: Annotated[str, typer.Option("--model-name", "--model", help="registered model")] = "fraud",
-    log_root: Annotated[Path | None, typer.Option(help="prediction log (default: <workspace>/prediction_log)")] = None,
+    log_root: LogRootOpt = None,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -894,6 +899,36 @@ def features_show(
     with workspace_store(ws.root, OnlineStoreSettings().url) as url:
         state = show(url, fitted, key, at_us=parse_time_us(at) if at else None, values=values)
     _emit(as_json, {"store_url": url, **state.to_dict()}, state.lines())
+
+
+@log_app.command("ship")
+def log_ship(
+    to: Annotated[str, typer.Option(help="s3://bucket/prefix the log is copied under (same relative keys)")],
+    log_root: Annotated[Path | None, typer.Option(help="local prediction log (default: <workspace>/prediction_log)")]
+    = None,
+    interval_s: Annotated[float, typer.Option("--interval", help="seconds between passes, until SIGTERM/SIGINT "
+                                              "(then a last pass)", min=0.1)] = 30.0,
+    once: Annotated[bool, typer.Option(help="one pass, then exit (1 if a segment was not shipped)")] = False,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy the local prediction log to S3: new Parquet segments, grown journals; never .tmp files; deletes nothing.
+    Endpoint and credentials: AWS_ENDPOINT_URL (S3-compatible servers), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY."""
+    import threading
+
+    from monitoring.log_shipper import ship_once, ship_until
+
+    if not to.startswith("s3://"):
+        raise InvalidSettingsError(f"--to {to!r}: give an s3://bucket/prefix URI")
+    source = log_root or Workspace.resolve(workspace).root / "prediction_log"
+    if once:
+        result = ship_once(source, to)
+        _emit(as_json, result.to_dict(), [result.line()])
+        return
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    ship_until(source, to, interval_s, stop, lambda r: _emit(as_json, r.to_dict(), [r.line()]))
 
 
 def _stop_on_sigterm() -> None:
