@@ -197,3 +197,26 @@ def test_labels_and_monitor_read_the_shipped_log_from_s3(served_workspace: Path,
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["exit_code"] == 0 and result["versions"][0]["labelled"] == result["versions"][0]["rows"] > 0
+
+
+def test_interval_shipping_retries_a_failed_pass(tmp_path: Path, s3_endpoint: str, s3: str):
+    root = tmp_path / "log"
+    log = PredictionLog(Settings({"TREEOPS_PREDICTION_LOG_DIR": str(root)}), "py", 1, ["a"])
+    log.append("r0", time.time_ns() // 1000, score=np.array([0.5]), features=np.ones((1, 1), np.float32))
+    log.close()
+    bucket = "treeops-later"
+    proc = subprocess.Popen([TREEOPS, "log", "ship", "--to", f"s3://{bucket}/log", "--log-root", str(root),
+                             "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()  # the first pass fails: logged, retried
+        assert f"s3://{bucket}/log" in line and "does not exist" in line and "retrying" in line, line
+        pafs.S3FileSystem(endpoint_override=s3_endpoint.removeprefix("http://"), scheme="http",
+                          allow_bucket_creation=True).create_dir(bucket)
+        while not (line := proc.stdout.readline()).startswith("shipped 1 files"):  # a later pass ships it
+            assert line, proc.stderr.read()
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    _same(f"s3://{bucket}/log", root, "py")
