@@ -54,6 +54,9 @@ CLAIM_TRITON_FILE = "triton-claim.yaml"
 #: The monitoring claim's mount: the monitor's workspace (prediction_log/ written by the Triton pods, labels/,
 #: model_repository/ with each version's reference, reports/, evidently/, metrics/).
 MONITOR_ROOT = Path("/var/lib/treeops")
+#: A pod's own prediction log (an emptyDir) when a sidecar ships it to S3 (K8sSpec.prediction_log_s3).
+POD_LOG_DIR = Path("/var/log/treeops/prediction_log")
+SHIP_INTERVAL_S = 30
 MONITORING_CLAIM = "treeops-monitoring"
 #: MonitorSettings.pushgateway_url's variable (monitoring/monitor.py; a test checks the two agree).
 PUSHGATEWAY_URL_ENV = "TREEOPS_MONITOR_PUSHGATEWAY_URL"
@@ -91,7 +94,12 @@ class K8sSpec(BaseModel):
                                      f"is {ONLINE_STORE_URL_ENV} (optional: absent, no history features)")
     prediction_log_claim: str | None = Field(
         MONITORING_CLAIM, description=f"ReadWriteMany claim mounted at {MONITOR_ROOT}; the Python-backend models write "
-        "the prediction log to its prediction_log/ for the monitor CronJob; None: no log")
+        "the prediction log to its prediction_log/ for the monitor CronJob; None: no log (unless prediction_log_s3)")
+    prediction_log_s3: str | None = Field(
+        None, pattern=r"^s3://[a-z0-9][a-z0-9.-]*[a-z0-9](/\S*)?$", description="ship each pod's prediction log "
+        f"(an emptyDir at {POD_LOG_DIR}, instead of the claim) to this s3:// prefix with a `treeops log ship` "
+        "sidecar, stopped after tritonserver so its last pass ships every record; the monitor reads it with "
+        "MonitorSpec.log_root")
     min_replicas: int = Field(2, ge=1, description="autoscaler floor (the Deployment leaves replicas to it)")
     max_replicas: int = Field(6, ge=1, description="autoscaler ceiling")
     target_cpu_percent: int = Field(70, ge=1, le=100, description="autoscaler CPU utilization target")
@@ -132,9 +140,16 @@ def container_settings(spec: K8sSpec, base: TritonSettings) -> TritonSettings:
         "grpc_use_ssl": tls,
         "grpc_server_cert": TLS_DIR / "tls.crt" if tls else None,
         "grpc_server_key": TLS_DIR / "tls.key" if tls else None,
-        "prediction_log_dir": None if spec.prediction_log_claim is None else MONITOR_ROOT / "prediction_log",
+        "prediction_log_dir": _log_dir(spec),
     }
     return TritonSettings(**{**dict(base), **overrides})
+
+
+def _log_dir(spec: K8sSpec) -> Path | None:
+    """Where tritonserver writes the prediction log: the pod's emptyDir when shipped to S3, else the claim's."""
+    if spec.prediction_log_s3 is not None:
+        return POD_LOG_DIR
+    return None if spec.prediction_log_claim is None else MONITOR_ROOT / "prediction_log"
 
 
 def render(spec: K8sSpec, base: TritonSettings | None = None) -> list[dict[str, Any]]:
@@ -195,9 +210,13 @@ def _pod(spec: K8sSpec, settings: TritonSettings, labels: dict[str, str], ports:
     if spec.tls_secret is not None:
         volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret}})
         mounts.append({"name": "tls", "mountPath": str(TLS_DIR), "readOnly": True})
-    if spec.prediction_log_claim is not None:
+    on_claim = spec.prediction_log_claim is not None and (spec.prediction_log_s3 is None or spec.repository == "claim")
+    if on_claim:
         volumes.append({"name": "monitoring", "persistentVolumeClaim": {"claimName": spec.prediction_log_claim}})
         mounts.append({"name": "monitoring", "mountPath": str(MONITOR_ROOT)})
+    if spec.prediction_log_s3 is not None:
+        volumes.append({"name": "prediction-log", "emptyDir": {}})
+        mounts.append({"name": "prediction-log", "mountPath": str(POD_LOG_DIR.parent)})
     triton: dict[str, Any] = {
         "name": "tritonserver",
         "image": spec.triton_image,
@@ -218,24 +237,48 @@ def _pod(spec: K8sSpec, settings: TritonSettings, labels: dict[str, str], ports:
     }
     if spec.repository == "s3":
         triton["envFrom"] = storage_env
+    shipping = spec.prediction_log_s3 is not None
     pod: dict[str, Any] = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
-        "terminationGracePeriodSeconds": settings.exit_timeout_s + 10,
+        # the sidecar's last pass runs after tritonserver has stopped (and flushed the log)
+        "terminationGracePeriodSeconds": settings.exit_timeout_s + 10 + (SHIP_INTERVAL_S if shipping else 0),
         "containers": [triton],
         "volumes": volumes,
     }
+    init = []
     if spec.repository == "sync":
-        pod["initContainers"] = [_sync_container(spec.sync_image, spec.model_name, spec.mlflow_tracking_uri, storage_env,
-                                                 {"name": "workspace", "mountPath": str(WORKSPACE)}, gpu=spec.gpu)]
+        init.append(_sync_container(spec.sync_image, spec.model_name, spec.mlflow_tracking_uri, storage_env,
+                                    {"name": "workspace", "mountPath": str(WORKSPACE)}, gpu=spec.gpu))
     if spec.repository == "claim":
-        pod["initContainers"] = [_sync_container(spec.sync_image, spec.model_name, spec.mlflow_tracking_uri, storage_env,
-                                                 {"name": "monitoring", "mountPath": str(MONITOR_ROOT)}, gpu=spec.gpu)]
-    if spec.prediction_log_claim is not None:  # no recursive chown of the whole log at every pod start
+        init.append(_sync_container(spec.sync_image, spec.model_name, spec.mlflow_tracking_uri, storage_env,
+                                    {"name": "monitoring", "mountPath": str(MONITOR_ROOT)}, gpu=spec.gpu))
+    if shipping:
+        init.append(_ship_container(spec, storage_env))
+    if init:
+        pod["initContainers"] = init
+    if on_claim:  # no recursive chown of the whole log at every pod start
         pod["securityContext"]["fsGroupChangePolicy"] = "OnRootMismatch"
     if spec.gpu:
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(settings.metrics_port)}
     return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod}
+
+
+def _ship_container(spec: K8sSpec, storage_env: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sidecar (an init container with restartPolicy Always: it starts before tritonserver and stops after it)
+    that runs `treeops log ship` from the pod's log to `spec.prediction_log_s3`; SIGTERM makes its last pass."""
+    return {
+        "name": "ship-prediction-log",
+        "image": spec.sync_image,
+        "restartPolicy": "Always",
+        "command": ["treeops"],
+        "args": ["log", "ship", "--to", str(spec.prediction_log_s3), "--log-root", str(POD_LOG_DIR),
+                 "--interval", str(SHIP_INTERVAL_S)],
+        "envFrom": storage_env,
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        "volumeMounts": [{"name": "prediction-log", "mountPath": str(POD_LOG_DIR.parent), "readOnly": True}],
+        "securityContext": _RESTRICTED,
+    }
 
 
 def _sync_container(image: str, model_name: str, tracking_uri: str, storage_env: list[dict[str, Any]],
@@ -378,6 +421,9 @@ class MonitorSpec(BaseModel):
     mlflow_tracking_uri: str = Field("http://mlflow:5000", description="MLflow server the sync reads")
     storage_secret: str = Field("treeops-storage", description="Secret with AWS_* variables for S3 (optional)")
     claim: str = Field(MONITORING_CLAIM, description="the monitoring claim (K8sSpec.prediction_log_claim)")
+    log_root: str | None = Field(None, pattern=r"^s3://\S+$", description="`--log-root`: the s3:// prefix the "
+                                 "Triton pods ship their log to (K8sSpec.prediction_log_s3); None: the claim's "
+                                 "prediction_log/")
     storage: str = Field("50Gi", description="claim size: the log's retention (10 GiB per model) plus the reports")
     storage_class: str | None = Field(None, description="a ReadWriteMany StorageClass; None: the cluster's default")
     pushgateway: str = Field("treeops-pushgateway", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
@@ -397,6 +443,8 @@ class MonitorSpec(BaseModel):
         """The job's command: `treeops monitor` for the window ending at the current hour (exit code kept)."""
         monitor = (f"exec treeops monitor --window {self.window} --end \"$(date -u +{self.window_end})\" "
                    f"--model {self.model_name} --workspace {MONITOR_ROOT}")
+        if self.log_root is not None:
+            monitor += f" --log-root {self.log_root}"
         return ["sh", "-c", monitor]
 
 
@@ -611,7 +659,8 @@ def to_yaml(documents: list[dict[str, Any]]) -> str:
 VARIANTS: dict[str, K8sSpec] = {
     "triton-cpu.yaml": K8sSpec(),
     "triton-gpu.yaml": K8sSpec(name="treeops-triton-gpu", gpu=True),
-    "triton-s3.yaml": K8sSpec(name="treeops-triton-s3", repository="s3"),
+    "triton-s3.yaml": K8sSpec(name="treeops-triton-s3", repository="s3",
+                              prediction_log_s3="s3://treeops-logs/prediction_log"),
     CLAIM_TRITON_FILE: K8sSpec(name="treeops-triton-claim", repository="claim", tls_secret=None),
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -48,8 +49,10 @@ from server.manifests import (
     MONITORING_CONFIG_FILE,
     MONITORING_FILE,
     OPERATOR_FILE,
+    POD_LOG_DIR,
     PUSHGATEWAY_URL_ENV,
     REDIS_FILE,
+    SHIP_INTERVAL_S,
     STORE_SECRET_FILE,
     TRITON_IMAGE,
     TRITON_VERSION,
@@ -58,8 +61,10 @@ from server.manifests import (
     WORKSPACE,
     K8sSpec,
     LoopSpec,
+    MonitorSpec,
     container_settings,
     render_loop,
+    render_monitoring,
     render_variants,
 )
 from server.settings import ADMIN_KEY_ENV, ONLINE_STORE_URL_ENV, PREDICTION_LOG_DIR_ENV, TritonSettings
@@ -175,7 +180,7 @@ def test_init_container_syncs_the_registry_into_the_shared_empty_dir():
     assert mounted["workspace"] == str(WORKSPACE)
     assert {"name": "workspace", "mountPath": str(WORKSPACE), "readOnly": True} in pod["containers"][0]["volumeMounts"]
     s3 = _docs("triton-s3.yaml")["Deployment"]["spec"]["template"]["spec"]
-    assert "initContainers" not in s3
+    assert [c["name"] for c in s3["initContainers"]] == ["ship-prediction-log"]  # Triton reads the repository itself
 
 
 def test_rendering_ignores_the_local_environment(monkeypatch):
@@ -306,7 +311,7 @@ def _mounted_claims(pod: dict, container: dict) -> dict[str, str]:
     return {claims[m["name"]]: m["mountPath"] for m in container["volumeMounts"] if m["name"] in claims}
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", sorted(n for n, v in VARIANTS.items() if v.prediction_log_s3 is None))
 def test_triton_pods_log_predictions_onto_the_claim_the_monitor_reads(name):
     claim, job_pod, monitor = _monitoring()
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every Triton replica writes while the job reads
@@ -328,6 +333,48 @@ def test_triton_pods_log_predictions_onto_the_claim_the_monitor_reads(name):
     assert {"cpu", "memory"} <= monitor["resources"]["limits"].keys()
     for security in (pod["securityContext"], job_pod["securityContext"]):
         assert (security["runAsUser"], security["fsGroup"]) == (1000, 1000)  # the same owner of the log's files
+
+
+def _cli_params(args: list[str]) -> dict:
+    """`treeops <args>` parsed by the real CLI (typer; sub-apps such as `log ship` included), without running it."""
+    command, args = typer.main.get_command(app), list(args)
+    while hasattr(command, "commands"):
+        command = command.commands[args.pop(0)]
+    with command.make_context(command.name, args) as ctx:
+        return ctx.params
+
+
+def test_the_s3_variant_ships_each_pods_log_with_a_sidecar_that_stops_after_triton():
+    spec = VARIANTS["triton-s3.yaml"]
+    pod = _docs("triton-s3.yaml")["Deployment"]["spec"]["template"]["spec"]
+    triton = _triton(_docs("triton-s3.yaml")["Deployment"])
+    log_dir = Path({e["name"]: e.get("value") for e in triton["env"]}[PREDICTION_LOG_DIR_ENV])
+    assert log_dir == POD_LOG_DIR
+    assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]  # no shared claim: each pod its own log
+    assert {"name": "prediction-log", "emptyDir": {}} in pod["volumes"]
+    (ship,) = pod["initContainers"]
+    assert ship["restartPolicy"] == "Always"  # a native sidecar: Kubernetes stops it after tritonserver
+    for container, read_only in ((triton, False), (ship, True)):
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "prediction-log"]
+        assert log_dir.is_relative_to(mount["mountPath"]) and mount.get("readOnly", False) is read_only
+    assert ship["command"] == ["treeops"]
+    params = _cli_params(ship["args"])
+    assert (params["to"], params["log_root"], params["once"]) == (spec.prediction_log_s3, log_dir, False)
+    assert params["interval_s"] == SHIP_INTERVAL_S
+    assert ship["envFrom"] == [{"secretRef": {"name": spec.storage_secret, "optional": True}}]  # AWS_* credentials
+    settings = container_settings(spec, TritonSettings.model_construct())
+    assert pod["terminationGracePeriodSeconds"] >= settings.exit_timeout_s + SHIP_INTERVAL_S  # room for its last pass
+
+
+def test_the_monitor_reads_a_shipped_log_from_its_s3_prefix():
+    uri = VARIANTS["triton-s3.yaml"].prediction_log_s3
+    (monitor,) = render_monitoring(MonitorSpec(log_root=uri))[1]["spec"]["jobTemplate"]["spec"]["template"]["spec"][
+        "containers"]
+    command = shlex.split(monitor["command"][-1])
+    assert command[:2] == ["exec", "treeops"]
+    params = _cli_params(command[2:])
+    assert params["log_root"] == uri and params["workspace"] == MONITOR_ROOT
+    assert "--log-root" not in MONITOR.command()[-1]  # the committed CronJob reads the claim
 
 
 def test_the_cronjob_runs_the_hourly_window_and_fails_without_retry_on_a_verdict():
