@@ -2,8 +2,9 @@
 
 A pass compares the local segments with the bucket's listing (sizes; no state of its own) and uploads each complete
 segment (`*.parquet`, `*.tlog`: `prediction_log.is_segment`) whose object is missing or of another size: a journal
-that grew since its last upload replaces its object with the longer prefix (a prefix of a journal is a valid
-journal). Writers' `.tmp` and dot files are never shipped; local files are never deleted (local retention does).
+that grew since its last upload replaces its object with the longer prefix, cut at its last whole record (a
+record being appended waits for the next pass). Writers' `.tmp` and dot files are never shipped; local files are
+never deleted (local retention does).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from monitoring.log_store import LogStore, LogStoreError
-from monitoring.prediction_log import is_segment
+from monitoring.prediction_log import JOURNAL_SUFFIX, is_segment, whole_records
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,15 @@ def ship_pass(local_root: Path, to: str) -> ShipPass:
         if info.type != pafs.FileType.File or not is_segment(info.base_name) or (
                 shipped is not None and shipped.size == info.size):
             continue
-        since.append((shipped or info).mtime.timestamp())
         try:
             data = source.read_bytes(info.path)
         except FileNotFoundError:  # deleted by local retention since the listing: nothing left to ship
             continue
+        if info.base_name.endswith(JOURNAL_SUFFIX):  # an append may be under way: up to its last whole record
+            data = data[:whole_records(data)]
+            if not data or (shipped is not None and shipped.size == len(data)):
+                continue
+        since.append((shipped or info).mtime.timestamp())
         try:
             with target.fs.open_output_stream(f"{target.path}/{key}") as out:
                 out.write(data)

@@ -95,6 +95,17 @@ def is_segment(name: str) -> bool:
     return name.endswith((".parquet", JOURNAL_SUFFIX)) and not name.startswith(".")
 
 
+def whole_records(data: bytes) -> int:
+    """The length of a journal's prefix that ends at a whole record (0 while its header is incomplete): what a
+    copy of a journal being appended to may take without a torn tail."""
+    if len(data) < _HEADER.size or len(data) < (offset := _HEADER.size + _HEADER.unpack_from(data)[2]):
+        return 0
+    while offset + _FRAME.size <= len(data) and (end := offset + _FRAME.size + _FRAME.unpack_from(data, offset)[0]) \
+            <= len(data):
+        offset = end
+    return offset
+
+
 def _is_dir(info: pafs.FileInfo) -> bool:
     return info.type == pafs.FileType.Directory
 

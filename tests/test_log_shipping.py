@@ -105,7 +105,8 @@ def _same(root: Path | str, other: Path | str, model: str) -> None:
 
 
 @pytest.mark.triton
-def test_shipped_log_reads_the_same_from_s3_and_a_grown_journal_is_reshipped(tmp_path: Path, s3: str, served: dict):
+def test_shipped_log_reads_the_same_from_s3_and_a_grown_journal_is_reshipped(tmp_path: Path, s3: str, served: dict,
+                                                                            caplog: pytest.LogCaptureFixture):
     root = tmp_path / "log"
     journal, whole = _local_log(root, served)
     (journal.parent / ".segment.parquet.tmp").write_bytes(b"PAR1")  # a writer's unfinished segment
@@ -122,7 +123,13 @@ def test_shipped_log_reads_the_same_from_s3_and_a_grown_journal_is_reshipped(tmp
     assert again.uploaded == (str(journal.relative_to(root)),) and again.bytes == len(whole)
     assert again.lag_s >= 0
     _same(s3, root, native.MODEL)
-    assert "req-39" in read_window(s3, native.MODEL, *ALL_TIME)["request_id"].to_list()
+    shipped = read_window(s3, native.MODEL, *ALL_TIME)
+    assert "req-39" in shipped["request_id"].to_list()
+    journal.write_bytes(whole + whole[_record_ends(whole)[-2]:][:11])  # a pass while a record is being appended
+    assert ship_once(root, s3).uploaded == ()  # its whole records are shipped already; the partial one waits
+    with caplog.at_level(logging.WARNING, logger="monitoring.prediction_log"):
+        assert_frame_equal(read_window(s3, native.MODEL, *ALL_TIME), shipped)
+    assert "torn" not in caplog.text
 
 
 @pytest.mark.triton
