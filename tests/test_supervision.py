@@ -264,7 +264,10 @@ def test_shutdown_answers_unavailable_not_not_found(trained, tmp_path):
     statuses = {s for _, s in after}
     assert statuses <= {"OK", "UNAVAILABLE", "NOT_FOUND"}, statuses
     not_found = [t for t, s in after if s == "NOT_FOUND"]
-    assert not not_found or max(not_found) < 0.25, f"NOT_FOUND for {max(not_found):.3f}s of the shutdown"
+    # Triton checks for in-flight requests once a second after SIGTERM, so unloading (and the launcher's kill at its
+    # log line) starts 0 or about 1 s into the stop; what the kill bounds is how long NOT_FOUND lasts once it begins
+    assert not not_found or max(not_found) - min(not_found) < 0.25, (
+        f"NOT_FOUND for {max(not_found) - min(not_found):.3f}s of the shutdown (from {min(not_found):.3f}s)")
     assert stopped - stopping < 2, "the ports should close as soon as no inference is in flight"
 
 
