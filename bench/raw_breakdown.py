@@ -1,4 +1,5 @@
-"""Where the raw-transaction path's time goes: its parts timed in one run, next to the whole through Triton.
+"""Where the Python-backend raw-transaction model's time goes (`--target python-onnx`, the one whose parts can
+be timed in process): its parts timed in one run, next to the whole through Triton.
 
 `python -m bench.raw_breakdown` prepares the raw model and its Redis as the serving benchmark does
 (bench.online.prepare_raw_model: train, export with raw inputs, backfill), serves it on a real Triton beside a
@@ -38,7 +39,7 @@ import tempfile
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +79,15 @@ class TritonPythonModel:
 '''
 
 
+#: The raw model timed: the Python backend's (its model.py runs in this process too).
+PYTHON_TARGET = "python-onnx"
+
+
 @dataclass(frozen=True)
 class BreakdownSettings:
-    """raw: the raw model and store (bench.online); calls / warmup: timed and untimed calls of every part;
-    batch: one-row requests per execution of the batched in-process parts (Triton formed ~10 at 32 in flight)."""
+    """raw: the raw model and store (bench.online; its target None or PYTHON_TARGET, which the breakdown
+    exports); calls / warmup: timed and untimed calls of every part; batch: one-row requests per execution of
+    the batched in-process parts (Triton formed ~10 at 32 in flight)."""
 
     raw: RawBenchSpec = field(default_factory=RawBenchSpec)
     serving: ServingSettings = field(default_factory=ServingSettings)
@@ -91,6 +97,9 @@ class BreakdownSettings:
 
     def __post_init__(self) -> None:
         problems = self.raw.problems()
+        if self.raw.target not in (None, PYTHON_TARGET):
+            problems.append(f"the breakdown times the parts of the Python-backend raw model ({PYTHON_TARGET}), "
+                            f"not {self.raw.target!r}")
         if min(self.calls, self.warmup, self.batch) < 1:
             problems.append(f"calls, warmup and batch must be >= 1, got {self.calls}, {self.warmup}, {self.batch}")
         if problems:
@@ -155,7 +164,7 @@ def run_breakdown(settings: BreakdownSettings, work: Path) -> Breakdown:
     """The whole breakdown in `work` (emptied parts of it: the raw model's data, store and repository)."""
     s = settings
     repository = work / "model_repository"
-    with prepare_raw_model(s.raw, s.serving, repository, work / "raw") as model:
+    with prepare_raw_model(replace(s.raw, target=PYTHON_TARGET), s.serving, repository, work / "raw") as model:
         _write_identity(repository, s.serving)
         in_process = sum(_needed(n, s) for n in _sizes(s))
         frame = new_transactions(model, s.warmup + s.calls + in_process, s.raw.seed + 1)
