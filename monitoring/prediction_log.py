@@ -303,8 +303,8 @@ def _journal_header(path: str, data: bytes) -> tuple[_Layout, int] | None:
     return None
 
 
-def _torn(data: bytes, offset: int, width: int) -> str | None:
-    """Why the record at `offset` is not whole (None when it is)."""
+def _frame_problem(data: bytes | memoryview, offset: int) -> str | None:
+    """Why the record frame at `offset` is not whole (partial, past the end, CRC-32 mismatch); None when it is."""
     if offset + _FRAME.size + _RECORD.size > len(data):
         return "a partial record frame"
     length, crc = _FRAME.unpack_from(data, offset)
@@ -313,7 +313,15 @@ def _torn(data: bytes, offset: int, width: int) -> str | None:
         return f"a record of {length} bytes runs past the end"
     if zlib.crc32(memoryview(data)[start:start + length]) != crc:
         return "a record's CRC-32 does not match"
-    _, count, id_len, status = _RECORD.unpack_from(data, start)
+    return None
+
+
+def _torn(data: bytes, offset: int, width: int) -> str | None:
+    """Why the record at `offset` is not whole (None when it is)."""
+    if problem := _frame_problem(data, offset):
+        return problem
+    length = _FRAME.unpack_from(data, offset)[0]
+    _, count, id_len, status = _RECORD.unpack_from(data, offset + _FRAME.size)
     body = count if status else 4 * count * (1 + width)
     if _RECORD.size + id_len + body != length:
         return "a record's fields do not add up to its length"
@@ -417,15 +425,10 @@ def _raw_record(view: memoryview, offset: int, layout: _Layout) -> tuple[int, tu
     """(offset after it, (arrival, request id, status, error, rows, answered parts, failed transaction ids)) of the
     raw-transaction record at `offset`, or why it is not whole. Answered parts: the bytes of its scores, its
     features and each raw field (text fields as a list of str)."""
-    size = len(view)
-    if offset + _FRAME.size + _RECORD.size > size:
-        return "a partial record frame"
-    length, crc = _FRAME.unpack_from(view, offset)
-    start, end = offset + _FRAME.size, offset + _FRAME.size + length
-    if end > size:
-        return f"a record of {length} bytes runs past the end"
-    if zlib.crc32(view[start:end]) != crc:
-        return "a record's CRC-32 does not match"
+    if problem := _frame_problem(view, offset):
+        return problem
+    start = offset + _FRAME.size
+    end = start + _FRAME.unpack_from(view, offset)[0]
     arrival, count, id_len, status = _RECORD.unpack_from(view, start)
     at = start + _RECORD.size + id_len
     request_id = bytes(view[start + _RECORD.size:at]).decode("utf-8", "replace")

@@ -917,8 +917,9 @@ def log_ship(
     import threading
 
     from monitoring.log_shipper import ship_once, ship_until
+    from monitoring.log_store import S3_SCHEME
 
-    if not to.startswith("s3://"):
+    if not to.startswith(S3_SCHEME):
         raise InvalidSettingsError(f"--to {to!r}: give an s3://bucket/prefix URI")
     source = log_root or Workspace.resolve(workspace).root / "prediction_log"
     if once:
